@@ -1,0 +1,37 @@
+"""InstaGAN losses (paper section 2.2): LSGAN, cycle, identity and context-preserving.
+
+Images are (B, 3, H, W) and instance masks (B, N, H, W), both in [-1, 1].
+"""
+import nnabla.functions as F
+
+
+def lsgan_loss(scores, target):
+    """Least-squares GAN loss: mean squared distance of the patch scores to 1 (real) or 0 (fake)."""
+    return F.mean(F.squared_error(scores, F.constant(target, scores.shape)))
+
+
+def discriminator_loss(real_scores, fake_scores):
+    return 0.5 * (lsgan_loss(real_scores, 1.0) + lsgan_loss(fake_scores, 0.0))
+
+
+def image_and_masks_l1(image, masks, other_image, other_masks):
+    """Mean absolute difference over the image channels and the mask channels together.
+
+    Used for the cycle loss (reconstruction vs. input) and the identity loss (a generator fed
+    an image of its own output domain should leave image and masks unchanged).
+    """
+    return F.mean(F.absolute_error(F.concatenate(image, masks, axis=1),
+                                   F.concatenate(other_image, other_masks, axis=1)))
+
+
+def mask_union(masks):
+    """(B, N, H, W) masks in [-1, 1] -> (B, 1, H, W) soft union in [0, 1]."""
+    return F.clip_by_value(F.sum((masks + 1) * 0.5, axis=1, keepdims=True), 0.0, 1.0)
+
+
+def context_preserving_loss(image, masks, translated_image, translated_masks):
+    """L1 between an image and its translation, weighted 1 on the background and 0 inside the
+    union of the source instances and the translated instances: the translation may only change
+    the instances, never their surroundings."""
+    background = 1 - mask_union(F.concatenate(masks, translated_masks, axis=1))
+    return F.mean(background * F.absolute_error(image, translated_image))

@@ -1,0 +1,156 @@
+"""InstaGAN networks: a set-structured ResNet generator and a spectrally normalised PatchGAN
+discriminator (Mo, Cho, Shin, ICLR 2019, sections 2.1-2.2).
+
+Images are (B, 3, H, W) and instance masks (B, N, H, W), both in [-1, 1]. A slot whose mask is
+-1 everywhere is an empty instance (padding up to --ins-max). Every mask goes through one shared
+encoder, and the set feature of a sample is the sum over its non-empty instances, so the order
+of the slots does not matter and the samples of a batch never mix (the PyTorch original sums
+over the batch axis and so only works with batch size 1).
+
+Use every function under `nn.parameter_scope(...)`: the scope names the network.
+"""
+import nnabla as nn
+import nnabla.functions as F
+import nnabla.initializer as I
+import nnabla.parametric_functions as PF
+
+WEIGHT_INIT = I.NormalInitializer(0.02)
+_blas_convolution = False
+
+
+def use_blas_convolution(enabled):
+    """Run every convolution of graphs built from now on through numpy's BLAS (blas_conv.py).
+
+    NNabla's CPU kernels use one thread; BLAS uses every core and is several times faster.
+    The parameters are the same either way, so checkpoints move freely between the two.
+    """
+    global _blas_convolution
+    _blas_convolution = enabled
+
+
+def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, name='conv'):
+    with nn.parameter_scope(name):
+        weight = nn.parameter.get_parameter_or_create(
+            'W', (outmaps, x.shape[1], kernel, kernel), WEIGHT_INIT)
+        bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
+        if spectral_norm:
+            weight = PF.spectral_norm(weight, dim=0)
+    if _blas_convolution:
+        import blas_conv
+        return blas_conv.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
+    return F.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
+
+
+def upsample(x, outmaps, name='deconv'):
+    """3x3 transposed convolution, stride 2, output padding 1: exactly doubles H and W."""
+    with nn.parameter_scope(name):
+        weight = nn.parameter.get_parameter_or_create(
+            'W', (x.shape[1], outmaps, 3, 3), WEIGHT_INIT)
+        bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
+    if _blas_convolution:
+        import blas_conv
+        return blas_conv.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
+                                       output_padding=(1, 1))
+    return F.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2), output_padding=(1, 1))
+
+
+def instance_norm(x):
+    return F.instance_normalization(x, beta=None, gamma=None)
+
+
+def reflect_pad(x, width):
+    return F.pad(x, (width,) * 4, mode='reflect')
+
+
+def residual_block(x, name):
+    with nn.parameter_scope(name):
+        h = F.relu(instance_norm(convolution(reflect_pad(x, 1), x.shape[1], 3, name='conv1')))
+        h = instance_norm(convolution(reflect_pad(h, 1), x.shape[1], 3, name='conv2'))
+    return x + h
+
+
+def encoder(x, ngf, n_blocks):
+    """7x7 stem, two stride-2 convolutions, residual blocks: (B, C, H, W) -> (B, 4ngf, H/4, W/4)."""
+    h = F.relu(instance_norm(convolution(reflect_pad(x, 3), ngf, 7, name='stem')))
+    for i in range(2):
+        h = F.relu(instance_norm(convolution(h, ngf * 2 ** (i + 1), 3, stride=2, pad=1,
+                                             name='down{}'.format(i))))
+    for i in range(n_blocks):
+        h = residual_block(h, 'res{}'.format(i))
+    return h
+
+
+def decoder(feature, out_channels):
+    """Two upsamplings that halve the channels, then a 7x7 convolution to tanh outputs."""
+    h = feature
+    for i in range(2):
+        h = F.relu(instance_norm(upsample(h, h.shape[1] // 2, name='up{}'.format(i))))
+    return F.tanh(convolution(reflect_pad(h, 3), out_channels, 7, name='out'))
+
+
+def instance_exists(masks):
+    """(B, N) float 1/0: whether a slot holds an instance (any value above -1), as the paper's code."""
+    return F.greater_scalar(F.max(masks, axis=(2, 3)), -1.0)
+
+
+def encode_set(masks, exists, encode):
+    """Encode every slot with the shared `encode`; return per-instance features (B, N, C, h, w),
+    zero for empty slots, and the set feature (B, C, h, w), their sum over the slots."""
+    batch, slots, height, width = masks.shape
+    features = encode(F.reshape(masks, (batch * slots, 1, height, width)))
+    features = F.reshape(features, (batch, slots) + features.shape[1:])
+    features = features * F.reshape(exists, (batch, slots, 1, 1, 1))
+    return features, F.sum(features, axis=1)
+
+
+def generator(image, masks, ngf=64, n_blocks=9):
+    """Translate an image and its instance masks; returns (image_out, masks_out) shaped as the inputs.
+
+    Empty slots (all -1) contribute nothing to the set feature and come out unchanged.
+    """
+    batch, slots, height, width = masks.shape
+    exists = instance_exists(masks)
+    with nn.parameter_scope('image_encoder'):
+        image_feature = encoder(image, ngf, n_blocks)
+    with nn.parameter_scope('mask_encoder'):
+        instance_features, set_feature = encode_set(
+            masks, exists, lambda x: encoder(x, ngf, n_blocks))
+    with nn.parameter_scope('image_decoder'):
+        image_out = decoder(F.concatenate(image_feature, set_feature, axis=1), 3)
+
+    # Each instance is decoded from [its own feature, the image feature, the set feature].
+    context = F.concatenate(image_feature, set_feature, axis=1)
+    context = F.broadcast(F.reshape(context, (batch, 1) + context.shape[1:]),
+                          (batch, slots) + context.shape[1:])
+    per_instance = F.concatenate(instance_features, context, axis=2)
+    with nn.parameter_scope('mask_decoder'):
+        decoded = decoder(F.reshape(per_instance, (batch * slots,) + per_instance.shape[2:]), 1)
+    decoded = F.reshape(decoded, (batch, slots, height, width))
+    exists = F.reshape(exists, (batch, slots, 1, 1))
+    masks_out = exists * decoded + (1 - exists) * masks
+    return image_out, masks_out
+
+
+def patch_features(x, ndf, n_layers):
+    """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
+    h = F.leaky_relu(convolution(x, ndf, 4, stride=2, pad=1, spectral_norm=True, name='conv0'), 0.2)
+    for n in range(1, n_layers):
+        h = convolution(h, ndf * min(2 ** n, 8), 4, stride=2, pad=1, spectral_norm=True,
+                        name='conv{}'.format(n))
+        h = F.leaky_relu(instance_norm(h), 0.2)
+    return h
+
+
+def discriminator(image, masks, ndf=64, n_layers=3):
+    """LSGAN patch scores (B, 1, h, w) for an image together with its set of instance masks."""
+    with nn.parameter_scope('image_features'):
+        image_feature = patch_features(image, ndf, n_layers)
+    with nn.parameter_scope('mask_features'):
+        _, set_feature = encode_set(masks, instance_exists(masks),
+                                    lambda x: patch_features(x, ndf, n_layers))
+    with nn.parameter_scope('classifier'):
+        h = F.concatenate(image_feature, set_feature, axis=1)
+        h = convolution(h, 2 * ndf * min(2 ** n_layers, 8), 4, pad=1, spectral_norm=True,
+                        name='conv0')
+        h = F.leaky_relu(instance_norm(h), 0.2)
+        return convolution(h, 1, 4, pad=1, spectral_norm=True, name='conv1')

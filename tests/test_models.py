@@ -1,0 +1,117 @@
+"""Shapes and the set and batch properties the paper's networks must have."""
+import numpy as np
+import nnabla as nn
+import pytest
+
+import models
+
+NGF, BLOCKS, SIZE = 8, 2, 32
+# Outputs computed with other batch or slot counts differ in float32 rounding only.
+ATOL = 1e-4
+
+
+def random_inputs(batch, slots, empty=(), seed=0):
+    """Images in [-1, 1] and blob-shaped masks in {-1, 1}; (sample, slot) pairs in `empty` are -1."""
+    rng = np.random.RandomState(seed)
+    images = rng.uniform(-1, 1, (batch, 3, SIZE, SIZE)).astype(np.float32)
+    masks = -np.ones((batch, slots, SIZE, SIZE), dtype=np.float32)
+    for b in range(batch):
+        for n in range(slots):
+            if (b, n) not in empty:
+                top, left = rng.randint(0, SIZE - 8, size=2)
+                height, width = rng.randint(4, 16, size=2)
+                masks[b, n, top:top + height, left:left + width] = 1
+    return images, masks
+
+
+class Networks:
+    """Builds graphs for any input shape with one set of parameters, and evaluates them from
+    the same parameter values every time (spectral norm updates its vector on every forward)."""
+
+    def __init__(self):
+        self.snapshot = None
+
+    def run(self, network, images, masks):
+        image_var, mask_var = nn.Variable(images.shape), nn.Variable(masks.shape)
+        with nn.parameter_scope(network):
+            if network == 'generator':
+                outputs = models.generator(image_var, mask_var, ngf=NGF, n_blocks=BLOCKS)
+            else:
+                outputs = (models.discriminator(image_var, mask_var, ndf=NGF),)
+        parameters = nn.get_parameters(grad_only=False)
+        if self.snapshot is None:
+            self.snapshot = {k: v.d.copy() for k, v in parameters.items()}
+        for key, value in self.snapshot.items():
+            parameters[key].d = value
+        image_var.d, mask_var.d = images, masks
+        nn.forward_all(outputs)
+        return [o.d.copy() for o in outputs]
+
+
+@pytest.fixture
+def networks():
+    np.random.seed(0)
+    return Networks()
+
+
+def test_shapes_and_transposed_convolution_weights(networks):
+    images, masks = random_inputs(2, 3)
+    image_out, masks_out = networks.run('generator', images, masks)
+    assert image_out.shape == images.shape and masks_out.shape == masks.shape
+    assert np.abs(image_out).max() <= 1 and np.abs(masks_out).max() <= 1
+    scores, = networks.run('discriminator', images, masks)
+    assert scores.shape == (2, 1, 2, 2)
+    parameters = nn.get_parameters(grad_only=False)
+    # The paper's decoders upsample with 3x3 transposed convolutions.
+    assert parameters['generator/image_decoder/up0/W'].shape == (8 * NGF, 4 * NGF, 3, 3)
+    assert parameters['generator/mask_decoder/up0/W'].shape == (12 * NGF, 6 * NGF, 3, 3)
+    assert parameters['discriminator/classifier/conv0/W'].shape == (16 * NGF, 8 * NGF, 4, 4)
+
+
+def test_generator_is_permutation_equivariant(networks):
+    images, masks = random_inputs(2, 3, empty={(1, 0)})
+    order = [2, 0, 1]
+    image_out, masks_out = networks.run('generator', images, masks)
+    permuted_image_out, permuted_masks_out = networks.run('generator', images, masks[:, order])
+    np.testing.assert_allclose(permuted_image_out, image_out, atol=ATOL)
+    np.testing.assert_allclose(permuted_masks_out, masks_out[:, order], atol=ATOL)
+
+
+def test_discriminator_is_permutation_invariant(networks):
+    images, masks = random_inputs(2, 3, empty={(0, 1)})
+    scores, = networks.run('discriminator', images, masks)
+    permuted_scores, = networks.run('discriminator', images, masks[:, [1, 2, 0]])
+    np.testing.assert_allclose(permuted_scores, scores, atol=ATOL)
+
+
+@pytest.mark.parametrize('network', ['generator', 'discriminator'])
+def test_samples_of_a_batch_do_not_mix(networks, network):
+    images, masks = random_inputs(3, 2, empty={(1, 1), (2, 0), (2, 1)})
+    batch_outputs = networks.run(network, images, masks)
+    for b in range(3):
+        alone = networks.run(network, images[b:b + 1], masks[b:b + 1])
+        for together, single in zip(batch_outputs, alone):
+            np.testing.assert_allclose(together[b:b + 1], single, atol=ATOL)
+
+
+def test_empty_slots_pass_through_and_contribute_nothing(networks):
+    images, masks = random_inputs(2, 2, empty={(0, 1), (1, 1)})
+    image_out, masks_out = networks.run('generator', images, masks)
+    assert np.all(masks_out[:, 1] == -1)
+    # An extra empty slot leaves every output as it was.
+    padded = np.concatenate([masks, -np.ones_like(masks[:, :1])], axis=1)
+    padded_image_out, padded_masks_out = networks.run('generator', images, padded)
+    np.testing.assert_allclose(padded_image_out, image_out, atol=ATOL)
+    np.testing.assert_allclose(padded_masks_out[:, :2], masks_out, atol=ATOL)
+    assert np.all(padded_masks_out[:, 2] == -1)
+    scores, = networks.run('discriminator', images, masks)
+    padded_scores, = networks.run('discriminator', images, padded)
+    np.testing.assert_allclose(padded_scores, scores, atol=ATOL)
+
+
+def test_instances_change_the_translation(networks):
+    """The mask branch must reach the image decoder: a different instance, a different image."""
+    images, masks = random_inputs(1, 1, seed=1)
+    image_out, _ = networks.run('generator', images, masks)
+    other_image_out, _ = networks.run('generator', images, -masks)
+    assert np.abs(other_image_out - image_out).max() > 1e-4
