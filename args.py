@@ -55,7 +55,10 @@ def get_args(argv=None):
                      help='loss curves, their plots and translated samples')
     run.add_argument('--model-save-path', '-o', default='results/models', help='checkpoints')
     run.add_argument('--log-step', type=int, default=10, help='iterations per logged loss value')
-    run.add_argument('--save-interval', type=int, default=10, help='epochs between checkpoints')
+    run.add_argument('--save-interval', type=int, default=1, help='epochs between checkpoints')
+    run.add_argument('--keep-checkpoints', type=int, default=3, help='newest checkpoints kept')
+    run.add_argument('--nan-policy', choices=['stop', 'warn'], default='stop',
+                     help='on a NaN or Inf loss: stop (keeping the last checkpoint) or only warn')
     run.add_argument('--resume', action='store_true',
                      help='continue from the last checkpoint in --model-save-path')
     return parser.parse_args(argv)

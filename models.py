@@ -90,7 +90,9 @@ def decoder(feature, out_channels):
 
 def instance_exists(masks):
     """(B, N) float 1/0: whether a slot holds an instance (any value above -1), as the paper's code."""
-    return F.greater_scalar(F.max(masks, axis=(2, 3)), -1.0)
+    peak = F.max(masks, axis=(2, 3))
+    peak.need_grad = False  # a 0/1 indicator has no gradient (and GreaterScalar has no backward)
+    return F.greater_scalar(peak, -1.0)
 
 
 def encode_set(masks, exists, encode):

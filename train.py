@@ -9,9 +9,12 @@ images and on fakes drawn from a pool of past translations. Graphs are built onc
 import json
 import math
 import os
+import pickle
 import shutil
+import signal
 import sys
-import time
+import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import nnabla as nn
@@ -167,27 +170,111 @@ def plot_losses(monitor_path):
     plt.close(figure)
 
 
-def save_checkpoint(model_path, epoch, iteration, solvers, args):
-    """Write model_path/epoch_NNNN atomically: parameters, solver states and the epoch."""
-    name = 'epoch_{:04d}'.format(epoch)
-    final = os.path.join(model_path, name)
-    partial = os.path.join(model_path, '.{}.partial'.format(name))
+def build_graphs(args, ins_max):
+    """Both directions' generator losses and both discriminators' losses, built once."""
+    image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
+    mask_shape = (args.batch_size, ins_max, args.fineSizeH, args.fineSizeW)
+    graph = SimpleNamespace(real={d: nn.Variable(image_shape) for d in 'xy'},
+                            real_masks={d: nn.Variable(mask_shape) for d in 'xy'},
+                            generator_losses={}, outputs={}, discriminator_losses={}, pooled={})
+    for source, target in ['xy', 'yx']:
+        graph.generator_losses[source], graph.outputs[source] = translation_graph(
+            args, graph.real[source], graph.real_masks[source],
+            'generator_{}2{}'.format(source, target), 'generator_{}2{}'.format(target, source),
+            'discriminator_' + target)
+    weights = {'generator_loss': 1.0, 'reconstruction_loss': args.lambda_cyc,
+               'identity_mapping_loss': args.lambda_idt,
+               'context_preserving_loss': args.lambda_ctx}
+    graph.generator_total = sum(weights[name] * loss
+                                for losses in graph.generator_losses.values()
+                                for name, loss in losses.items())
+    for domain in 'xy':
+        loss, fake, fake_masks = discriminator_graph(
+            args, graph.real[domain], graph.real_masks[domain], 'discriminator_' + domain)
+        graph.discriminator_losses[domain], graph.pooled[domain] = loss, (fake, fake_masks)
+    graph.discriminator_total = graph.discriminator_losses['x'] + graph.discriminator_losses['y']
+    graph.generator_total.persistent = graph.discriminator_total.persistent = True
+    return graph
+
+
+class TrainingStopped(Exception):
+    pass
+
+
+def check_finite(losses, iteration, args):
+    for name, loss in losses.items():
+        value = float(loss.d)
+        if not math.isfinite(value):
+            message = '{} is {} at iteration {}'.format(name, value, iteration)
+            if args.nan_policy == 'stop':
+                raise TrainingStopped(message + '; stopped before updating with it')
+            logger.warning(message)
+
+
+def train_step(graph, solvers, pools, iteration, args):
+    """One update of both generators, then of both discriminators."""
+    graph.generator_total.forward(clear_no_need_grad=True)
+    check_finite({'{}_{}'.format(name, d): loss for d, losses in graph.generator_losses.items()
+                  for name, loss in losses.items()}, iteration, args)
+    for scope in ['generator_x2y', 'generator_y2x']:
+        solvers[scope].zero_grad()
+    graph.generator_total.backward(clear_buffer=True)
+    for scope in ['generator_x2y', 'generator_y2x']:
+        solvers[scope].update()
+
+    for source, target in ['xy', 'yx']:
+        fake, fake_masks = pools[target].query(graph.outputs[source]['fake'].d,
+                                               graph.outputs[source]['fake_masks'].d)
+        graph.pooled[target][0].d, graph.pooled[target][1].d = fake, fake_masks
+    graph.discriminator_total.forward(clear_no_need_grad=True)
+    check_finite({'discriminator_loss_' + d: loss for d, loss in
+                  graph.discriminator_losses.items()}, iteration, args)
+    for scope in ['discriminator_x', 'discriminator_y']:
+        solvers[scope].zero_grad()
+    graph.discriminator_total.backward(clear_buffer=True)
+    for scope in ['discriminator_x', 'discriminator_y']:
+        solvers[scope].update()
+
+
+def save_tiles(graph, monitor_path, epoch):
+    for source, target in ['xy', 'yx']:
+        outputs = graph.outputs[source]
+        save_tile(os.path.join(monitor_path, 'translation_{}2{}_epoch_{:04d}.png'.format(
+            source, target, epoch)),
+            [(graph.real[source].d, graph.real_masks[source].d),
+             (outputs['fake'].d, outputs['fake_masks'].d),
+             (outputs['rec'].d, outputs['rec_masks'].d)])
+
+
+def checkpoint_paths(model_path):
+    """Complete checkpoints, oldest first (a partial one has no state.json yet)."""
+    names = sorted(n for n in os.listdir(model_path) if n.startswith('checkpoint_')
+                   and os.path.exists(os.path.join(model_path, n, 'state.json')))
+    return [os.path.join(model_path, n) for n in names]
+
+
+def save_checkpoint(args, iteration, epoch, solvers, trainer_state):
+    """Write model_path/checkpoint_ITERATION under a temporary name, rename it into place, and
+    keep the newest --keep-checkpoints. A kill at any moment leaves the older ones intact."""
+    name = 'checkpoint_{:09d}'.format(iteration)
+    final = os.path.join(args.model_save_path, name)
+    partial = os.path.join(args.model_save_path, '.{}.partial'.format(name))
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     nn.save_parameters(os.path.join(partial, 'parameters.h5'))
     for solver_name, solver in solvers.items():
         solver.save_states(os.path.join(partial, '{}.h5'.format(solver_name)))
+    with open(os.path.join(partial, 'trainer.pkl'), 'wb') as f:
+        pickle.dump(trainer_state, f)
+    state = {'iteration': iteration, 'epoch': epoch, 'args': vars(args),
+             'learning_rates': {k: s.learning_rate() for k, s in solvers.items()}}
     with open(os.path.join(partial, 'state.json'), 'w') as f:
-        json.dump({'epoch': epoch, 'iteration': iteration, 'args': vars(args)}, f, indent=1)
+        json.dump(state, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(partial, final)
+    for old in checkpoint_paths(args.model_save_path)[:-args.keep_checkpoints]:
+        shutil.rmtree(old)
     return final
-
-
-def latest_checkpoint(model_path):
-    names = sorted(n for n in os.listdir(model_path) if n.startswith('epoch_')
-                   and os.path.exists(os.path.join(model_path, n, 'state.json')))
-    return os.path.join(model_path, names[-1]) if names else None
 
 
 def load_checkpoint(path, solvers, args):
@@ -200,13 +287,66 @@ def load_checkpoint(path, solvers, args):
     nn.load_parameters(os.path.join(path, 'parameters.h5'))
     for solver_name, solver in solvers.items():
         solver.load_states(os.path.join(path, '{}.h5'.format(solver_name)))
-    return state
+    with open(os.path.join(path, 'trainer.pkl'), 'rb') as f:
+        return state['iteration'], pickle.load(f)
+
+
+def create_monitors(monitor_path, interval, first_iteration):
+    """Loss series and a timer. nnabla's monitors empty their files when created: a resumed run
+    puts back the lines of the iterations before its first one (later lines belong to
+    iterations that are being redone)."""
+    kept = {}
+    for name in os.listdir(monitor_path):
+        if name.endswith(('.series.txt', '.timer.txt')):
+            with open(os.path.join(monitor_path, name)) as f:
+                kept[name] = [line for line in f if int(line.split()[0]) < first_iteration]
+    monitor = Monitor(monitor_path)
+    series = {'{}_{}'.format(name, d): MonitorSeries('{}_{}'.format(name, d), monitor, interval,
+                                                    verbose=False)
+              for name in LOSS_NAMES for d in 'xy'}
+    elapsed = MonitorTimeElapsed('elapsed_time', monitor, interval, verbose=False)
+    for recorder in list(series.values()) + [elapsed]:
+        with open(recorder.sp, 'w') as f:
+            f.writelines(kept.get(os.path.basename(recorder.sp), []))
+        recorder.flush_at = first_iteration - 1
+    return series, elapsed
+
+
+class StopSignals:
+    """Turns the first SIGINT or SIGTERM into a request to checkpoint and stop after the
+    current iteration; a second one interrupts at once."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.info('{}: stopping after this iteration'.format(self.received))
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def check_writable(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError('{} is not writable ({})'.format(path, error.strerror))
 
 
 def train(args):
     check_sizes(args)
     nn.set_default_context(get_context(args))
     models.use_blas_convolution(args.context == 'cpu' and args.cpu_conv == 'blas')
+    check_writable(args.monitor_path)
+    check_writable(args.model_save_path)
+    nn.clear_parameters()
     np.random.seed(args.seed)  # parameter initialisation draws from numpy's global generator
 
     ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
@@ -217,28 +357,7 @@ def train(args):
         ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
         for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
-
-    image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
-    mask_shape = (args.batch_size, ins_max, args.fineSizeH, args.fineSizeW)
-    real = {d: nn.Variable(image_shape) for d in 'xy'}
-    real_masks = {d: nn.Variable(mask_shape) for d in 'xy'}
-    generator_losses, outputs = {}, {}
-    for source, target in ['xy', 'yx']:
-        generator_losses[source], outputs[source] = translation_graph(
-            args, real[source], real_masks[source], 'generator_{}2{}'.format(source, target),
-            'generator_{}2{}'.format(target, source), 'discriminator_' + target)
-    weights = {'generator_loss': 1.0, 'reconstruction_loss': args.lambda_cyc,
-               'identity_mapping_loss': args.lambda_idt,
-               'context_preserving_loss': args.lambda_ctx}
-    generator_total = sum(weights[name] * loss for losses in generator_losses.values()
-                          for name, loss in losses.items())
-    discriminator_losses, pooled = {}, {}
-    for domain in 'xy':
-        loss, fake, fake_masks = discriminator_graph(
-            args, real[domain], real_masks[domain], 'discriminator_' + domain)
-        discriminator_losses[domain], pooled[domain] = loss, (fake, fake_masks)
-    discriminator_total = discriminator_losses['x'] + discriminator_losses['y']
-    generator_total.persistent = discriminator_total.persistent = True
+    graph = build_graphs(args, ins_max)
 
     base_rates = {'generator_x2y': args.learning_rate_G, 'generator_y2x': args.learning_rate_G,
                   'discriminator_x': args.learning_rate_D, 'discriminator_y': args.learning_rate_D}
@@ -249,77 +368,71 @@ def train(args):
             solvers[scope].set_parameters(nn.get_parameters())
     pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
 
-    os.makedirs(args.monitor_path, exist_ok=True)
-    os.makedirs(args.model_save_path, exist_ok=True)
-    start_epoch = 0
+    iteration = 0
     if args.resume:
-        checkpoint = latest_checkpoint(args.model_save_path)
-        if checkpoint is None:
+        checkpoints = checkpoint_paths(args.model_save_path)
+        if not checkpoints:
             raise ConfigError('--resume: no checkpoint in {}'.format(args.model_save_path))
-        start_epoch = load_checkpoint(checkpoint, solvers, args)['epoch']
-        logger.info('resumed from {}, continuing at epoch {}'.format(checkpoint, start_epoch))
+        iteration, trainer_state = load_checkpoint(checkpoints[-1], solvers, args)
+        pools = trainer_state['pools']
+        for d, loader in loaders.items():
+            loader.set_state(trainer_state['loaders'][d])
+        logger.info('resumed from {} at iteration {}'.format(checkpoints[-1], iteration))
+    series, elapsed = create_monitors(args.monitor_path, args.log_step, iteration)
+    if args.resume:
+        for name, buffered in trainer_state['series'].items():
+            series[name].buf = buffered
 
-    monitor = Monitor(args.monitor_path)
-    series = {(name, d): MonitorSeries('{}_{}'.format(name, d), monitor, interval=args.log_step)
-              for name in LOSS_NAMES for d in 'xy'}
-    elapsed = MonitorTimeElapsed('elapsed_time', monitor, interval=args.log_step)
+    def checkpoint():
+        trainer_state = {'pools': pools, 'series': {k: s.buf for k, s in series.items()},
+                         'loaders': {d: loader.get_state() for d, loader in loaders.items()}}
+        return save_checkpoint(args, iteration, iteration // iterations_per_epoch, solvers,
+                               trainer_state)
 
-    for epoch in range(start_epoch, args.max_epoch):
-        for scope, solver in solvers.items():
-            solver.set_learning_rate(learning_rate(
-                base_rates[scope], epoch, args.lr_decay_start_epoch, args.max_epoch))
-        progress = tqdm(range(iterations_per_epoch), desc='epoch {}/{}'.format(
-            epoch + 1, args.max_epoch), leave=False, dynamic_ncols=True)
-        for i in progress:
-            iteration = epoch * iterations_per_epoch + i
-            for d in 'xy':
-                real[d].d, real_masks[d].d = loaders[d].next()
-
-            generator_total.forward(clear_no_need_grad=True)
-            for scope in ['generator_x2y', 'generator_y2x']:
-                solvers[scope].zero_grad()
-            generator_total.backward(clear_buffer=True)
-            for scope in ['generator_x2y', 'generator_y2x']:
-                solvers[scope].update()
-
-            for source, target in ['xy', 'yx']:
-                fake, fake_masks = pools[target].query(outputs[source]['fake'].d,
-                                                       outputs[source]['fake_masks'].d)
-                pooled[target][0].d, pooled[target][1].d = fake, fake_masks
-            discriminator_total.forward(clear_no_need_grad=True)
-            for scope in ['discriminator_x', 'discriminator_y']:
-                solvers[scope].zero_grad()
-            discriminator_total.backward(clear_buffer=True)
-            for scope in ['discriminator_x', 'discriminator_y']:
-                solvers[scope].update()
-
-            for d in 'xy':
-                series['discriminator_loss', d].add(iteration, discriminator_losses[d].d.copy())
-                for name, loss in generator_losses[d].items():
-                    series[name, d].add(iteration, loss.d.copy())
-            elapsed.add(iteration)
-            progress.set_postfix(G=float(generator_total.d), D=float(discriminator_total.d))
-
-        for source, target in ['xy', 'yx']:
-            o = outputs[source]
-            save_tile(os.path.join(args.monitor_path, 'translation_{}2{}_epoch_{:04d}.png'.format(
-                source, target, epoch + 1)), [(real[source].d, real_masks[source].d),
-                                             (o['fake'].d, o['fake_masks'].d),
-                                             (o['rec'].d, o['rec_masks'].d)])
-        plot_losses(args.monitor_path)
-        if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
-            path = save_checkpoint(args.model_save_path, epoch + 1,
-                                   (epoch + 1) * iterations_per_epoch, solvers, args)
-            logger.info('epoch {}: saved {}'.format(epoch + 1, path))
-    for loader in loaders.values():
-        loader.close()
+    stop = StopSignals()
+    try:
+        while iteration < args.max_epoch * iterations_per_epoch:
+            epoch = iteration // iterations_per_epoch
+            for scope, solver in solvers.items():
+                solver.set_learning_rate(learning_rate(
+                    base_rates[scope], epoch, args.lr_decay_start_epoch, args.max_epoch))
+            progress = tqdm(initial=iteration % iterations_per_epoch, total=iterations_per_epoch,
+                            desc='epoch {}/{}'.format(epoch + 1, args.max_epoch),
+                            leave=False, dynamic_ncols=True)
+            while iteration < (epoch + 1) * iterations_per_epoch:
+                for d in 'xy':
+                    graph.real[d].d, graph.real_masks[d].d = loaders[d].next()
+                train_step(graph, solvers, pools, iteration, args)
+                for d in 'xy':
+                    series['discriminator_loss_' + d].add(
+                        iteration, float(graph.discriminator_losses[d].d))
+                    for name, loss in graph.generator_losses[d].items():
+                        series['{}_{}'.format(name, d)].add(iteration, float(loss.d))
+                elapsed.add(iteration)
+                iteration += 1
+                progress.update()
+                progress.set_postfix(G=float(graph.generator_total.d),
+                                     D=float(graph.discriminator_total.d))
+                if stop.received:
+                    progress.close()
+                    raise TrainingStopped('{} at iteration {}: saved {}; continue with --resume'
+                                          .format(stop.received, iteration, checkpoint()))
+            progress.close()
+            save_tiles(graph, args.monitor_path, epoch + 1)
+            plot_losses(args.monitor_path)
+            if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
+                logger.info('epoch {}: saved {}'.format(epoch + 1, checkpoint()))
+    finally:
+        stop.restore()
+        for loader in loaders.values():
+            loader.close()
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
         train(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, TrainingStopped) as error:
         sys.exit('train.py: {}'.format(error))
 
 

@@ -1,0 +1,20 @@
+# make train: set up .venv and train on the bundled CCP sample (CPU, a few minutes)
+# make test:  set up .venv and run the test suite
+PYTHON := .venv/bin/python
+DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
+	--fineSizeH 64 --fineSizeW 44 --ngf 16 --ndf 16 --max-epoch 30 --lr-decay-start-epoch 15 \
+	--log-step 8 --save-interval 10 --monitor-path results/demo/monitor \
+	--model-save-path results/demo/models
+
+.PHONY: setup train test
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt setup.sh
+	bash setup.sh
+	touch $@
+
+train: setup
+	$(PYTHON) train.py $(DEMO_FLAGS)
+
+test: setup
+	$(PYTHON) -m pytest -q tests

@@ -1,0 +1,84 @@
+"""The training script end to end on the bundled sample at a tiny size, and its pieces."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import train
+from conftest import ROOT
+
+SAMPLE = os.path.join(ROOT, 'datasets', 'ccp_sample')
+TINY = ['--dataroot', SAMPLE, '--loadSizeH', '40', '--loadSizeW', '28', '--fineSizeH', '32',
+        '--fineSizeW', '24', '--ngf', '4', '--ndf', '4', '--n-blocks', '1', '--log-step', '4',
+        '--save-interval', '1', '--lr-decay-start-epoch', '1']
+SERIES = ['{}_{}'.format(name, d) for name in train.LOSS_NAMES for d in 'xy']
+
+
+def run(tmp_path, *extra):
+    train.main(TINY + ['--monitor-path', str(tmp_path / 'monitor'),
+                       '--model-save-path', str(tmp_path / 'models')] + list(extra))
+
+
+def read_series(tmp_path, name):
+    return np.loadtxt(tmp_path / 'monitor' / '{}.series.txt'.format(name), ndmin=2)
+
+
+def test_learning_rate_is_constant_then_linear_to_zero():
+    rates = [train.learning_rate(2e-4, epoch, 100, 200) for epoch in range(200)]
+    assert rates[0] == rates[99] == 2e-4
+    assert rates[150] == pytest.approx(1e-4)
+    assert rates[199] == pytest.approx(2e-6)
+    assert train.learning_rate(2e-4, 200, 100, 200) == 0
+
+
+def test_image_pool_returns_new_fakes_until_full_then_mixes():
+    pool = train.ImagePool(size=2, seed=0)
+    first = np.zeros((2, 3, 1, 1)), np.zeros((2, 1, 1, 1))
+    images, masks = pool.query(*first)
+    assert np.all(images == 0) and len(pool.images) == 2
+    seen = set()
+    for step in range(1, 30):
+        images, _ = pool.query(np.full((1, 3, 1, 1), step), np.full((1, 1, 1, 1), step))
+        seen.add(float(images[0, 0, 0, 0]))
+    assert 0.0 in seen and len(seen) > 3   # old fakes come back, new ones pass through
+    unpooled = train.ImagePool(size=0, seed=0)
+    assert unpooled.query(*first)[0] is first[0]
+
+
+def test_two_epochs_write_curves_tiles_and_checkpoints(tmp_path):
+    run(tmp_path, '--max-epoch', '2')
+    monitor = tmp_path / 'monitor'
+    iterations = 8  # 8 images in each domain of the sample, batch 1
+    for name in SERIES:
+        values = read_series(tmp_path, name)
+        assert values.shape == (2 * iterations // 4, 2), name
+        assert np.all(np.isfinite(values[:, 1])), name
+    assert (monitor / 'elapsed_time.timer.txt').exists()
+    assert (monitor / 'losses.png').stat().st_size > 0
+    for epoch in [1, 2]:
+        for direction in ['x2y', 'y2x']:
+            assert (monitor / 'translation_{}_epoch_{:04d}.png'.format(direction, epoch)).exists()
+        checkpoint = tmp_path / 'models' / 'checkpoint_{:09d}'.format(8 * epoch)
+        names = {'parameters.h5', 'state.json', 'generator_x2y.h5', 'generator_y2x.h5',
+                 'discriminator_x.h5', 'discriminator_y.h5', 'trainer.pkl'}
+        assert names <= set(os.listdir(checkpoint))
+        assert json.loads((checkpoint / 'state.json').read_text())['epoch'] == epoch
+    assert not [n for n in os.listdir(tmp_path / 'models') if n.startswith('.')]
+
+
+def test_resume_continues_at_the_next_epoch(tmp_path):
+    run(tmp_path, '--max-epoch', '1')
+    before = read_series(tmp_path, 'generator_loss_x')
+    run(tmp_path, '--max-epoch', '2', '--resume')
+    after = read_series(tmp_path, 'generator_loss_x')
+    np.testing.assert_array_equal(after[:len(before)], before)
+    assert list(after[:, 0]) == [3, 7, 11, 15]
+    assert (tmp_path / 'models' / 'checkpoint_000000016').exists()
+
+
+def test_resume_refuses_other_network_sizes(tmp_path):
+    run(tmp_path, '--max-epoch', '1')
+    with pytest.raises(SystemExit) as error:
+        run(tmp_path, '--max-epoch', '2', '--resume', '--ngf', '8')
+    assert 'made with --ngf 4, not 8' in str(error.value)
