@@ -14,7 +14,6 @@ import nnabla.functions as F
 import nnabla.initializer as I
 import nnabla.parametric_functions as PF
 
-WEIGHT_INIT = I.NormalInitializer(0.02)
 _blas_convolution = False
 
 
@@ -28,10 +27,16 @@ def use_blas_convolution(enabled):
     _blas_convolution = enabled
 
 
+def weight_init():
+    # Made per call: an initialiser keeps the generator it was made with, and nn.seed()
+    # replaces nnabla's generator.
+    return I.NormalInitializer(0.02)
+
+
 def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, name='conv'):
     with nn.parameter_scope(name):
         weight = nn.parameter.get_parameter_or_create(
-            'W', (outmaps, x.shape[1], kernel, kernel), WEIGHT_INIT)
+            'W', (outmaps, x.shape[1], kernel, kernel), weight_init())
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
         if spectral_norm:
             weight = PF.spectral_norm(weight, dim=0)
@@ -45,7 +50,7 @@ def upsample(x, outmaps, name='deconv'):
     """3x3 transposed convolution, stride 2, output padding 1: exactly doubles H and W."""
     with nn.parameter_scope(name):
         weight = nn.parameter.get_parameter_or_create(
-            'W', (x.shape[1], outmaps, 3, 3), WEIGHT_INIT)
+            'W', (x.shape[1], outmaps, 3, 3), weight_init())
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
     if _blas_convolution:
         import blas_conv

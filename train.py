@@ -308,7 +308,8 @@ def create_monitors(monitor_path, interval, first_iteration):
     for recorder in list(series.values()) + [elapsed]:
         with open(recorder.sp, 'w') as f:
             f.writelines(kept.get(os.path.basename(recorder.sp), []))
-        recorder.flush_at = first_iteration - 1
+        # where an uninterrupted run last wrote a line: it writes every `interval` iterations
+        recorder.flush_at = first_iteration - first_iteration % interval - 1
     return series, elapsed
 
 
@@ -347,7 +348,7 @@ def train(args):
     check_writable(args.monitor_path)
     check_writable(args.model_save_path)
     nn.clear_parameters()
-    np.random.seed(args.seed)  # parameter initialisation draws from numpy's global generator
+    nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
 
     ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
     logger.info('instance slots per image: {}'.format(ins_max))

@@ -82,3 +82,25 @@ def test_resume_refuses_other_network_sizes(tmp_path):
     with pytest.raises(SystemExit) as error:
         run(tmp_path, '--max-epoch', '2', '--resume', '--ngf', '8')
     assert 'made with --ngf 4, not 8' in str(error.value)
+
+
+def read_all_series(tmp_path):
+    return {name: read_series(tmp_path, name) for name in SERIES}
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    # log-step 3 does not divide the 8 iterations of an epoch: the resumed run must also carry
+    # the partly averaged monitor buffers over.
+    run(tmp_path / 'whole', '--max-epoch', '3', '--log-step', '3')
+    run(tmp_path / 'parts', '--max-epoch', '1', '--log-step', '3')
+    run(tmp_path / 'parts', '--max-epoch', '3', '--log-step', '3', '--resume')
+    whole, parts = read_all_series(tmp_path / 'whole'), read_all_series(tmp_path / 'parts')
+    for name in SERIES:
+        assert parts[name].shape == whole[name].shape == (8, 2), name
+        np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, err_msg=name)
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    run(tmp_path, '--max-epoch', '3', '--keep-checkpoints', '2')
+    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000016',
+                                                       'checkpoint_000000024']
