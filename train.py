@@ -70,6 +70,13 @@ class ImagePool:
                 out_masks[i], self.masks[j] = self.masks[j], masks[i].copy()
         return out_images, out_masks
 
+    def get_state(self):
+        return {'images': self.images, 'masks': self.masks, 'rng': self.rng.get_state()}
+
+    def set_state(self, state):
+        self.images, self.masks = state['images'], state['masks']
+        self.rng.set_state(state['rng'])
+
 
 def get_context(args):
     if args.context is None:
@@ -261,15 +268,19 @@ def save_checkpoint(args, iteration, epoch, solvers, trainer_state):
     partial = os.path.join(args.model_save_path, '.{}.partial'.format(name))
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    nn.save_parameters(os.path.join(partial, 'parameters.h5'))
-    for solver_name, solver in solvers.items():
-        solver.save_states(os.path.join(partial, '{}.h5'.format(solver_name)))
-    with open(os.path.join(partial, 'trainer.pkl'), 'wb') as f:
-        pickle.dump(trainer_state, f)
-    state = {'iteration': iteration, 'epoch': epoch, 'args': vars(args),
-             'learning_rates': {k: s.learning_rate() for k, s in solvers.items()}}
-    with open(os.path.join(partial, 'state.json'), 'w') as f:
-        json.dump(state, f, indent=1)
+    try:
+        nn.save_parameters(os.path.join(partial, 'parameters.h5'))
+        for solver_name, solver in solvers.items():
+            solver.save_states(os.path.join(partial, '{}.h5'.format(solver_name)))
+        with open(os.path.join(partial, 'trainer.pkl'), 'wb') as f:
+            pickle.dump(trainer_state, f)
+        state = {'iteration': iteration, 'epoch': epoch, 'args': vars(args),
+                 'learning_rates': {k: s.learning_rate() for k, s in solvers.items()}}
+        with open(os.path.join(partial, 'state.json'), 'w') as f:
+            json.dump(state, f, indent=1)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.rename(partial, final)
     for old in checkpoint_paths(args.model_save_path)[:-args.keep_checkpoints]:
@@ -375,7 +386,8 @@ def train(args):
         if not checkpoints:
             raise ConfigError('--resume: no checkpoint in {}'.format(args.model_save_path))
         iteration, trainer_state = load_checkpoint(checkpoints[-1], solvers, args)
-        pools = trainer_state['pools']
+        for d, pool in pools.items():
+            pool.set_state(trainer_state['pools'][d])
         for d, loader in loaders.items():
             loader.set_state(trainer_state['loaders'][d])
         logger.info('resumed from {} at iteration {}'.format(checkpoints[-1], iteration))
@@ -385,7 +397,8 @@ def train(args):
             series[name].buf = buffered
 
     def checkpoint():
-        trainer_state = {'pools': pools, 'series': {k: s.buf for k, s in series.items()},
+        trainer_state = {'pools': {d: pool.get_state() for d, pool in pools.items()},
+                         'series': {k: s.buf for k, s in series.items()},
                          'loaders': {d: loader.get_state() for d, loader in loaders.items()}}
         return save_checkpoint(args, iteration, iteration // iterations_per_epoch, solvers,
                                trainer_state)

@@ -1,6 +1,11 @@
 """The training script end to end on the bundled sample at a tiny size, and its pieces."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -104,3 +109,62 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     run(tmp_path, '--max-epoch', '3', '--keep-checkpoints', '2')
     assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000016',
                                                        'checkpoint_000000024']
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_next = train.MaskedImageIterator.next
+    calls = []
+
+    def next_with_nan(self):
+        images, masks = real_next(self)
+        calls.append(None)
+        if len(calls) > 2 * 10:  # both domains draw once per iteration: from iteration 10 on
+            images[:] = np.nan
+        return images, masks
+
+    monkeypatch.setattr(train.MaskedImageIterator, 'next', next_with_nan)
+    with pytest.raises(SystemExit) as error:
+        run(tmp_path, '--max-epoch', '3')
+    # ReLU turns NaN into 0, so the first loss to see the NaN image is the L1 against it
+    assert str(error.value) == ('train.py: reconstruction_loss_x is nan at iteration 10; '
+                                'stopped before updating with it')
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    run(tmp_path, '--max-epoch', '1')
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(train.pickle, 'dump', disk_full)
+    with pytest.raises(OSError):
+        run(tmp_path, '--max-epoch', '2', '--resume')
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
+    run(tmp_path, '--max-epoch', '2', '--resume')
+    assert 'checkpoint_000000016' in os.listdir(tmp_path / 'models')
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
+        '--max-epoch', '100', '--monitor-path', str(tmp_path / 'monitor'),
+        '--model-save-path', str(tmp_path / 'models')]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'models' / 'checkpoint_000000008').exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    last_line = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r'train\.py: {} at iteration (\d+): saved (\S+); continue with --resume'
+                         .format(signal.Signals(signum).name), last_line)
+    assert match, last_line
+    iteration = int(match.group(1))
+    assert iteration > 8
+    assert match.group(2) == str(tmp_path / 'models' / 'checkpoint_{:09d}'.format(iteration))
+    run(tmp_path, '--max-epoch', str(iteration // 8 + 1), '--resume')
+    assert 'checkpoint_{:09d}'.format(8 * (iteration // 8 + 1)) in os.listdir(tmp_path / 'models')
