@@ -1,0 +1,169 @@
+"""Build an InstaGAN dataset (e.g. jeans <-> skirt) from Clothing Co-Parsing (CCP).
+
+    python datasets/generate_ccp_dataset.py --data_root datasets/clothing-co-parsing
+
+Output layout, with A = --cat1 and B = --cat2:
+
+    trainA/NAME.png, trainA_seg/NAME_0.png   photos with a pixel-level annotation that contains
+    trainB/NAME.png, trainB_seg/NAME_0.png   the category; the mask is 255 on it, 0 elsewhere
+    valA/NAME.png, valB/NAME.png             photos whose image-level tags contain the category
+
+CCP labels each pixel with one category, so a category gives exactly one instance mask per
+photo. Everything is written to a hidden sibling folder that is renamed into place at the end,
+so an interrupted run never leaves a half-written dataset behind.
+"""
+import argparse
+import os
+import signal
+import sys
+import tempfile
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+from tqdm import tqdm
+
+
+class DatasetError(Exception):
+    """The input is not a usable CCP copy or the request cannot be met; the message is one line."""
+
+
+def load_mat(path, variable):
+    try:
+        return scipy.io.loadmat(str(path))[variable]
+    except Exception as error:  # scipy reports corrupt files with many unrelated exception types
+        raise DatasetError(f'{path}: unreadable .mat file or no variable {variable!r} '
+                           f'({type(error).__name__}: {error})') from None
+
+
+def load_photo(path):
+    try:
+        with Image.open(path) as photo:
+            return photo.convert('RGB')  # convert() decodes fully, so truncated files fail here
+    except Exception as error:  # PIL reports corrupt files with many unrelated exception types
+        raise DatasetError(f'{path}: unreadable photo ({type(error).__name__}: {error})') from None
+
+
+def leave_signals_to_main_process():
+    """Pool initializer: Ctrl-C only stops the main process, which cleans up and ends the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that Pool.terminate() still works
+
+
+def label_names(data_root):
+    """Category names indexed by CCP label id (0 is 'null')."""
+    cells = load_mat(data_root / 'label_list.mat', 'label_list').ravel()
+    return [str(cell[0]) if cell.size else '' for cell in cells]
+
+
+def check_layout(data_root):
+    parts = ['photos', 'annotations/pixel-level', 'annotations/image-level', 'label_list.mat']
+    for path in [data_root] + [data_root / part for part in parts]:
+        if not path.exists():
+            raise DatasetError(f'{path}: not found (expected a Clothing Co-Parsing copy '
+                               f'at {data_root})')
+
+
+def export_pixel_level(annotation_path, photos, out, targets):
+    """Save photo and mask into train{domain} for every (domain, label) of `targets` present."""
+    labels = load_mat(annotation_path, 'groundtruth')
+    found = [(domain, label) for domain, label in targets if (labels == label).any()]
+    if found:
+        name = annotation_path.stem
+        photo = load_photo(photos / f'{name}.jpg')
+        if photo.size != labels.shape[::-1]:
+            height, width = labels.shape
+            raise DatasetError(f'{annotation_path}: annotation is {width}x{height} '
+                               f'but its photo is {photo.width}x{photo.height}')
+        for domain, label in found:
+            photo.save(out / f'train{domain}' / f'{name}.png')
+            mask = Image.fromarray(np.where(labels == label, 255, 0).astype(np.uint8))
+            mask.save(out / f'train{domain}_seg' / f'{name}_0.png')
+    return [domain for domain, _ in found]
+
+
+def export_image_level(annotation_path, photos, out, targets):
+    """Save the photo into val{domain} for every (domain, label) of `targets` it is tagged with."""
+    tags = load_mat(annotation_path, 'tags').ravel()
+    found = [domain for domain, label in targets if label in tags]
+    if found:
+        name = annotation_path.stem
+        photo = load_photo(photos / f'{name}.jpg')
+        for domain in found:
+            photo.save(out / f'val{domain}' / f'{name}.png')
+    return found
+
+
+def run_export(pool, export, annotations, description):
+    """Run `export` on every annotation file in parallel; return the photo count per domain."""
+    counts = {'A': 0, 'B': 0}
+    files = sorted(annotations.glob('*.mat'))
+    # The context closes the bar before an error message is printed, not at interpreter exit.
+    with tqdm(total=len(files), desc=description, unit='file') as progress:
+        for domains in pool.imap_unordered(export, files, chunksize=8):
+            for domain in domains:
+                counts[domain] += 1
+            progress.update()
+    return counts
+
+
+def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2):
+    """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}."""
+    data_root, save_root = Path(data_root), Path(save_root)
+    check_layout(data_root)
+    names = label_names(data_root)
+    categories = sorted(name for name in names if name not in ('', 'null'))
+    for category in (cat1, cat2):
+        if category not in categories:
+            raise DatasetError(f'unknown category {category!r}; '
+                               f'valid categories: {", ".join(categories)}')
+    if cat1 == cat2:
+        raise DatasetError(f'cat1 and cat2 are both {cat1!r}; they must differ')
+    if save_root.exists() and not overwrite:
+        raise DatasetError(f'{save_root}: already exists; pass --overwrite to replace it')
+
+    targets = [('A', names.index(cat1)), ('B', names.index(cat2))]
+    annotations = data_root / 'annotations'
+    save_root.parent.mkdir(parents=True, exist_ok=True)
+    # The staging folder sits next to save_root so the final rename stays on one file system;
+    # TemporaryDirectory removes it (and any replaced old dataset) on success and failure alike.
+    with tempfile.TemporaryDirectory(prefix=f'.{save_root.name}.', dir=save_root.parent) as staging:
+        out = Path(staging) / save_root.name
+        for folder in ['trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']:
+            (out / folder).mkdir(parents=True)
+        export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
+        with Pool(workers, initializer=leave_signals_to_main_process) as pool:
+            train = run_export(pool, partial(export_pixel_level, **export_args),
+                               annotations / 'pixel-level', 'train (pixel-level)')
+            val = run_export(pool, partial(export_image_level, **export_args),
+                             annotations / 'image-level', 'val (image-level)')
+        if save_root.exists():
+            os.rename(save_root, Path(staging) / 'replaced')
+        os.rename(out, save_root)
+    return {'trainA': train['A'], 'trainB': train['B'], 'valA': val['A'], 'valB': val['B']}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--data_root', default='datasets/clothing-co-parsing', help='CCP copy')
+    parser.add_argument('--save_root', default='datasets/jeans2skirt_ccp', help='output folder')
+    parser.add_argument('--cat1', default='jeans', help='category of domain A')
+    parser.add_argument('--cat2', default='skirt', help='category of domain B')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing save_root')
+    parser.add_argument('--workers', type=int, default=2, help='worker processes')
+    args = parser.parse_args()
+    # Let `kill` unwind like Ctrl-C does, so the staging folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit('generate_ccp_dataset.py: terminated'))
+    try:
+        counts = generate(args.data_root, args.save_root, args.cat1, args.cat2,
+                          args.overwrite, args.workers)
+    except DatasetError as error:
+        sys.exit(f'generate_ccp_dataset.py: {error}')
+    print(f'{args.save_root}:', ', '.join(f'{folder} {count}' for folder, count in counts.items()))
+
+
+if __name__ == '__main__':
+    main()
