@@ -18,6 +18,9 @@ def get_args(argv=None):
     data.add_argument('--no-flip', action='store_true', help='no random horizontal flips')
     data.add_argument('--ins-max', type=int, default=4,
                       help='instance slots per image (capped at the most any image has)')
+    data.add_argument('--ins-per', type=int, default=2,
+                      help='instance slots translated per pass of sequential mini-batch '
+                           'translation (--ins-per = --ins-max: all in one pass)')
     data.add_argument('--set-order', choices=['decreasing', 'random'], default='decreasing',
                       help='order of the instances in their slots: by decreasing area, or random')
 

@@ -1,27 +1,36 @@
 """InstaGAN losses (paper section 2.2): LSGAN, cycle, identity and context-preserving.
 
-Images are (B, 3, H, W) and instance masks (B, N, H, W), both in [-1, 1].
+Images are (B, 3, H, W) and instance masks (B, N, H, W), both in [-1, 1]. Every loss is a mean
+over the batch; with `weights` (B,) of 0/1 it is the mean over the samples weighted 1 (in
+sequential training, the samples that have instances in the current pass).
 """
 import nnabla.functions as F
 
 
-def lsgan_loss(scores, target):
+def batch_mean(values, weights=None):
+    if weights is None:
+        return F.mean(values)
+    per_sample = F.mean(values, axis=tuple(range(1, values.ndim)))
+    return F.sum(per_sample * weights) / F.maximum_scalar(F.sum(weights), 1.0)
+
+
+def lsgan_loss(scores, target, weights=None):
     """Least-squares GAN loss: mean squared distance of the patch scores to 1 (real) or 0 (fake)."""
-    return F.mean(F.squared_error(scores, F.constant(target, scores.shape)))
+    return batch_mean(F.squared_error(scores, F.constant(target, scores.shape)), weights)
 
 
-def discriminator_loss(real_scores, fake_scores):
-    return 0.5 * (lsgan_loss(real_scores, 1.0) + lsgan_loss(fake_scores, 0.0))
+def discriminator_loss(real_scores, fake_scores, fake_weights=None):
+    return 0.5 * (lsgan_loss(real_scores, 1.0) + lsgan_loss(fake_scores, 0.0, fake_weights))
 
 
-def image_and_masks_l1(image, masks, other_image, other_masks):
+def image_and_masks_l1(image, masks, other_image, other_masks, weights=None):
     """Mean absolute difference over the image channels and the mask channels together.
 
     Used for the cycle loss (reconstruction vs. input) and the identity loss (a generator fed
     an image of its own output domain should leave image and masks unchanged).
     """
-    return F.mean(F.absolute_error(F.concatenate(image, masks, axis=1),
-                                   F.concatenate(other_image, other_masks, axis=1)))
+    return batch_mean(F.absolute_error(F.concatenate(image, masks, axis=1),
+                                       F.concatenate(other_image, other_masks, axis=1)), weights)
 
 
 def mask_union(masks):
@@ -29,9 +38,9 @@ def mask_union(masks):
     return F.clip_by_value(F.sum((masks + 1) * 0.5, axis=1, keepdims=True), 0.0, 1.0)
 
 
-def context_preserving_loss(image, masks, translated_image, translated_masks):
+def context_preserving_loss(image, masks, translated_image, translated_masks, weights=None):
     """L1 between an image and its translation, weighted 1 on the background and 0 inside the
     union of the source instances and the translated instances: the translation may only change
     the instances, never their surroundings."""
     background = 1 - mask_union(F.concatenate(masks, translated_masks, axis=1))
-    return F.mean(background * F.absolute_error(image, translated_image))
+    return batch_mean(background * F.absolute_error(image, translated_image), weights)

@@ -138,6 +138,16 @@ def generator(image, masks, ngf=64, n_blocks=9):
     return image_out, masks_out
 
 
+def generator_pass(image, pass_masks, ngf=64, n_blocks=9):
+    """One pass of sequential mini-batch translation (paper section 2.3) over the instance slots
+    `pass_masks`. Returns (image_out, masks_out, active): `active` (B,) is 1 for the samples with
+    an instance in these slots; the others keep their image unchanged."""
+    image_out, masks_out = generator(image, pass_masks, ngf, n_blocks)
+    active = F.max(instance_exists(pass_masks), axis=1)
+    keep = F.reshape(active, (-1, 1, 1, 1))
+    return keep * image_out + (1 - keep) * image, masks_out, active
+
+
 def patch_features(x, ndf, n_layers):
     """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
     h = F.leaky_relu(convolution(x, ndf, 4, stride=2, pad=1, spectral_norm=True, name='conv0'), 0.2)

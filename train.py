@@ -2,7 +2,9 @@
 
     python train.py --dataroot datasets/jeans2skirt_ccp
 
-Every iteration translates a batch of x to y and of y to x, updates both generators on the
+Every iteration takes a batch of each domain and runs the passes of sequential mini-batch
+translation (paper section 2.3): pass i translates instance slots [i K, (i+1) K) on top of
+the image translated by the earlier passes. Each pass updates both generators on the
 adversarial, cycle, identity and context-preserving losses, then both discriminators on real
 images and on fakes drawn from a pool of past translations. Graphs are built once.
 """
@@ -14,10 +16,12 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
 import nnabla as nn
+import nnabla.functions as F
 import nnabla.solvers as S
 from nnabla.ext_utils import get_extension_context
 from nnabla.logger import logger
@@ -34,9 +38,15 @@ LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
               'identity_mapping_loss', 'context_preserving_loss']
 # Arguments that decide the parameter shapes: a checkpoint only fits the same values.
 NETWORK_ARGS = ['ngf', 'ndf', 'n_blocks', 'n_layers_D']
+GENERATORS = ['generator_x2y', 'generator_y2x']
+DISCRIMINATORS = ['discriminator_x', 'discriminator_y']
 
 
 class ConfigError(Exception):
+    pass
+
+
+class TrainingStopped(Exception):
     pass
 
 
@@ -56,11 +66,13 @@ class ImagePool:
         self.images, self.masks = [], []
         self.rng = np.random.RandomState(seed)
 
-    def query(self, images, masks):
-        if self.size == 0:
-            return images, masks
+    def query(self, images, masks, active):
+        """Fakes for the discriminator in place of `images`, `masks`; samples not `active` (no
+        instance translated) neither enter the pool nor come back from it."""
         out_images, out_masks = images.copy(), masks.copy()
-        for i in range(len(images)):
+        if self.size == 0:
+            return out_images, out_masks
+        for i in np.flatnonzero(active):
             if len(self.images) < self.size:
                 self.images.append(images[i].copy())
                 self.masks.append(masks[i].copy())
@@ -76,6 +88,177 @@ class ImagePool:
     def set_state(self, state):
         self.images, self.masks = state['images'], state['masks']
         self.rng.set_state(state['rng'])
+
+
+def check_finite(losses, iteration, args):
+    for name, loss in losses.items():
+        value = float(loss.d)
+        if not math.isfinite(value):
+            message = '{} is {} at iteration {}'.format(name, value, iteration)
+            if args.nan_policy == 'stop':
+                raise TrainingStopped(message + '; stopped before updating with it')
+            logger.warning(message)
+
+
+class Trainer:
+    """The graphs, solvers and image pools of InstaGAN, and one training iteration.
+
+    Pass graphs are built once for K = --ins-per slots and serve every pass. With M = --ins-max
+    slots (rounded up to a multiple of K), the discriminators see an image with all M slots:
+    those translated so far, the current pass's, and empty ones for the passes to come.
+    """
+
+    def __init__(self, args, ins_max):
+        self.args = args
+        self.ins_per = min(args.ins_per, ins_max)
+        self.passes = math.ceil(ins_max / self.ins_per)
+        self.slots = self.passes * self.ins_per
+        self.image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
+        self.directions = {s: self.direction_graph(s, t) for s, t in ['xy', 'yx']}
+        self.discriminators = {d: self.discriminator_graph(d) for d in 'xy'}
+        self.base_rates = {'generator_x2y': args.learning_rate_G,
+                           'generator_y2x': args.learning_rate_G,
+                           'discriminator_x': args.learning_rate_D,
+                           'discriminator_y': args.learning_rate_D}
+        self.solvers = {}
+        for scope, base in self.base_rates.items():
+            self.solvers[scope] = S.Adam(base, args.beta1, args.beta2)
+            with nn.parameter_scope(scope):
+                self.solvers[scope].set_parameters(nn.get_parameters())
+        self.pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
+        self.visuals = {}
+
+    def mask_shape(self, slots):
+        return self.image_shape[:1] + (slots,) + self.image_shape[2:]
+
+    def direction_graph(self, source, target):
+        """Generator-side graph of one pass of source -> target: the translation, its
+        reconstruction, the identity mapping of the source image, and their losses, averaged
+        over the samples that have instances in the pass."""
+        args = self.args
+        graph = SimpleNamespace(image=nn.Variable(self.image_shape),
+                                masks=nn.Variable(self.mask_shape(self.ins_per)), held_masks=None)
+        with nn.parameter_scope('generator_{}2{}'.format(source, target)):
+            graph.fake, graph.fake_masks, active = models.generator_pass(
+                graph.image, graph.masks, args.ngf, args.n_blocks)
+        with nn.parameter_scope('generator_{}2{}'.format(target, source)):
+            graph.rec, graph.rec_masks = models.generator(
+                graph.fake, graph.fake_masks, args.ngf, args.n_blocks)
+            # A generator fed an image of its own output domain should change nothing.
+            idt, idt_masks = models.generator(graph.image, graph.masks, args.ngf, args.n_blocks)
+        all_fake_masks = graph.fake_masks
+        if self.slots > self.ins_per:  # the slots of the other passes, fed from numpy
+            graph.held_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
+            all_fake_masks = F.concatenate(graph.fake_masks, graph.held_masks, axis=1)
+        with nn.parameter_scope('discriminator_' + target):
+            scores = models.discriminator(graph.fake, all_fake_masks, args.ndf, args.n_layers_D)
+        graph.losses = {
+            'generator_loss': lsgan_loss(scores, 1.0, active),
+            'reconstruction_loss': image_and_masks_l1(graph.rec, graph.rec_masks, graph.image,
+                                                      graph.masks, active),
+            'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, graph.image, graph.masks,
+                                                        active),
+            'context_preserving_loss': context_preserving_loss(
+                graph.image, graph.masks, graph.fake, graph.fake_masks, active),
+        }
+        weights = {'generator_loss': 1.0, 'reconstruction_loss': args.lambda_cyc,
+                   'identity_mapping_loss': args.lambda_idt,
+                   'context_preserving_loss': args.lambda_ctx}
+        graph.total = sum(weights[name] * loss for name, loss in graph.losses.items())
+        for variable in [graph.total, graph.fake, graph.fake_masks, graph.rec, graph.rec_masks] \
+                + list(graph.losses.values()):
+            variable.persistent = True
+        return graph
+
+    def discriminator_graph(self, domain):
+        """Discriminator loss on real images and on pooled fakes, all fed from numpy."""
+        args = self.args
+        graph = SimpleNamespace(real=nn.Variable(self.image_shape),
+                                real_masks=nn.Variable(self.mask_shape(self.slots)),
+                                fake=nn.Variable(self.image_shape),
+                                fake_masks=nn.Variable(self.mask_shape(self.slots)),
+                                fake_weights=nn.Variable(self.image_shape[:1]))
+        with nn.parameter_scope('discriminator_' + domain):
+            real_scores = models.discriminator(graph.real, graph.real_masks, args.ndf,
+                                               args.n_layers_D)
+            fake_scores = models.discriminator(graph.fake, graph.fake_masks, args.ndf,
+                                               args.n_layers_D)
+        graph.loss = discriminator_loss(real_scores, fake_scores, graph.fake_weights)
+        graph.loss.persistent = True
+        return graph
+
+    def set_epoch(self, epoch):
+        for scope, solver in self.solvers.items():
+            solver.set_learning_rate(learning_rate(
+                self.base_rates[scope], epoch, self.args.lr_decay_start_epoch,
+                self.args.max_epoch))
+
+    def step(self, images, masks, iteration):
+        """One training iteration on a batch of each domain (dicts over 'x', 'y' of numpy
+        images and masks). Returns the losses averaged over the passes that ran, and the
+        number of passes run: those with an instance in some sample of either domain."""
+        K = self.ins_per
+        empty = np.full(self.mask_shape(self.slots - masks['x'].shape[1]), -1, np.float32)
+        masks = {d: np.concatenate([m, empty], axis=1) for d, m in masks.items()}
+        current = dict(images)  # each domain's images as translated by the passes so far
+        translated = {d: np.full_like(masks[d], -1) for d in 'xy'}
+        losses = defaultdict(list)
+        passes_run = 0
+        for p in range(self.passes):
+            pass_slots = slice(p * K, (p + 1) * K)
+            active = {d: np.any(masks[d][:, pass_slots] > -1, axis=(1, 2, 3)) for d in 'xy'}
+            running = [d for d in 'xy' if active[d].any()]
+            if not running:
+                continue
+            passes_run += 1
+
+            for scope in GENERATORS:
+                self.solvers[scope].zero_grad()
+            for s in running:
+                graph = self.directions[s]
+                graph.image.d, graph.masks.d = current[s], masks[s][:, pass_slots]
+                if graph.held_masks is not None:
+                    graph.held_masks.d = np.delete(translated[s], range(p * K, (p + 1) * K), axis=1)
+                graph.total.forward(clear_no_need_grad=True)
+                check_finite({'{}_{}'.format(name, s): loss
+                              for name, loss in graph.losses.items()}, iteration, self.args)
+                graph.total.backward(clear_buffer=True)
+            for scope in GENERATORS:
+                self.solvers[scope].update()
+
+            for s in running:
+                t = 'y' if s == 'x' else 'x'
+                graph, discriminator = self.directions[s], self.discriminators[t]
+                translated[s][:, pass_slots] = graph.fake_masks.d
+                real_masks = masks[t].copy()
+                real_masks[:, (p + 1) * K:] = -1  # the real side sees as many slots as the fake
+                discriminator.real.d, discriminator.real_masks.d = images[t], real_masks
+                discriminator.fake.d, discriminator.fake_masks.d = self.pools[t].query(
+                    graph.fake.d, translated[s], active[s])
+                discriminator.fake_weights.d = active[s]
+                discriminator.loss.forward(clear_no_need_grad=True)
+                check_finite({'discriminator_loss_' + t: discriminator.loss}, iteration,
+                             self.args)
+                self.solvers['discriminator_' + t].zero_grad()
+                discriminator.loss.backward(clear_buffer=True)
+                self.solvers['discriminator_' + t].update()
+                losses['discriminator_loss_' + t].append(float(discriminator.loss.d))
+                for name, loss in graph.losses.items():
+                    losses['{}_{}'.format(name, s)].append(float(loss.d))
+
+                rec_masks = np.full_like(masks[s], -1)
+                rec_masks[:, pass_slots] = graph.rec_masks.d
+                current[s] = graph.fake.d.copy()
+                self.visuals[s] = [(images[s], masks[s]), (current[s], translated[s].copy()),
+                                   (graph.rec.d.copy(), rec_masks)]
+        return {name: float(np.mean(values)) for name, values in losses.items()}, passes_run
+
+    def get_state(self):
+        return {d: pool.get_state() for d, pool in self.pools.items()}
+
+    def set_state(self, state):
+        for d, pool in self.pools.items():
+            pool.set_state(state[d])
 
 
 def get_context(args):
@@ -105,56 +288,44 @@ def check_sizes(args):
             args.fineSizeH, args.fineSizeW, args.loadSizeH, args.loadSizeW))
 
 
-def translation_graph(args, source, source_masks, forward, backward, target_discriminator):
-    """Generator-side graph of one direction, everything computed from the real source images:
-    the translation, its reconstruction, the identity mapping, and their unweighted losses."""
-    with nn.parameter_scope(forward):
-        fake, fake_masks = models.generator(source, source_masks, args.ngf, args.n_blocks)
-    with nn.parameter_scope(backward):
-        rec, rec_masks = models.generator(fake, fake_masks, args.ngf, args.n_blocks)
-        # A generator fed an image of its own output domain should change nothing.
-        idt, idt_masks = models.generator(source, source_masks, args.ngf, args.n_blocks)
-    with nn.parameter_scope(target_discriminator):
-        scores = models.discriminator(fake, fake_masks, args.ndf, args.n_layers_D)
-    losses = {
-        'generator_loss': lsgan_loss(scores, 1.0),
-        'reconstruction_loss': image_and_masks_l1(rec, rec_masks, source, source_masks),
-        'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, source, source_masks),
-        'context_preserving_loss': context_preserving_loss(source, source_masks, fake, fake_masks),
-    }
-    outputs = {'fake': fake, 'fake_masks': fake_masks, 'rec': rec, 'rec_masks': rec_masks}
-    for variable in list(losses.values()) + list(outputs.values()):
-        variable.persistent = True
-    return losses, outputs
+def check_writable(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError('{} is not writable ({})'.format(path, error.strerror))
 
 
-def discriminator_graph(args, real, real_masks, scope):
-    """Discriminator loss on real images and on pooled fakes fed through input variables."""
-    fake, fake_masks = nn.Variable(real.shape), nn.Variable(real_masks.shape)
-    with nn.parameter_scope(scope):
-        real_scores = models.discriminator(real, real_masks, args.ndf, args.n_layers_D)
-        fake_scores = models.discriminator(fake, fake_masks, args.ndf, args.n_layers_D)
-    loss = discriminator_loss(real_scores, fake_scores)
-    loss.persistent = True
-    return loss, fake, fake_masks
+def image_panel(images):
+    """Sample 0 of (B, 3, H, W) images in [-1, 1] -> (H, W, 3) in [0, 1]."""
+    return (np.clip(images[0], -1, 1).transpose(1, 2, 0) + 1) / 2
 
 
-def mask_colors(masks):
-    """(N, H, W) masks in [-1, 1] -> (H, W, 3) picture, one colour per instance slot."""
+def mask_panel(masks):
+    """Sample 0 of (B, N, H, W) masks in [-1, 1] -> (H, W, 3), one colour per instance slot."""
     palette = np.array([[1, 0.2, 0.2], [0.2, 1, 0.2], [0.3, 0.5, 1], [1, 1, 0.2],
                         [1, 0.2, 1], [0.2, 1, 1], [1, 0.6, 0.2], [0.7, 0.7, 0.7]])
-    weights = (np.clip(masks, -1, 1) + 1) / 2
-    colours = palette[np.arange(len(masks)) % len(palette)]
+    weights = (np.clip(masks[0], -1, 1) + 1) / 2
+    colours = palette[np.arange(len(weights)) % len(palette)]
     return np.max(weights[:, :, :, None] * colours[:, None, None, :], axis=0)
 
 
-def save_tile(path, columns):
-    """Write a PNG of (image, masks) pairs of sample 0 side by side: images on top, masks below."""
+def save_tile(path, rows):
+    """Write rows of (H, W, 3) panels in [0, 1] as one PNG."""
     import imageio
-    top = np.concatenate([(image[0].transpose(1, 2, 0) + 1) / 2 for image, _ in columns], axis=1)
-    bottom = np.concatenate([mask_colors(masks[0]) for _, masks in columns], axis=1)
-    tile = np.clip(np.concatenate([top, bottom], axis=0), 0, 1)
+    tile = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
     imageio.imwrite(path, (tile * 255).round().astype(np.uint8))
+
+
+def save_translation_tiles(trainer, monitor_path, epoch):
+    """Source, translation and reconstruction of each direction: images on top, masks below."""
+    for source, target in ['xy', 'yx']:
+        columns = trainer.visuals.get(source)
+        if columns:
+            save_tile(os.path.join(monitor_path, 'translation_{}2{}_epoch_{:04d}.png'.format(
+                source, target, epoch)), [[image_panel(image) for image, _ in columns],
+                                          [mask_panel(masks) for _, masks in columns]])
 
 
 def plot_losses(monitor_path):
@@ -177,82 +348,6 @@ def plot_losses(monitor_path):
     plt.close(figure)
 
 
-def build_graphs(args, ins_max):
-    """Both directions' generator losses and both discriminators' losses, built once."""
-    image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
-    mask_shape = (args.batch_size, ins_max, args.fineSizeH, args.fineSizeW)
-    graph = SimpleNamespace(real={d: nn.Variable(image_shape) for d in 'xy'},
-                            real_masks={d: nn.Variable(mask_shape) for d in 'xy'},
-                            generator_losses={}, outputs={}, discriminator_losses={}, pooled={})
-    for source, target in ['xy', 'yx']:
-        graph.generator_losses[source], graph.outputs[source] = translation_graph(
-            args, graph.real[source], graph.real_masks[source],
-            'generator_{}2{}'.format(source, target), 'generator_{}2{}'.format(target, source),
-            'discriminator_' + target)
-    weights = {'generator_loss': 1.0, 'reconstruction_loss': args.lambda_cyc,
-               'identity_mapping_loss': args.lambda_idt,
-               'context_preserving_loss': args.lambda_ctx}
-    graph.generator_total = sum(weights[name] * loss
-                                for losses in graph.generator_losses.values()
-                                for name, loss in losses.items())
-    for domain in 'xy':
-        loss, fake, fake_masks = discriminator_graph(
-            args, graph.real[domain], graph.real_masks[domain], 'discriminator_' + domain)
-        graph.discriminator_losses[domain], graph.pooled[domain] = loss, (fake, fake_masks)
-    graph.discriminator_total = graph.discriminator_losses['x'] + graph.discriminator_losses['y']
-    graph.generator_total.persistent = graph.discriminator_total.persistent = True
-    return graph
-
-
-class TrainingStopped(Exception):
-    pass
-
-
-def check_finite(losses, iteration, args):
-    for name, loss in losses.items():
-        value = float(loss.d)
-        if not math.isfinite(value):
-            message = '{} is {} at iteration {}'.format(name, value, iteration)
-            if args.nan_policy == 'stop':
-                raise TrainingStopped(message + '; stopped before updating with it')
-            logger.warning(message)
-
-
-def train_step(graph, solvers, pools, iteration, args):
-    """One update of both generators, then of both discriminators."""
-    graph.generator_total.forward(clear_no_need_grad=True)
-    check_finite({'{}_{}'.format(name, d): loss for d, losses in graph.generator_losses.items()
-                  for name, loss in losses.items()}, iteration, args)
-    for scope in ['generator_x2y', 'generator_y2x']:
-        solvers[scope].zero_grad()
-    graph.generator_total.backward(clear_buffer=True)
-    for scope in ['generator_x2y', 'generator_y2x']:
-        solvers[scope].update()
-
-    for source, target in ['xy', 'yx']:
-        fake, fake_masks = pools[target].query(graph.outputs[source]['fake'].d,
-                                               graph.outputs[source]['fake_masks'].d)
-        graph.pooled[target][0].d, graph.pooled[target][1].d = fake, fake_masks
-    graph.discriminator_total.forward(clear_no_need_grad=True)
-    check_finite({'discriminator_loss_' + d: loss for d, loss in
-                  graph.discriminator_losses.items()}, iteration, args)
-    for scope in ['discriminator_x', 'discriminator_y']:
-        solvers[scope].zero_grad()
-    graph.discriminator_total.backward(clear_buffer=True)
-    for scope in ['discriminator_x', 'discriminator_y']:
-        solvers[scope].update()
-
-
-def save_tiles(graph, monitor_path, epoch):
-    for source, target in ['xy', 'yx']:
-        outputs = graph.outputs[source]
-        save_tile(os.path.join(monitor_path, 'translation_{}2{}_epoch_{:04d}.png'.format(
-            source, target, epoch)),
-            [(graph.real[source].d, graph.real_masks[source].d),
-             (outputs['fake'].d, outputs['fake_masks'].d),
-             (outputs['rec'].d, outputs['rec_masks'].d)])
-
-
 def checkpoint_paths(model_path):
     """Complete checkpoints, oldest first (a partial one has no state.json yet)."""
     names = sorted(n for n in os.listdir(model_path) if n.startswith('checkpoint_')
@@ -260,7 +355,7 @@ def checkpoint_paths(model_path):
     return [os.path.join(model_path, n) for n in names]
 
 
-def save_checkpoint(args, iteration, epoch, solvers, trainer_state):
+def save_checkpoint(args, iteration, epoch, solvers, training_state):
     """Write model_path/checkpoint_ITERATION under a temporary name, rename it into place, and
     keep the newest --keep-checkpoints. A kill at any moment leaves the older ones intact."""
     name = 'checkpoint_{:09d}'.format(iteration)
@@ -273,7 +368,7 @@ def save_checkpoint(args, iteration, epoch, solvers, trainer_state):
         for solver_name, solver in solvers.items():
             solver.save_states(os.path.join(partial, '{}.h5'.format(solver_name)))
         with open(os.path.join(partial, 'trainer.pkl'), 'wb') as f:
-            pickle.dump(trainer_state, f)
+            pickle.dump(training_state, f)
         state = {'iteration': iteration, 'epoch': epoch, 'args': vars(args),
                  'learning_rates': {k: s.learning_rate() for k, s in solvers.items()}}
         with open(os.path.join(partial, 'state.json'), 'w') as f:
@@ -343,15 +438,6 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def check_writable(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ConfigError('{} is not writable ({})'.format(path, error.strerror))
-
-
 def train(args):
     check_sizes(args)
     nn.set_default_context(get_context(args))
@@ -362,77 +448,63 @@ def train(args):
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
 
     ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
-    logger.info('instance slots per image: {}'.format(ins_max))
     loaders = {domain: MaskedImageIterator(
         args.dataroot, 'train', letter, args.batch_size,
         load_size=(args.loadSizeH, args.loadSizeW), fine_size=(args.fineSizeH, args.fineSizeW),
         ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
         for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
-    graph = build_graphs(args, ins_max)
-
-    base_rates = {'generator_x2y': args.learning_rate_G, 'generator_y2x': args.learning_rate_G,
-                  'discriminator_x': args.learning_rate_D, 'discriminator_y': args.learning_rate_D}
-    solvers = {}
-    for scope, base in base_rates.items():
-        solvers[scope] = S.Adam(base, args.beta1, args.beta2)
-        with nn.parameter_scope(scope):
-            solvers[scope].set_parameters(nn.get_parameters())
-    pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
+    trainer = Trainer(args, ins_max)
+    logger.info('instance slots per image: {}, translated in {} pass(es) of {}'.format(
+        ins_max, trainer.passes, trainer.ins_per))
 
     iteration = 0
     if args.resume:
         checkpoints = checkpoint_paths(args.model_save_path)
         if not checkpoints:
             raise ConfigError('--resume: no checkpoint in {}'.format(args.model_save_path))
-        iteration, trainer_state = load_checkpoint(checkpoints[-1], solvers, args)
-        for d, pool in pools.items():
-            pool.set_state(trainer_state['pools'][d])
+        iteration, saved = load_checkpoint(checkpoints[-1], trainer.solvers, args)
+        trainer.set_state(saved['trainer'])
         for d, loader in loaders.items():
-            loader.set_state(trainer_state['loaders'][d])
+            loader.set_state(saved['loaders'][d])
         logger.info('resumed from {} at iteration {}'.format(checkpoints[-1], iteration))
     series, elapsed = create_monitors(args.monitor_path, args.log_step, iteration)
     if args.resume:
-        for name, buffered in trainer_state['series'].items():
+        for name, buffered in saved['series'].items():
             series[name].buf = buffered
 
     def checkpoint():
-        trainer_state = {'pools': {d: pool.get_state() for d, pool in pools.items()},
-                         'series': {k: s.buf for k, s in series.items()},
-                         'loaders': {d: loader.get_state() for d, loader in loaders.items()}}
-        return save_checkpoint(args, iteration, iteration // iterations_per_epoch, solvers,
-                               trainer_state)
+        state = {'trainer': trainer.get_state(),
+                 'series': {name: recorder.buf for name, recorder in series.items()},
+                 'loaders': {d: loader.get_state() for d, loader in loaders.items()}}
+        return save_checkpoint(args, iteration, iteration // iterations_per_epoch,
+                               trainer.solvers, state)
 
     stop = StopSignals()
     try:
         while iteration < args.max_epoch * iterations_per_epoch:
             epoch = iteration // iterations_per_epoch
-            for scope, solver in solvers.items():
-                solver.set_learning_rate(learning_rate(
-                    base_rates[scope], epoch, args.lr_decay_start_epoch, args.max_epoch))
+            trainer.set_epoch(epoch)
             progress = tqdm(initial=iteration % iterations_per_epoch, total=iterations_per_epoch,
                             desc='epoch {}/{}'.format(epoch + 1, args.max_epoch),
                             leave=False, dynamic_ncols=True)
             while iteration < (epoch + 1) * iterations_per_epoch:
-                for d in 'xy':
-                    graph.real[d].d, graph.real_masks[d].d = loaders[d].next()
-                train_step(graph, solvers, pools, iteration, args)
-                for d in 'xy':
-                    series['discriminator_loss_' + d].add(
-                        iteration, float(graph.discriminator_losses[d].d))
-                    for name, loss in graph.generator_losses[d].items():
-                        series['{}_{}'.format(name, d)].add(iteration, float(loss.d))
+                batches = {d: loader.next() for d, loader in loaders.items()}
+                losses, _ = trainer.step({d: b[0] for d, b in batches.items()},
+                                         {d: b[1] for d, b in batches.items()}, iteration)
+                for name, value in losses.items():
+                    series[name].add(iteration, value)
                 elapsed.add(iteration)
                 iteration += 1
                 progress.update()
-                progress.set_postfix(G=float(graph.generator_total.d),
-                                     D=float(graph.discriminator_total.d))
+                progress.set_postfix({name: '{:.3g}'.format(losses[name]) for name in
+                                      ['generator_loss_x', 'discriminator_loss_y'] if name in losses})
                 if stop.received:
                     progress.close()
                     raise TrainingStopped('{} at iteration {}: saved {}; continue with --resume'
                                           .format(stop.received, iteration, checkpoint()))
             progress.close()
-            save_tiles(graph, args.monitor_path, epoch + 1)
+            save_translation_tiles(trainer, args.monitor_path, epoch + 1)
             plot_losses(args.monitor_path)
             if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
                 logger.info('epoch {}: saved {}'.format(epoch + 1, checkpoint()))

@@ -75,3 +75,16 @@ def test_context_preserving_loss_is_zero_when_only_instances_change():
     loss = context_preserving_loss(constant(image), constant(masks),
                                    constant(translated), constant(masks))
     assert evaluate(loss) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weights_average_over_the_chosen_samples_only():
+    image = constant(np.zeros((3, 3, 2, 2)))
+    other = np.zeros((3, 3, 2, 2))
+    other[0], other[1], other[2] = 0.3, 0.5, 100.0
+    masks = constant(-np.ones((3, 1, 2, 2)))
+    weights = constant([1.0, 1.0, 0.0])
+    loss = image_and_masks_l1(image, masks, constant(other), masks, weights)
+    # per sample: 12 of 16 elements differ by 0.3 and 0.5; sample 2 is left out
+    assert evaluate(loss) == pytest.approx((0.3 + 0.5) * 12 / 16 / 2)
+    assert evaluate(lsgan_loss(constant(np.zeros((3, 1, 1, 1))), 1.0,
+                               constant([0.0, 0.0, 0.0]))) == 0.0

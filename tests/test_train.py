@@ -40,15 +40,20 @@ def test_learning_rate_is_constant_then_linear_to_zero():
 def test_image_pool_returns_new_fakes_until_full_then_mixes():
     pool = train.ImagePool(size=2, seed=0)
     first = np.zeros((2, 3, 1, 1)), np.zeros((2, 1, 1, 1))
-    images, masks = pool.query(*first)
+    images, masks = pool.query(*first, active=[True, True])
     assert np.all(images == 0) and len(pool.images) == 2
     seen = set()
     for step in range(1, 30):
-        images, _ = pool.query(np.full((1, 3, 1, 1), step), np.full((1, 1, 1, 1), step))
+        images, _ = pool.query(np.full((1, 3, 1, 1), step), np.full((1, 1, 1, 1), step), [True])
         seen.add(float(images[0, 0, 0, 0]))
     assert 0.0 in seen and len(seen) > 3   # old fakes come back, new ones pass through
+    # a sample without translated instances neither enters the pool nor takes a fake from it
+    for _ in range(10):
+        images, _ = pool.query(np.full((1, 3, 1, 1), -5.0), np.full((1, 1, 1, 1), -5.0), [False])
+        assert images[0, 0, 0, 0] == -5.0
+    assert -5.0 not in {float(image[0, 0, 0]) for image in pool.images}
     unpooled = train.ImagePool(size=0, seed=0)
-    assert unpooled.query(*first)[0] is first[0]
+    np.testing.assert_array_equal(unpooled.query(*first, active=[True, True])[0], first[0])
 
 
 def test_two_epochs_write_curves_tiles_and_checkpoints(tmp_path):
@@ -125,8 +130,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train.MaskedImageIterator, 'next', next_with_nan)
     with pytest.raises(SystemExit) as error:
         run(tmp_path, '--max-epoch', '3')
-    # ReLU turns NaN into 0, so the first loss to see the NaN image is the L1 against it
-    assert str(error.value) == ('train.py: reconstruction_loss_x is nan at iteration 10; '
+    assert str(error.value) == ('train.py: generator_loss_x is nan at iteration 10; '
                                 'stopped before updating with it')
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
 
