@@ -54,6 +54,24 @@ def load_mask(path):
     return values > values.max() / 2  # an all-zero mask stays empty
 
 
+def load_resized(image_path, mask_paths, size):
+    """An image and its masks resized to size (H, W): float32 (3, H, W) in [-1, 1] and
+    bool (N, H, W). Also returns the image's own (H, W)."""
+    image = _read_rgb(image_path)
+    masks = [load_mask(path) for path in mask_paths]
+    for path, mask in zip(mask_paths, masks):
+        if mask.shape != (image.height, image.width):
+            raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
+                            f'but its image is {image.width}x{image.height}')
+    height, width = size
+    resized = _to_array(image.resize((width, height), Image.BILINEAR))
+    # Bilinear then threshold gives smoother edges than nearest-neighbour resizing.
+    masks = np.stack([np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
+                                 .resize((width, height), Image.BILINEAR)) >= 128
+                      for mask in masks]) if masks else np.zeros((0, height, width), bool)
+    return resized, masks, (image.height, image.width)
+
+
 def mask_paths(image_path):
     """Instance masks of DIR/NAME.ext: DIR_seg/NAME_0.png, NAME_1.png, ... up to the first gap."""
     image_path = Path(image_path)
@@ -186,18 +204,9 @@ class MaskedImageIterator:
 
     def _load(self, index, top, left, flip, set_order):
         """One (image, masks) sample; set_order None means decreasing area."""
-        image = _read_rgb(self.image_paths[index])
-        masks = [load_mask(path) for path in self.mask_paths[index]]
-        for path, mask in zip(self.mask_paths[index], masks):
-            if mask.shape != (image.height, image.width):
-                raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
-                                f'but its image is {image.width}x{image.height}')
-        (load_h, load_w), (fine_h, fine_w) = self.load_size, self.fine_size
-        image = _to_array(image.resize((load_w, load_h), Image.BILINEAR))
-        # Bilinear then threshold gives smoother edges than nearest-neighbour resizing.
-        masks = np.stack([np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
-                                     .resize((load_w, load_h), Image.BILINEAR)) >= 128
-                          for mask in masks])
+        image, masks, _ = load_resized(self.image_paths[index], self.mask_paths[index],
+                                    self.load_size)
+        fine_h, fine_w = self.fine_size
         rows, cols = slice(top, top + fine_h), slice(left, left + fine_w)
         image, masks = image[:, rows, cols], masks[:, rows, cols]
         if flip:

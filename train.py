@@ -455,6 +455,8 @@ def train(args):
         for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
     trainer = Trainer(args, ins_max)
+    # Checkpoints save args: record the slot counts that actually run, for translate.py.
+    args.ins_max, args.ins_per = ins_max, trainer.ins_per
     logger.info('instance slots per image: {}, translated in {} pass(es) of {}'.format(
         ins_max, trainer.passes, trainer.ins_per))
 
