@@ -33,11 +33,15 @@ def weight_init():
     return I.NormalInitializer(0.02)
 
 
-def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, name='conv'):
+def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, fix_parameters=False,
+                name='conv'):
     with nn.parameter_scope(name):
         weight = nn.parameter.get_parameter_or_create(
             'W', (outmaps, x.shape[1], kernel, kernel), weight_init())
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
+        if fix_parameters:  # same values, but no gradient is computed for them
+            weight = weight.get_unlinked_variable(need_grad=False)
+            bias = bias.get_unlinked_variable(need_grad=False)
         if spectral_norm:
             weight = PF.spectral_norm(weight, dim=0)
     if _blas_convolution:
@@ -148,26 +152,30 @@ def generator_pass(image, pass_masks, ngf=64, n_blocks=9):
     return keep * image_out + (1 - keep) * image, masks_out, active
 
 
-def patch_features(x, ndf, n_layers):
+def patch_features(x, ndf, n_layers, fix_parameters):
     """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
-    h = F.leaky_relu(convolution(x, ndf, 4, stride=2, pad=1, spectral_norm=True, name='conv0'), 0.2)
-    for n in range(1, n_layers):
+    h = x
+    for n in range(n_layers):
         h = convolution(h, ndf * min(2 ** n, 8), 4, stride=2, pad=1, spectral_norm=True,
-                        name='conv{}'.format(n))
-        h = F.leaky_relu(instance_norm(h), 0.2)
+                        fix_parameters=fix_parameters, name='conv{}'.format(n))
+        h = F.leaky_relu(instance_norm(h) if n else h, 0.2)
     return h
 
 
-def discriminator(image, masks, ndf=64, n_layers=3):
-    """LSGAN patch scores (B, 1, h, w) for an image together with its set of instance masks."""
+def discriminator(image, masks, ndf=64, n_layers=3, fix_parameters=False):
+    """LSGAN patch scores (B, 1, h, w) for an image together with its set of instance masks.
+
+    fix_parameters: for the generators' adversarial loss, which needs no gradient of the
+    discriminator's own weights."""
     with nn.parameter_scope('image_features'):
-        image_feature = patch_features(image, ndf, n_layers)
+        image_feature = patch_features(image, ndf, n_layers, fix_parameters)
     with nn.parameter_scope('mask_features'):
         _, set_feature = encode_set(masks, instance_exists(masks),
-                                    lambda x: patch_features(x, ndf, n_layers))
+                                    lambda x: patch_features(x, ndf, n_layers, fix_parameters))
     with nn.parameter_scope('classifier'):
         h = F.concatenate(image_feature, set_feature, axis=1)
         h = convolution(h, 2 * ndf * min(2 ** n_layers, 8), 4, pad=1, spectral_norm=True,
-                        name='conv0')
+                        fix_parameters=fix_parameters, name='conv0')
         h = F.leaky_relu(instance_norm(h), 0.2)
-        return convolution(h, 1, 4, pad=1, spectral_norm=True, name='conv1')
+        return convolution(h, 1, 4, pad=1, spectral_norm=True, fix_parameters=fix_parameters,
+                           name='conv1')

@@ -100,6 +100,12 @@ def check_finite(losses, iteration, args):
             logger.warning(message)
 
 
+def next_batches(loaders):
+    """({domain: images}, {domain: masks}) of the next batch of every domain."""
+    batches = {d: loader.next() for d, loader in loaders.items()}
+    return {d: b[0] for d, b in batches.items()}, {d: b[1] for d, b in batches.items()}
+
+
 class Trainer:
     """The graphs, solvers and image pools of InstaGAN, and one training iteration.
 
@@ -151,7 +157,8 @@ class Trainer:
             graph.held_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
             all_fake_masks = F.concatenate(graph.fake_masks, graph.held_masks, axis=1)
         with nn.parameter_scope('discriminator_' + target):
-            scores = models.discriminator(graph.fake, all_fake_masks, args.ndf, args.n_layers_D)
+            scores = models.discriminator(graph.fake, all_fake_masks, args.ndf, args.n_layers_D,
+                                          fix_parameters=True)
         graph.losses = {
             'generator_loss': lsgan_loss(scores, 1.0, active),
             'reconstruction_loss': image_and_masks_l1(graph.rec, graph.rec_masks, graph.image,
@@ -438,6 +445,18 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def make_loaders(args):
+    """The slot count (--ins-max capped at the most instances any image has) and one
+    independently shuffled iterator per domain: x reads trainA, y trainB."""
+    ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
+    loaders = {domain: MaskedImageIterator(
+        args.dataroot, 'train', letter, args.batch_size,
+        load_size=(args.loadSizeH, args.loadSizeW), fine_size=(args.fineSizeH, args.fineSizeW),
+        ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
+        for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
+    return ins_max, loaders
+
+
 def train(args):
     check_sizes(args)
     nn.set_default_context(get_context(args))
@@ -447,12 +466,7 @@ def train(args):
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
 
-    ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
-    loaders = {domain: MaskedImageIterator(
-        args.dataroot, 'train', letter, args.batch_size,
-        load_size=(args.loadSizeH, args.loadSizeW), fine_size=(args.fineSizeH, args.fineSizeW),
-        ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
-        for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
+    ins_max, loaders = make_loaders(args)
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
     trainer = Trainer(args, ins_max)
     # Checkpoints save args: record the slot counts that actually run, for translate.py.
@@ -491,9 +505,7 @@ def train(args):
                             desc='epoch {}/{}'.format(epoch + 1, args.max_epoch),
                             leave=False, dynamic_ncols=True)
             while iteration < (epoch + 1) * iterations_per_epoch:
-                batches = {d: loader.next() for d, loader in loaders.items()}
-                losses, _ = trainer.step({d: b[0] for d, b in batches.items()},
-                                         {d: b[1] for d, b in batches.items()}, iteration)
+                losses, _ = trainer.step(*next_batches(loaders), iteration)
                 for name, value in losses.items():
                     series[name].add(iteration, value)
                 elapsed.add(iteration)
