@@ -1,6 +1,8 @@
 """Build an InstaGAN dataset (e.g. jeans <-> skirt) from Clothing Co-Parsing (CCP).
 
     python datasets/generate_ccp_dataset.py --data_root datasets/clothing-co-parsing
+    python datasets/generate_ccp_dataset.py --cat1 shoes --cat2 boots --split-instances \
+                                            --save_root datasets/shoes2boots_ccp
 
 Output layout, with A = --cat1 and B = --cat2:
 
@@ -8,9 +10,12 @@ Output layout, with A = --cat1 and B = --cat2:
     trainB/NAME.png, trainB_seg/NAME_0.png   the category; the mask is 255 on it, 0 elsewhere
     valA/NAME.png, valB/NAME.png             photos whose image-level tags contain the category
 
-CCP labels each pixel with one category, so a category gives exactly one instance mask per
-photo. Everything is written to a hidden sibling folder that is renamed into place at the end,
-so an interrupted run never leaves a half-written dataset behind.
+CCP labels each pixel with one category, so by default a category gives exactly one instance
+mask per photo: its whole region. With --split-instances every 8-connected component of the
+region that covers at least --min-instance-area of the photo becomes an instance of its own
+(NAME_0.png, NAME_1.png, ... in scan order), e.g. each shoe of a pair; training photos with
+no component left are skipped. Everything is written to a hidden sibling folder that is
+renamed into place at the end, so an interrupted run never leaves a half-written dataset behind.
 """
 import argparse
 import os
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+import scipy.ndimage
 from PIL import Image
 from tqdm import tqdm
 
@@ -67,10 +73,21 @@ def check_layout(data_root):
                                f'at {data_root})')
 
 
-def export_pixel_level(annotation_path, photos, out, targets):
-    """Save photo and mask into train{domain} for every (domain, label) of `targets` present."""
+def instance_masks(region, split_instances, min_instance_area):
+    """A category's bool region as a list of instance masks, empty if nothing is left."""
+    if not split_instances:
+        return [region] if region.any() else []
+    components, count = scipy.ndimage.label(region, structure=np.ones((3, 3), bool))
+    areas = np.bincount(components.ravel(), minlength=count + 1) / region.size
+    return [components == index for index in range(1, count + 1)
+            if areas[index] >= min_instance_area]
+
+
+def export_pixel_level(annotation_path, photos, out, targets, split_instances, min_instance_area):
+    """Save photo and masks into train{domain} for every (domain, label) of `targets` present."""
     labels = load_mat(annotation_path, 'groundtruth')
-    found = [(domain, label) for domain, label in targets if (labels == label).any()]
+    found = [(domain, masks) for domain, label in targets
+             if (masks := instance_masks(labels == label, split_instances, min_instance_area))]
     if found:
         name = annotation_path.stem
         photo = load_photo(photos / f'{name}.jpg')
@@ -78,10 +95,11 @@ def export_pixel_level(annotation_path, photos, out, targets):
             height, width = labels.shape
             raise DatasetError(f'{annotation_path}: annotation is {width}x{height} '
                                f'but its photo is {photo.width}x{photo.height}')
-        for domain, label in found:
+        for domain, masks in found:
             photo.save(out / f'train{domain}' / f'{name}.png')
-            mask = Image.fromarray(np.where(labels == label, 255, 0).astype(np.uint8))
-            mask.save(out / f'train{domain}_seg' / f'{name}_0.png')
+            for index, mask in enumerate(masks):
+                mask = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+                mask.save(out / f'train{domain}_seg' / f'{name}_{index}.png')
     return [domain for domain, _ in found]
 
 
@@ -110,7 +128,8 @@ def run_export(pool, export, annotations, description):
     return counts
 
 
-def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2):
+def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
+             split_instances=False, min_instance_area=0.002):
     """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}."""
     data_root, save_root = Path(data_root), Path(save_root)
     check_layout(data_root)
@@ -122,6 +141,9 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
                                f'valid categories: {", ".join(categories)}')
     if cat1 == cat2:
         raise DatasetError(f'cat1 and cat2 are both {cat1!r}; they must differ')
+    if not 0 <= min_instance_area < 1:
+        raise DatasetError(f'min_instance_area {min_instance_area} must be in [0, 1): '
+                           'a fraction of the photo area')
     if save_root.exists() and not overwrite:
         raise DatasetError(f'{save_root}: already exists; pass --overwrite to replace it')
 
@@ -136,7 +158,9 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
             (out / folder).mkdir(parents=True)
         export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
         with Pool(workers, initializer=leave_signals_to_main_process) as pool:
-            train = run_export(pool, partial(export_pixel_level, **export_args),
+            train = run_export(pool, partial(export_pixel_level, **export_args,
+                                             split_instances=split_instances,
+                                             min_instance_area=min_instance_area),
                                annotations / 'pixel-level', 'train (pixel-level)')
             val = run_export(pool, partial(export_image_level, **export_args),
                              annotations / 'image-level', 'val (image-level)')
@@ -154,12 +178,17 @@ def main():
     parser.add_argument('--cat2', default='skirt', help='category of domain B')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing save_root')
     parser.add_argument('--workers', type=int, default=2, help='worker processes')
+    parser.add_argument('--split-instances', action='store_true',
+                        help='one instance per connected component instead of per category')
+    parser.add_argument('--min-instance-area', type=float, default=0.002,
+                        help='with --split-instances, drop components smaller than this '
+                             'fraction of the photo area')
     args = parser.parse_args()
     # Let `kill` unwind like Ctrl-C does, so the staging folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit('generate_ccp_dataset.py: terminated'))
     try:
-        counts = generate(args.data_root, args.save_root, args.cat1, args.cat2,
-                          args.overwrite, args.workers)
+        counts = generate(args.data_root, args.save_root, args.cat1, args.cat2, args.overwrite,
+                          args.workers, args.split_instances, args.min_instance_area)
     except DatasetError as error:
         sys.exit(f'generate_ccp_dataset.py: {error}')
     print(f'{args.save_root}:', ', '.join(f'{folder} {count}' for folder, count in counts.items()))

@@ -10,6 +10,7 @@ from data import (DataError, MaskedImageIterator, count_max_instances, load_imag
                   mask_paths)
 
 SAMPLE = Path(__file__).resolve().parents[1] / 'datasets' / 'ccp_sample'
+MULTI_SAMPLE = SAMPLE.with_name('ccp_multi_sample')
 
 
 def save_example(root, folder, name, image, masks):
@@ -309,3 +310,22 @@ def test_bundled_sample_loads():
         val_images = sorted((SAMPLE / f'val{domain}').glob('*.png'))
         assert len(val_images) == 4
         assert all(load_image(path).shape == (3, 330, 220) for path in val_images)
+
+
+def test_bundled_multi_sample_has_several_instances_per_image():
+    assert count_max_instances(MULTI_SAMPLE) == 3
+    for domain in 'AB':
+        mask_counts = [len(mask_paths(path))
+                       for path in sorted((MULTI_SAMPLE / f'train{domain}').glob('*.png'))]
+        # One batch of the whole folder, uncropped, so every instance slot is seen at load size.
+        with MaskedImageIterator(MULTI_SAMPLE, 'train', domain, len(mask_counts),
+                                 fine_size=(330, 220), ins_max=4) as iterator:
+            images, masks = iterator.next()
+        assert images.shape == (6, 3, 330, 220) and masks.shape == (6, 4, 330, 220)
+        filled_slots = (masks == 1).any(axis=(2, 3)).sum(axis=1)
+        assert sorted(filled_slots) == sorted(mask_counts)  # no instance vanished
+        assert (filled_slots >= 2).all()
+        val_images = sorted((MULTI_SAMPLE / f'val{domain}').glob('*.png'))
+        assert len(val_images) == 2
+        assert all(load_image(path).shape == (3, 330, 220) for path in val_images)
+    assert (MULTI_SAMPLE / 'LICENSE').read_bytes() == (SAMPLE / 'LICENSE').read_bytes()

@@ -18,10 +18,12 @@ HEIGHT, WIDTH = 12, 8
 
 
 def label_map(*regions):
-    """Label map with `label` on rows [start, stop) for each (label, start, stop)."""
+    """Label map with `label` on rows [top, bottom) and columns [left, right), all columns if
+    left and right are omitted, for each (label, top, bottom[, left, right])."""
     labels = np.zeros((HEIGHT, WIDTH), np.uint8)
-    for label, start, stop in regions:
-        labels[start:stop] = label
+    for label, top, bottom, *columns in regions:
+        left, right = columns or (0, WIDTH)
+        labels[top:bottom, left:right] = label
     return labels
 
 
@@ -34,23 +36,36 @@ PIXEL_LEVEL = {
 }
 IMAGE_LEVEL = {'0005': [0, 3, JEANS], '0006': [SKIRT, 1], '0007': [1, 3]}
 
+# For --split-instances with --min-instance-area 0.05, i.e. components of 5 of the 96 pixels
+TWO_BLOBS = [(0, 3, 0, 3), (6, 9, 4, 8)]  # (top, bottom, left, right)
+SPLIT_PIXEL_LEVEL = {
+    '0001': label_map(*[(JEANS, *box) for box in TWO_BLOBS], (JEANS, 11, 12, 0, 1)),  # + a speck
+    '0002': label_map((JEANS, 0, 3, 0, 3), (JEANS, 3, 6, 3, 6)),  # touch at a corner: one blob
+    '0003': label_map((JEANS, 0, 2, 0, 2)),  # 4 pixels only
+    '0004': label_map((SKIRT, 4, 8)),
+}
 
-@pytest.fixture
-def ccp(tmp_path):
-    root = tmp_path / 'ccp'
+
+def write_ccp(root, pixel_level, image_level):
+    """A CCP look-alike with random photos for the given label maps and tags."""
     for folder in ['photos', 'annotations/pixel-level', 'annotations/image-level']:
         (root / folder).mkdir(parents=True)
     scipy.io.savemat(root / 'label_list.mat', {'label_list': np.array([LABELS], dtype=object)})
     rng = np.random.RandomState(0)
-    for name in [*PIXEL_LEVEL, *IMAGE_LEVEL]:
+    for name in [*pixel_level, *image_level]:
         pixels = rng.randint(0, 256, (HEIGHT, WIDTH, 3)).astype(np.uint8)
         Image.fromarray(pixels).save(root / 'photos' / f'{name}.jpg')
-    for name, labels in PIXEL_LEVEL.items():
+    for name, labels in pixel_level.items():
         scipy.io.savemat(root / 'annotations/pixel-level' / f'{name}.mat', {'groundtruth': labels})
-    for name, tags in IMAGE_LEVEL.items():
+    for name, tags in image_level.items():
         scipy.io.savemat(root / 'annotations/image-level' / f'{name}.mat',
                          {'tags': np.array([tags], np.uint8)})
     return root
+
+
+@pytest.fixture
+def ccp(tmp_path):
+    return write_ccp(tmp_path / 'ccp', PIXEL_LEVEL, IMAGE_LEVEL)
 
 
 def run_cli(*args):
@@ -69,6 +84,10 @@ def assert_one_line_error(result, *fragments):
 
 def names(folder):
     return sorted(path.name for path in folder.iterdir())
+
+
+def read_mask(path):
+    return np.asarray(Image.open(path)) == 255
 
 
 def test_generates_train_and_val_folders(ccp, tmp_path):
@@ -152,3 +171,39 @@ def test_failure_keeps_the_previous_dataset(ccp, tmp_path):
         generate(ccp, save_root, overwrite=True)
     assert names(save_root / 'trainA') == ['0001.png', '0003.png']
     assert names(tmp_path) == ['ccp', 'out']
+
+
+def test_split_instances_writes_one_mask_per_component(tmp_path):
+    ccp = write_ccp(tmp_path / 'ccp', SPLIT_PIXEL_LEVEL, {})
+    save_root = tmp_path / 'out'
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--split-instances',
+                     '--min-instance-area', 0.05)
+    assert result.returncode == 0, result.stderr
+    assert 'trainA 2, trainB 1' in result.stdout
+
+    assert names(save_root / 'trainA') == ['0001.png', '0002.png']  # 0003 has no blob left
+    assert names(save_root / 'trainA_seg') == ['0001_0.png', '0001_1.png', '0002_0.png']
+    for index, box in enumerate(TWO_BLOBS):  # in scan order, without the speck
+        np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / f'0001_{index}.png'),
+                                      label_map((JEANS, *box)) == JEANS)
+    np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / '0002_0.png'),
+                                  SPLIT_PIXEL_LEVEL['0002'] == JEANS)
+    assert names(save_root / 'trainB_seg') == ['0004_0.png']
+
+
+def test_without_split_each_region_stays_one_mask(tmp_path):
+    save_root = tmp_path / 'out'
+    counts = generate(write_ccp(tmp_path / 'ccp', SPLIT_PIXEL_LEVEL, {}), save_root)
+    assert counts == {'trainA': 3, 'trainB': 1, 'valA': 0, 'valB': 0}
+    for name in ['0001', '0002', '0003']:
+        np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / f'{name}_0.png'),
+                                      SPLIT_PIXEL_LEVEL[name] == JEANS)
+    assert names(save_root / 'trainA_seg') == ['0001_0.png', '0002_0.png', '0003_0.png']
+
+
+@pytest.mark.parametrize('area', ['-0.1', '1.0'])
+def test_min_instance_area_must_be_a_fraction(ccp, tmp_path, area):
+    result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', '--split-instances',
+                     '--min-instance-area', area)
+    assert_one_line_error(result, 'min_instance_area', area)
+    assert names(tmp_path) == ['ccp']
