@@ -268,21 +268,24 @@ class Trainer:
             pool.set_state(state[d])
 
 
+def cuda_installed():
+    try:
+        import nnabla_ext.cuda  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def get_context(args):
     if args.context is None:
-        try:
-            import nnabla_ext.cuda  # noqa: F401
-            args.context = 'cudnn'
-        except ImportError:
-            args.context = 'cpu'
+        args.context = 'cudnn' if cuda_installed() else 'cpu'
         logger.info('context: {} (from what is installed; choose with --context)'.format(
             args.context))
-    try:
-        return get_extension_context(args.context, device_id=args.device_id,
-                                     type_config=args.type_config)
-    except ImportError:
-        raise ConfigError('--context {} needs nnabla-ext-cuda, which is not installed '
-                          '(pip install -r requirements-cuda.txt)'.format(args.context))
+    elif args.context == 'cudnn' and not cuda_installed():
+        raise ConfigError('--context cudnn needs nnabla-ext-cuda, which is not installed '
+                          '(pip install -r requirements-cuda.txt)')
+    return get_extension_context(args.context, device_id=args.device_id,
+                                 type_config=args.type_config)
 
 
 def check_sizes(args):
@@ -290,6 +293,12 @@ def check_sizes(args):
         if getattr(args, name) % 4:
             raise ConfigError('--{} {} is not a multiple of 4, which the generator needs'.format(
                 name, getattr(args, name)))
+        # Each stride-2 layer of the discriminator halves the size; its last two 4x4
+        # convolutions take one pixel each.
+        smallest = 3 * 2 ** args.n_layers_D
+        if getattr(args, name) < smallest:
+            raise ConfigError('--{} {} is too small for --n-layers-D {} (at least {})'.format(
+                name, getattr(args, name), args.n_layers_D, smallest))
     if args.fineSizeH > args.loadSizeH or args.fineSizeW > args.loadSizeW:
         raise ConfigError('fine size {}x{} is larger than load size {}x{}'.format(
             args.fineSizeH, args.fineSizeW, args.loadSizeH, args.loadSizeW))
@@ -448,6 +457,9 @@ class StopSignals:
 def make_loaders(args):
     """The slot count (--ins-max capped at the most instances any image has) and one
     independently shuffled iterator per domain: x reads trainA, y trainB."""
+    if not os.path.isdir(args.dataroot):
+        raise DataError('{}: dataset folder not found (datasets/generate_ccp_dataset.py makes '
+                        'one)'.format(args.dataroot))
     ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
     loaders = {domain: MaskedImageIterator(
         args.dataroot, 'train', letter, args.batch_size,
@@ -461,12 +473,11 @@ def train(args):
     check_sizes(args)
     nn.set_default_context(get_context(args))
     models.use_blas_convolution(args.context == 'cpu' and args.cpu_conv == 'blas')
-    check_writable(args.monitor_path)
-    check_writable(args.model_save_path)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
-
-    ins_max, loaders = make_loaders(args)
+    ins_max, loaders = make_loaders(args)  # checks the dataset before anything is written
+    check_writable(args.monitor_path)
+    check_writable(args.model_save_path)
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
     trainer = Trainer(args, ins_max)
     # Checkpoints save args: record the slot counts that actually run, for translate.py.
