@@ -14,6 +14,8 @@ import nnabla.functions as F
 import nnabla.initializer as I
 import nnabla.parametric_functions as PF
 
+import blas_conv
+
 _blas_convolution = False
 
 
@@ -45,7 +47,6 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, fix_pa
         if spectral_norm:
             weight = PF.spectral_norm(weight, dim=0)
     if _blas_convolution:
-        import blas_conv
         return blas_conv.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
     return F.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
 
@@ -57,7 +58,6 @@ def upsample(x, outmaps, name='deconv'):
             'W', (x.shape[1], outmaps, 3, 3), weight_init())
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
     if _blas_convolution:
-        import blas_conv
         return blas_conv.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
                                        output_padding=(1, 1))
     return F.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2), output_padding=(1, 1))

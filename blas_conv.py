@@ -1,0 +1,277 @@
+"""Convolution and transposed convolution for CPU training, backed by numpy BLAS.
+
+NNabla's CPU convolution kernels are single-threaded and reach only about
+15-25 GFLOP/s, which makes training InstaGAN on a CPU impractically slow.
+`convolution` and `deconvolution` below are drop-in replacements for
+`F.convolution` / `F.deconvolution` (NCHW, group 1, no dilation) that lower
+every pass to float32 GEMMs, which numpy hands to its multithreaded BLAS.
+
+Memory: a full im2col matrix can be huge (7x7 kernel, 192 channels, 300x200:
+2.2 GB), so it is only ever built a few output rows at a time, in a buffer
+of at most `_CHUNK_FLOATS` floats.
+
+Stride-1 layers that shrink the channel count (e.g. the generator's last
+7x7 conv, 192 -> 1) lower to a much smaller matrix when computed as the
+equivalent transposed convolution with a rotated kernel (the "dual" form),
+so each pass picks whichever of the two forms has the smaller matrix.
+"""
+import numpy as np
+from nnabla.function import PythonFunction
+from numpy.lib.stride_tricks import sliding_window_view
+
+# 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
+# far below the training step's memory budget.
+_CHUNK_FLOATS = 1 << 22
+
+
+def _padded(image, pad):
+    ph, pw = pad
+    if ph == pw == 0:
+        return image
+    return np.pad(image, ((0, 0), (ph, ph), (pw, pw)))
+
+
+def _conv_out_hw(in_hw, kernel_hw, pad, stride):
+    return tuple((n + 2 * p - k) // s + 1
+                 for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
+
+
+def _windows(image, kernel_hw, stride, writeable=False):
+    """(C, kh, kw, Ho, Wo) view of a padded image (C, H, W): im2col without copying."""
+    view = sliding_window_view(image, kernel_hw, axis=(1, 2), writeable=writeable)
+    return view[:, ::stride[0], ::stride[1]].transpose(0, 3, 4, 1, 2)
+
+
+def _row_chunks(col_rows, out_hw):
+    """Split output rows into chunks whose im2col matrix fits in _CHUNK_FLOATS.
+
+    Returns [(r0, r1), ...] and a flat buffer big enough for any chunk.
+    """
+    out_h, out_w = out_hw
+    step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
+    chunks = [(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
+    return chunks, np.empty(col_rows * min(step, out_h) * out_w, np.float32)
+
+
+def _im2col_chunks(xpad, kernel_hw, stride, out_hw):
+    """Yield (r0, r1, col): col is the (C*kh*kw, (r1-r0)*Wo) im2col matrix of
+    output rows r0:r1. col lives in a buffer reused by the next chunk."""
+    channels, out_w = xpad.shape[0], out_hw[1]
+    col_rows = channels * kernel_hw[0] * kernel_hw[1]
+    win = _windows(xpad, kernel_hw, stride)
+    chunks, buf = _row_chunks(col_rows, out_hw)
+    for r0, r1 in chunks:
+        col = buf[:col_rows * (r1 - r0) * out_w].reshape(channels, *kernel_hw, r1 - r0, out_w)
+        np.copyto(col, win[:, :, :, r0:r1])
+        yield r0, r1, col.reshape(col_rows, -1)
+
+
+def _im2col_conv(x, w, pad, stride):
+    out_ch = w.shape[0]
+    out_h, out_w = _conv_out_hw(x.shape[1:], w.shape[2:], pad, stride)
+    y = np.empty((out_ch, out_h * out_w), np.float32)
+    w_mat = w.reshape(out_ch, -1)
+    for r0, r1, col in _im2col_chunks(_padded(x, pad), w.shape[2:], stride, (out_h, out_w)):
+        np.matmul(w_mat, col, out=y[:, r0 * out_w:r1 * out_w])
+    return y.reshape(out_ch, out_h, out_w)
+
+
+def _im2col_weight_grad(x, dy, kernel_hw, pad, stride):
+    out_ch, out_h, out_w = dy.shape
+    dy_mat = dy.reshape(out_ch, -1)
+    dw = np.zeros((out_ch, x.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
+    for r0, r1, col in _im2col_chunks(_padded(x, pad), kernel_hw, stride, (out_h, out_w)):
+        dw += dy_mat[:, r0 * out_w:r1 * out_w] @ col.T
+    return dw.reshape(out_ch, x.shape[0], *kernel_hw)
+
+
+def _col2im_input_grad(dy, w, pad, stride, x_hw):
+    out_ch, in_ch, kh, kw = w.shape
+    out_h, out_w = dy.shape[1:]
+    (h, wd), (ph, pw) = x_hw, pad
+    dxpad = np.zeros((in_ch, h + 2 * ph, wd + 2 * pw), np.float32)
+    # Writing through a window view is safe for one fixed (i, j): it hits
+    # each pixel at most once. Different (i, j) overlap, hence the loop.
+    win = _windows(dxpad, (kh, kw), stride, writeable=True)
+    w_mat_t = w.reshape(out_ch, -1).T
+    dy_mat = dy.reshape(out_ch, -1)
+    col_rows = in_ch * kh * kw
+    chunks, buf = _row_chunks(col_rows, (out_h, out_w))
+    for r0, r1 in chunks:
+        dcol = buf[:col_rows * (r1 - r0) * out_w].reshape(col_rows, -1)
+        np.matmul(w_mat_t, dy_mat[:, r0 * out_w:r1 * out_w], out=dcol)
+        dcol = dcol.reshape(in_ch, kh, kw, r1 - r0, out_w)
+        for i in range(kh):
+            for j in range(kw):
+                win[:, i, j, r0:r1] += dcol[:, i, j]
+    return dxpad[:, ph:ph + h, pw:pw + wd]
+
+
+# A stride-1 conv with weight w and pad p equals the transposed conv with
+# weight _rotated(w) and pad k-1-p. Each pass of the direct form lowers to a
+# matrix of in_ch*kh*kw rows by |y| columns; in the dual form x and y swap
+# roles (out_ch*kh*kw by |x|), so the dual wins when out_ch*|x| < in_ch*|y|.
+
+def _rotated(w):
+    return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+
+
+def _dual_pad(kernel_hw, pad):
+    return tuple(k - 1 - p for k, p in zip(kernel_hw, pad))
+
+
+def _use_dual(w_shape, x_hw, pad, stride):
+    out_ch, in_ch, kh, kw = w_shape
+    y_hw = _conv_out_hw(x_hw, (kh, kw), pad, stride)
+    return (stride == (1, 1) and pad[0] < kh and pad[1] < kw
+            and out_ch * x_hw[0] * x_hw[1] < in_ch * y_hw[0] * y_hw[1])
+
+
+def _conv(x, w, pad, stride):
+    if _use_dual(w.shape, x.shape[1:], pad, stride):
+        y_hw = _conv_out_hw(x.shape[1:], w.shape[2:], pad, stride)
+        return _col2im_input_grad(x, _rotated(w), _dual_pad(w.shape[2:], pad), stride, y_hw)
+    return _im2col_conv(x, w, pad, stride)
+
+
+def _conv_input_grad(dy, w, pad, stride, x_hw):
+    if _use_dual(w.shape, x_hw, pad, stride):
+        return _im2col_conv(dy, _rotated(w), _dual_pad(w.shape[2:], pad), stride)
+    return _col2im_input_grad(dy, w, pad, stride, x_hw)
+
+
+def _conv_weight_grad(x, dy, kernel_hw, pad, stride):
+    w_shape = (dy.shape[0], x.shape[0]) + tuple(kernel_hw)
+    if _use_dual(w_shape, x.shape[1:], pad, stride):
+        return _rotated(_im2col_weight_grad(dy, x, kernel_hw, _dual_pad(kernel_hw, pad), stride))
+    return _im2col_weight_grad(x, dy, kernel_hw, pad, stride)
+
+
+def _store(dst, value, accum):
+    if accum:
+        dst += value
+    else:
+        dst[...] = value
+
+
+class _BlasConvolution(PythonFunction):
+    """y = conv(x, w) + b, or with `transposed` y = conv^T(x, w) + b (F.deconvolution).
+
+    Inputs are (x, w) or (x, w, b). A deconvolution is the adjoint of the
+    convolution with the same weight, so its three passes are the
+    convolution's passes with the roles of input and output swapped.
+    Batches are processed one image at a time so that every temporary is
+    only single-image sized.
+    """
+
+    def __init__(self, pad, stride, transposed, output_padding=(0, 0)):
+        super().__init__()
+        self._pad = tuple(pad)
+        self._stride = tuple(stride)
+        self._transposed = transposed
+        self._output_padding = tuple(output_padding)
+
+    @property
+    def name(self):
+        return "BlasDeconvolution" if self._transposed else "BlasConvolution"
+
+    def min_outputs(self):
+        return 1
+
+    def setup_impl(self, inputs, outputs):
+        batch, _, h, w = inputs[0].shape
+        w_shape = inputs[1].shape
+        if self._transposed:
+            out_hw = tuple(s * (n - 1) - 2 * p + k + op for n, k, p, s, op in zip(
+                (h, w), w_shape[2:], self._pad, self._stride, self._output_padding))
+            out_ch = w_shape[1]
+        else:
+            out_hw = _conv_out_hw((h, w), w_shape[2:], self._pad, self._stride)
+            out_ch = w_shape[0]
+        outputs[0].reset_shape((batch, out_ch) + out_hw, True)
+
+    def _image_forward(self, x, w, y_hw):
+        if self._transposed:
+            return _conv_input_grad(x, w, self._pad, self._stride, y_hw)
+        return _conv(x, w, self._pad, self._stride)
+
+    def _image_input_grad(self, dy, w, x_hw):
+        if self._transposed:
+            return _conv(dy, w, self._pad, self._stride)
+        return _conv_input_grad(dy, w, self._pad, self._stride, x_hw)
+
+    def _image_weight_grad(self, x, dy, kernel_hw):
+        if self._transposed:
+            return _conv_weight_grad(dy, x, kernel_hw, self._pad, self._stride)
+        return _conv_weight_grad(x, dy, kernel_hw, self._pad, self._stride)
+
+    def forward_impl(self, inputs, outputs):
+        x, w = inputs[0].data.data, inputs[1].data.data
+        y = outputs[0].data.data
+        for x_img, y_img in zip(x, y):
+            y_img[...] = self._image_forward(x_img, w, y.shape[2:])
+        if len(inputs) == 3:
+            y += inputs[2].data.data.reshape(-1, 1, 1)
+
+    def backward_impl(self, inputs, outputs, propagate_down, accum):
+        dy = outputs[0].grad.data
+        if propagate_down[0]:
+            w, dx = inputs[1].data.data, inputs[0].grad.data
+            for dy_img, dx_img in zip(dy, dx):
+                _store(dx_img, self._image_input_grad(dy_img, w, dx.shape[2:]), accum[0])
+        if propagate_down[1]:
+            x, kernel_hw = inputs[0].data.data, inputs[1].shape[2:]
+            dw = sum(self._image_weight_grad(x_img, dy_img, kernel_hw)
+                     for x_img, dy_img in zip(x, dy))
+            _store(inputs[1].grad.data, dw, accum[1])
+        if len(inputs) == 3 and propagate_down[2]:
+            _store(inputs[2].grad.data, dy.sum(axis=(0, 2, 3)), accum[2])
+
+    def grad_depends_output_data(self, i, o):
+        return False
+
+    def grad_depends_input_data(self, i, j):
+        # dx needs w, dw needs x, db needs neither.
+        return (i, j) in ((0, 1), (1, 0))
+
+
+def _pair(name, value, minimum):
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(not isinstance(v, (int, np.integer)) or v < minimum for v in value):
+        raise ValueError(f"{name} must be two integers >= {minimum}, got {value!r}")
+    return tuple(value)
+
+
+def _check_args(x, weight, bias, x_channel_axis, out_channel_axis):
+    if len(x.shape) != 4 or len(weight.shape) != 4:
+        raise ValueError("only 2-D NCHW inputs (x 4-D, weight 4-D) are supported, got "
+                         f"x {x.shape}, weight {weight.shape}")
+    if weight.shape[x_channel_axis] != x.shape[1]:
+        raise ValueError(f"weight {weight.shape} does not match {x.shape[1]} input channels "
+                         "(grouped convolution is not supported)")
+    out_ch = weight.shape[out_channel_axis]
+    if bias is not None and tuple(bias.shape) != (out_ch,):
+        raise ValueError(f"bias must have shape ({out_ch},), got {bias.shape}")
+
+
+def convolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1)):
+    """Same as F.convolution(x, weight, bias, base_axis=1, pad=pad, stride=stride)."""
+    _check_args(x, weight, bias, x_channel_axis=1, out_channel_axis=0)
+    pad, stride = _pair("pad", pad, 0), _pair("stride", stride, 1)
+    if min(_conv_out_hw(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
+        raise ValueError(f"kernel {weight.shape[2:]} does not fit into padded input {x.shape}")
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return _BlasConvolution(pad, stride, transposed=False)(*inputs)
+
+
+def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_padding=(0, 0)):
+    """Same as F.deconvolution(x, weight, bias, base_axis=1, pad=pad, stride=stride,
+    output_padding=output_padding); weight is (in channels, out channels, kh, kw)."""
+    _check_args(x, weight, bias, x_channel_axis=0, out_channel_axis=1)
+    pad, stride = _pair("pad", pad, 0), _pair("stride", stride, 1)
+    output_padding = _pair("output_padding", output_padding, 0)
+    if any(op >= s for op, s in zip(output_padding, stride)):
+        raise ValueError(f"output_padding {output_padding} must be smaller than stride {stride}")
+    if min(s * (n - 1) - 2 * p + k for n, k, p, s in zip(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
+        raise ValueError(f"pad {pad} is too large for input {x.shape} and kernel {weight.shape[2:]}")
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return _BlasConvolution(pad, stride, transposed=True, output_padding=output_padding)(*inputs)

@@ -1,0 +1,158 @@
+"""blas_conv must match F.convolution / F.deconvolution: output and all gradients."""
+import os
+import sys
+from functools import partial
+
+import numpy as np
+import pytest
+
+import nnabla as nn
+import nnabla.functions as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import blas_conv  # noqa: E402
+
+# (in_ch, out_ch, kernel, pad, stride, output_padding, (h, w)), as used by the models.
+CONV_CONFIGS = [
+    (3, 8, 7, 0, 1, None, (15, 13)),     # generator stem on a reflect-padded image
+    (12, 3, 7, 0, 1, None, (37, 25)),    # generator head (fewer outputs: dual form)
+    (8, 1, 7, 0, 1, None, (16, 14)),
+    (6, 10, 3, 1, 2, None, (37, 25)),    # downsampling
+    (9, 9, 3, 0, 1, None, (11, 9)),      # residual block on a reflect-padded map
+    (4, 8, 4, 1, 2, None, (17, 12)),     # discriminator
+    (8, 16, 4, 1, 1, None, (9, 7)),
+    (16, 1, 4, 1, 1, None, (9, 8)),      # discriminator head (dual form)
+]
+DECONV_CONFIGS = [
+    (12, 6, 3, 1, 2, 1, (9, 7)),         # upsampling
+    (16, 5, 3, 1, 2, 1, (10, 13)),
+]
+CONFIGS = CONV_CONFIGS + DECONV_CONFIGS
+
+
+def _outputs_and_grads(func, x, w, b, two_branches):
+    """Run func(x, w, b) through nnabla forward/backward; return [y, dx, dw, db].
+
+    The function gets intermediates rather than leaves, so clearing buffers
+    drops any input data it forgets to declare as needed by its backward.
+    With `two_branches` it is called twice on the same inputs, so the second
+    backward call must accumulate into the gradients (accum=True).
+    """
+    leaves = [nn.Variable.from_numpy_array(a, need_grad=True) for a in (x, w, b) if a is not None]
+    x_in, w_in, b_in = [v * 1.0 for v in leaves] + [None] * (3 - len(leaves))
+    y = func(x_in, w_in, b_in)
+    y.persistent = True  # keep its data for the comparison
+    # Non-uniform output gradient so every gradient path is actually checked.
+    dy = np.random.RandomState(1).randn(*y.shape).astype(np.float32)
+    loss = F.sum(y * nn.Variable.from_numpy_array(dy))
+    if two_branches:
+        loss = loss + F.sum(F.tanh(func(x_in, w_in, b_in)))
+    for v in leaves:
+        v.grad.zero()
+    loss.forward(clear_no_need_grad=True)
+    loss.backward(clear_buffer=True)
+    return [y.d.copy()] + [v.g.copy() for v in leaves]
+
+
+def _nnabla_and_blas(in_ch, out_ch, k, pad, stride, output_padding, hw, batch, use_bias, two_branches):
+    rng = np.random.RandomState(0)
+    transposed = output_padding is not None
+    x = rng.randn(batch, in_ch, *hw).astype(np.float32)
+    w_shape = (in_ch, out_ch, k, k) if transposed else (out_ch, in_ch, k, k)
+    w = (rng.randn(*w_shape) / np.sqrt(in_ch * k * k)).astype(np.float32)
+    b = rng.randn(out_ch).astype(np.float32) if use_bias else None
+    kwargs = dict(pad=(pad, pad), stride=(stride, stride))
+    if transposed:
+        kwargs["output_padding"] = (output_padding, output_padding)
+        ref, ours = F.deconvolution, blas_conv.deconvolution
+    else:
+        ref, ours = F.convolution, blas_conv.convolution
+    return (_outputs_and_grads(partial(ref, **kwargs), x, w, b, two_branches),
+            _outputs_and_grads(partial(ours, **kwargs), x, w, b, two_branches))
+
+
+def _assert_close(expected, actual):
+    for name, e, a in zip(["y", "dx", "dw", "db"], expected, actual):
+        assert a.shape == e.shape, name
+        scale = max(1.0, float(np.abs(e).max()))
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_nnabla(config, batch):
+    _assert_close(*_nnabla_and_blas(*config, batch=batch, use_bias=True, two_branches=False))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_row_chunking(config, monkeypatch):
+    # A tiny chunk budget splits even these small maps into several row
+    # chunks, most with a shorter last chunk.
+    monkeypatch.setattr(blas_conv, "_CHUNK_FLOATS", 2000)
+    _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=False))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_accumulates_gradients(config):
+    _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
+
+
+@pytest.mark.parametrize("config", [CONV_CONFIGS[1], CONV_CONFIGS[3], DECONV_CONFIGS[0]])
+def test_without_bias(config):
+    _assert_close(*_nnabla_and_blas(*config, batch=1, use_bias=False, two_branches=False))
+
+
+def test_repeated_backward_accumulates_without_zeroing():
+    x = nn.Variable.from_numpy_array(np.random.RandomState(0).randn(1, 3, 9, 7).astype(np.float32),
+                                     need_grad=True)
+    w = nn.Variable.from_numpy_array(np.random.RandomState(1).randn(4, 3, 3, 3).astype(np.float32),
+                                     need_grad=True)
+    grads = {}
+    for name, conv in [("nnabla", F.convolution), ("blas", blas_conv.convolution)]:
+        loss = F.sum(conv(x, w, None, pad=(1, 1), stride=(2, 2)) ** 2)
+        x.grad.zero()
+        w.grad.zero()
+        loss.forward()
+        loss.backward()
+        loss.backward()
+        grads[name] = (x.g.copy(), w.g.copy())
+    for expected, actual in zip(grads["nnabla"], grads["blas"]):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_network_with_cleared_buffers():
+    """conv -> relu -> deconv -> tanh -> conv, with buffers cleared as in training."""
+    rng = np.random.RandomState(0)
+    arrays = [rng.randn(2, 3, 12, 10), rng.randn(8, 3, 3, 3), rng.randn(8, 6, 3, 3), rng.randn(1, 6, 4, 4)]
+
+    def loss_and_grads(conv, deconv):
+        x, w1, w2, w3 = [nn.Variable.from_numpy_array(0.3 * a.astype(np.float32), need_grad=True)
+                         for a in arrays]
+        h = F.relu(conv(x, w1, None, pad=(1, 1), stride=(2, 2)))
+        h = F.tanh(deconv(h, w2, None, pad=(1, 1), stride=(2, 2), output_padding=(1, 1)))
+        loss = F.mean(conv(h, w3, None, pad=(1, 1), stride=(1, 1)) ** 2)
+        for v in (x, w1, w2, w3):
+            v.grad.zero()
+        loss.forward(clear_no_need_grad=True)
+        loss.backward(clear_buffer=True)
+        return [loss.d.copy()] + [v.g.copy() for v in (x, w1, w2, w3)]
+
+    expected = loss_and_grads(F.convolution, F.deconvolution)
+    actual = loss_and_grads(blas_conv.convolution, blas_conv.deconvolution)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(e).max())))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 2, 3, 3))),
+    lambda: blas_conv.convolution(nn.Variable((1, 3, 8)), nn.Variable((4, 3, 3))),
+    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
+                                  nn.Variable((3,))),
+    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
+                                  stride=(0, 1)),
+    lambda: blas_conv.deconvolution(nn.Variable((1, 3, 8, 8)), nn.Variable((3, 4, 3, 3)),
+                                    stride=(2, 2), output_padding=(2, 2)),
+])
+def test_rejects_unsupported_arguments(call):
+    with pytest.raises(ValueError):
+        call()
