@@ -14,19 +14,18 @@ import nnabla.functions as F
 import nnabla.initializer as I
 import nnabla.parametric_functions as PF
 
-import blas_conv
+import cpu_functions
 
-_blas_convolution = False
+_cpu_functions = False
 
 
-def use_blas_convolution(enabled):
-    """Run every convolution of graphs built from now on through numpy's BLAS (blas_conv.py).
-
-    NNabla's CPU kernels use one thread; BLAS uses every core and is several times faster.
+def use_cpu_functions(enabled):
+    """Run the convolutions and instance normalisations of graphs built from now on through
+    numpy (cpu_functions.py), on every core: NNabla's CPU kernels use one.
     The parameters are the same either way, so checkpoints move freely between the two.
     """
-    global _blas_convolution
-    _blas_convolution = enabled
+    global _cpu_functions
+    _cpu_functions = enabled
 
 
 def weight_init():
@@ -35,8 +34,9 @@ def weight_init():
     return I.NormalInitializer(0.02)
 
 
-def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, fix_parameters=False,
-                name='conv'):
+def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, spectral_norm=False,
+                fix_parameters=False, name='conv'):
+    """Convolution of x, zero-padded by `pad` or reflection-padded by `reflect` pixels."""
     with nn.parameter_scope(name):
         weight = nn.parameter.get_parameter_or_create(
             'W', (outmaps, x.shape[1], kernel, kernel), weight_init())
@@ -46,8 +46,11 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, spectral_norm=False, fix_pa
             bias = bias.get_unlinked_variable(need_grad=False)
         if spectral_norm:
             weight = PF.spectral_norm(weight, dim=0)
-    if _blas_convolution:
-        return blas_conv.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
+    if _cpu_functions:
+        return cpu_functions.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride),
+                                     reflect_pad=(reflect, reflect))
+    if reflect:
+        x = F.pad(x, (reflect,) * 4, mode='reflect')
     return F.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
 
 
@@ -57,30 +60,28 @@ def upsample(x, outmaps, name='deconv'):
         weight = nn.parameter.get_parameter_or_create(
             'W', (x.shape[1], outmaps, 3, 3), weight_init())
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
-    if _blas_convolution:
-        return blas_conv.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
+    if _cpu_functions:
+        return cpu_functions.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
                                        output_padding=(1, 1))
     return F.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2), output_padding=(1, 1))
 
 
 def instance_norm(x):
+    if _cpu_functions:
+        return cpu_functions.instance_normalization(x)
     return F.instance_normalization(x, beta=None, gamma=None)
-
-
-def reflect_pad(x, width):
-    return F.pad(x, (width,) * 4, mode='reflect')
 
 
 def residual_block(x, name):
     with nn.parameter_scope(name):
-        h = F.relu(instance_norm(convolution(reflect_pad(x, 1), x.shape[1], 3, name='conv1')))
-        h = instance_norm(convolution(reflect_pad(h, 1), x.shape[1], 3, name='conv2'))
+        h = F.relu(instance_norm(convolution(x, x.shape[1], 3, reflect=1, name='conv1')))
+        h = instance_norm(convolution(h, x.shape[1], 3, reflect=1, name='conv2'))
     return x + h
 
 
 def encoder(x, ngf, n_blocks):
     """7x7 stem, two stride-2 convolutions, residual blocks: (B, C, H, W) -> (B, 4ngf, H/4, W/4)."""
-    h = F.relu(instance_norm(convolution(reflect_pad(x, 3), ngf, 7, name='stem')))
+    h = F.relu(instance_norm(convolution(x, ngf, 7, reflect=3, name='stem')))
     for i in range(2):
         h = F.relu(instance_norm(convolution(h, ngf * 2 ** (i + 1), 3, stride=2, pad=1,
                                              name='down{}'.format(i))))
@@ -94,7 +95,7 @@ def decoder(feature, out_channels):
     h = feature
     for i in range(2):
         h = F.relu(instance_norm(upsample(h, h.shape[1] // 2, name='up{}'.format(i))))
-    return F.tanh(convolution(reflect_pad(h, 3), out_channels, 7, name='out'))
+    return F.tanh(convolution(h, out_channels, 7, reflect=3, name='out'))
 
 
 def instance_exists(masks):

@@ -472,7 +472,7 @@ def make_loaders(args):
 def train(args):
     check_sizes(args)
     nn.set_default_context(get_context(args))
-    models.use_blas_convolution(args.context == 'cpu' and args.cpu_conv == 'blas')
+    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     ins_max, loaders = make_loaders(args)  # checks the dataset before anything is written

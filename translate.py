@@ -177,7 +177,7 @@ def main(argv=None):
             folder = os.path.join(args.dataroot, args.phase + args.direction[0])
             inputs = [(str(path), mask_paths(path)) for path in list_images(folder)]
         nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
-        models.use_blas_convolution(args.context == 'cpu' and args.cpu_conv == 'blas')
+        models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
         translator = Translator(args)
         os.makedirs(args.out, exist_ok=True)
     except (DataError, ImportError, OSError) as error:

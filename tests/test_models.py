@@ -115,3 +115,38 @@ def test_instances_change_the_translation(networks):
     image_out, _ = networks.run('generator', images, masks)
     other_image_out, _ = networks.run('generator', images, -masks)
     assert np.abs(other_image_out - image_out).max() > 1e-4
+
+
+def test_blas_and_nnabla_convolutions_give_the_same_networks(monkeypatch):
+    """--cpu-conv blas only changes how the convolutions run, not what they compute. (Its
+    instance normalisation is more accurate than NNabla's, which test_cpu_functions checks
+    against float64; deep in a network the difference grows to a percent, so here both
+    sides normalise with NNabla's.)"""
+    monkeypatch.setattr(models.cpu_functions, 'instance_normalization',
+                        lambda x: nn.functions.instance_normalization(x, None, None))
+    images, masks = random_inputs(2, 2, empty={(1, 1)})
+    results = []
+    for blas in [False, True]:
+        models.use_cpu_functions(blas)
+        try:
+            nn.clear_parameters()
+            nn.seed(0)
+            image_var, mask_var = nn.Variable(images.shape), nn.Variable(masks.shape)
+            image_var.d, mask_var.d = images, masks
+            with nn.parameter_scope('generator'):
+                image_out, masks_out = models.generator(image_var, mask_var, NGF, BLOCKS)
+            with nn.parameter_scope('discriminator'):
+                scores = models.discriminator(image_out, masks_out, ndf=NGF)
+            loss = nn.functions.mean(scores) + nn.functions.mean(image_out)
+            parameters = nn.get_parameters()
+            for parameter in parameters.values():
+                parameter.grad.zero()
+            loss.forward()
+            loss.backward()
+            results.append([image_out.d.copy(), masks_out.d.copy(), scores.d.copy()] +
+                           [parameters[k].g.copy() for k in sorted(parameters)])
+        finally:
+            models.use_cpu_functions(False)
+    for nnabla_value, blas_value in zip(*results):
+        scale = max(1.0, float(np.abs(nnabla_value).max()))
+        np.testing.assert_allclose(blas_value, nnabla_value, rtol=1e-3, atol=1e-4 * scale)

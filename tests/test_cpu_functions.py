@@ -1,4 +1,5 @@
-"""blas_conv must match F.convolution / F.deconvolution: output and all gradients."""
+"""cpu_functions must match F.convolution, F.deconvolution and F.instance_normalization:
+output and all gradients."""
 import os
 import sys
 from functools import partial
@@ -10,7 +11,7 @@ import nnabla as nn
 import nnabla.functions as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import blas_conv  # noqa: E402
+import cpu_functions  # noqa: E402
 
 # (in_ch, out_ch, kernel, pad, stride, output_padding, (h, w)), as used by the models.
 CONV_CONFIGS = [
@@ -64,9 +65,9 @@ def _nnabla_and_blas(in_ch, out_ch, k, pad, stride, output_padding, hw, batch, u
     kwargs = dict(pad=(pad, pad), stride=(stride, stride))
     if transposed:
         kwargs["output_padding"] = (output_padding, output_padding)
-        ref, ours = F.deconvolution, blas_conv.deconvolution
+        ref, ours = F.deconvolution, cpu_functions.deconvolution
     else:
-        ref, ours = F.convolution, blas_conv.convolution
+        ref, ours = F.convolution, cpu_functions.convolution
     return (_outputs_and_grads(partial(ref, **kwargs), x, w, b, two_branches),
             _outputs_and_grads(partial(ours, **kwargs), x, w, b, two_branches))
 
@@ -84,11 +85,35 @@ def test_matches_nnabla(config, batch):
     _assert_close(*_nnabla_and_blas(*config, batch=batch, use_bias=True, two_branches=False))
 
 
+@pytest.mark.parametrize("reflect, config", [
+    (3, (3, 8, 7, 0, 1, None, (15, 13))),   # generator stem and heads: 7x7 on a 3-pixel border
+    (3, (12, 3, 7, 0, 1, None, (10, 9))),   # (dual form)
+    (1, (9, 9, 3, 0, 1, None, (11, 9))),    # residual blocks
+    (2, (4, 6, 3, 1, 2, None, (7, 8))),     # reflection and zero padding together
+])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_reflect_pad_matches_f_pad(reflect, config, accumulate):
+    """convolution(reflect_pad=p) is F.convolution of F.pad(mode='reflect'), gradients too."""
+    in_ch, out_ch, k, pad, stride, _, hw = config
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, in_ch, *hw).astype(np.float32)
+    w = (rng.randn(out_ch, in_ch, k, k) / np.sqrt(in_ch * k * k)).astype(np.float32)
+    b = rng.randn(out_ch).astype(np.float32)
+    kwargs = dict(pad=(pad, pad), stride=(stride, stride))
+
+    def reference(x, w, b):
+        return F.convolution(F.pad(x, (reflect,) * 4, mode='reflect'), w, b, **kwargs)
+
+    ours = partial(cpu_functions.convolution, reflect_pad=(reflect, reflect), **kwargs)
+    _assert_close(_outputs_and_grads(reference, x, w, b, accumulate),
+                  _outputs_and_grads(ours, x, w, b, accumulate))
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_row_chunking(config, monkeypatch):
     # A tiny chunk budget splits even these small maps into several row
     # chunks, most with a shorter last chunk.
-    monkeypatch.setattr(blas_conv, "_CHUNK_FLOATS", 2000)
+    monkeypatch.setattr(cpu_functions, "_CHUNK_FLOATS", 2000)
     _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=False))
 
 
@@ -108,7 +133,7 @@ def test_repeated_backward_accumulates_without_zeroing():
     w = nn.Variable.from_numpy_array(np.random.RandomState(1).randn(4, 3, 3, 3).astype(np.float32),
                                      need_grad=True)
     grads = {}
-    for name, conv in [("nnabla", F.convolution), ("blas", blas_conv.convolution)]:
+    for name, conv in [("nnabla", F.convolution), ("blas", cpu_functions.convolution)]:
         loss = F.sum(conv(x, w, None, pad=(1, 1), stride=(2, 2)) ** 2)
         x.grad.zero()
         w.grad.zero()
@@ -138,21 +163,58 @@ def test_network_with_cleared_buffers():
         return [loss.d.copy()] + [v.g.copy() for v in (x, w1, w2, w3)]
 
     expected = loss_and_grads(F.convolution, F.deconvolution)
-    actual = loss_and_grads(blas_conv.convolution, blas_conv.deconvolution)
+    actual = loss_and_grads(cpu_functions.convolution, cpu_functions.deconvolution)
     for e, a in zip(expected, actual):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(e).max())))
 
 
 @pytest.mark.parametrize("call", [
-    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 2, 3, 3))),
-    lambda: blas_conv.convolution(nn.Variable((1, 3, 8)), nn.Variable((4, 3, 3))),
-    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
+    lambda: cpu_functions.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 2, 3, 3))),
+    lambda: cpu_functions.convolution(nn.Variable((1, 3, 8)), nn.Variable((4, 3, 3))),
+    lambda: cpu_functions.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
                                   nn.Variable((3,))),
-    lambda: blas_conv.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
+    lambda: cpu_functions.convolution(nn.Variable((1, 3, 8, 8)), nn.Variable((4, 3, 3, 3)),
                                   stride=(0, 1)),
-    lambda: blas_conv.deconvolution(nn.Variable((1, 3, 8, 8)), nn.Variable((3, 4, 3, 3)),
+    lambda: cpu_functions.deconvolution(nn.Variable((1, 3, 8, 8)), nn.Variable((3, 4, 3, 3)),
                                     stride=(2, 2), output_padding=(2, 2)),
 ])
 def test_rejects_unsupported_arguments(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 16, 9, 6), (3, 1, 4, 4)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_instance_normalization_matches_nnabla(shape, accumulate):
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32) * 3 + 1
+
+    def reference(x, w, b):
+        return F.instance_normalization(x, None, None)
+
+    def ours(x, w, b):
+        return cpu_functions.instance_normalization(x)
+
+    _assert_close(_outputs_and_grads(reference, x, None, None, accumulate),
+                  _outputs_and_grads(ours, x, None, None, accumulate))
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (5.0, 0.1), (1.0, 1e-3)])
+def test_instance_normalization_is_accurate_for_offset_inputs(mean, std):
+    """Against float64: NNabla's own kernel loses most digits when the mean is large
+    compared with the spread (E[x^2] - E[x]^2); this one centres first."""
+    rng = np.random.RandomState(0)
+    x = (rng.randn(2, 4, 9, 7) * std + mean).astype(np.float32)
+    dy = rng.randn(*x.shape).astype(np.float32)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    centred = x64 - x64.mean(axis=(2, 3), keepdims=True)
+    inverse_std = 1 / np.sqrt(np.mean(centred ** 2, axis=(2, 3), keepdims=True) + 1e-5)
+    y64 = centred * inverse_std
+    dx64 = inverse_std * (dy64 - dy64.mean(axis=(2, 3), keepdims=True)
+                          - y64 * np.mean(dy64 * y64, axis=(2, 3), keepdims=True))
+    variable = nn.Variable.from_numpy_array(x, need_grad=True)
+    y = cpu_functions.instance_normalization(variable)
+    variable.grad.zero()
+    y.forward()
+    y.backward(dy)
+    np.testing.assert_allclose(y.d, y64, atol=1e-4)
+    np.testing.assert_allclose(variable.g, dx64, atol=1e-5 * np.abs(dx64).max())

@@ -1,4 +1,5 @@
-"""Convolution and transposed convolution for CPU training, backed by numpy BLAS.
+"""Convolution, transposed convolution and instance normalisation for CPU training, on
+every core through numpy.
 
 NNabla's CPU convolution kernels are single-threaded and reach only about
 15-25 GFLOP/s, which makes training InstaGAN on a CPU impractically slow.
@@ -15,6 +16,9 @@ Stride-1 layers that shrink the channel count (e.g. the generator's last
 equivalent transposed convolution with a rotated kernel (the "dual" form),
 so each pass picks whichever of the two forms has the smaller matrix.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from nnabla.function import PythonFunction
 from numpy.lib.stride_tricks import sliding_window_view
@@ -147,6 +151,28 @@ def _conv_weight_grad(x, dy, kernel_hw, pad, stride):
     return _im2col_weight_grad(x, dy, kernel_hw, pad, stride)
 
 
+def _reflect_pad(image, pad):
+    ph, pw = pad
+    return np.pad(image, ((0, 0), (ph, ph), (pw, pw)), mode='reflect')
+
+
+def _reflect_pad_adjoint(grad, pad):
+    """Gradient of _reflect_pad: fold every border row and column of `grad` (C, H+2ph, W+2pw)
+    onto the pixel it mirrors and return the (C, H, W) interior."""
+    ph, pw = pad
+    grad = grad.copy()
+    height, width = grad.shape[1] - 2 * ph, grad.shape[2] - 2 * pw
+    # Padded index k < p mirrors 2p - k; index p + n + j mirrors p + n - 2 - j. Folding the
+    # rows first, whole, carries the corners along to the column fold.
+    for k in range(ph):
+        grad[:, 2 * ph - k] += grad[:, k]
+        grad[:, ph + height - 2 - k] += grad[:, ph + height + k]
+    for k in range(pw):
+        grad[:, :, 2 * pw - k] += grad[:, :, k]
+        grad[:, :, pw + width - 2 - k] += grad[:, :, pw + width + k]
+    return grad[:, ph:ph + height, pw:pw + width]
+
+
 def _store(dst, value, accum):
     if accum:
         dst += value
@@ -164,12 +190,14 @@ class _BlasConvolution(PythonFunction):
     only single-image sized.
     """
 
-    def __init__(self, pad, stride, transposed, output_padding=(0, 0)):
+    def __init__(self, pad, stride, transposed, output_padding=(0, 0), reflect_pad=(0, 0)):
         super().__init__()
         self._pad = tuple(pad)
         self._stride = tuple(stride)
         self._transposed = transposed
         self._output_padding = tuple(output_padding)
+        # Reflection padding done here saves F.pad's slow kernel and its stored output.
+        self._reflect_pad = tuple(reflect_pad)
 
     @property
     def name(self):
@@ -178,8 +206,13 @@ class _BlasConvolution(PythonFunction):
     def min_outputs(self):
         return 1
 
+    def _seen(self, x_img):
+        """The image the convolution sees: with its reflection padding, if any."""
+        return _reflect_pad(x_img, self._reflect_pad) if any(self._reflect_pad) else x_img
+
     def setup_impl(self, inputs, outputs):
         batch, _, h, w = inputs[0].shape
+        h, w = h + 2 * self._reflect_pad[0], w + 2 * self._reflect_pad[1]
         w_shape = inputs[1].shape
         if self._transposed:
             out_hw = tuple(s * (n - 1) - 2 * p + k + op for n, k, p, s, op in zip(
@@ -209,7 +242,7 @@ class _BlasConvolution(PythonFunction):
         x, w = inputs[0].data.data, inputs[1].data.data
         y = outputs[0].data.data
         for x_img, y_img in zip(x, y):
-            y_img[...] = self._image_forward(x_img, w, y.shape[2:])
+            y_img[...] = self._image_forward(self._seen(x_img), w, y.shape[2:])
         if len(inputs) == 3:
             y += inputs[2].data.data.reshape(-1, 1, 1)
 
@@ -217,11 +250,15 @@ class _BlasConvolution(PythonFunction):
         dy = outputs[0].grad.data
         if propagate_down[0]:
             w, dx = inputs[1].data.data, inputs[0].grad.data
+            (ph, pw), (h, wd) = self._reflect_pad, dx.shape[2:]
             for dy_img, dx_img in zip(dy, dx):
-                _store(dx_img, self._image_input_grad(dy_img, w, dx.shape[2:]), accum[0])
+                grad = self._image_input_grad(dy_img, w, (h + 2 * ph, wd + 2 * pw))
+                if ph or pw:
+                    grad = _reflect_pad_adjoint(grad, self._reflect_pad)
+                _store(dx_img, grad, accum[0])
         if propagate_down[1]:
             x, kernel_hw = inputs[0].data.data, inputs[1].shape[2:]
-            dw = sum(self._image_weight_grad(x_img, dy_img, kernel_hw)
+            dw = sum(self._image_weight_grad(self._seen(x_img), dy_img, kernel_hw)
                      for x_img, dy_img in zip(x, dy))
             _store(inputs[1].grad.data, dw, accum[1])
         if len(inputs) == 3 and propagate_down[2]:
@@ -253,14 +290,19 @@ def _check_args(x, weight, bias, x_channel_axis, out_channel_axis):
         raise ValueError(f"bias must have shape ({out_ch},), got {bias.shape}")
 
 
-def convolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1)):
-    """Same as F.convolution(x, weight, bias, base_axis=1, pad=pad, stride=stride)."""
+def convolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), reflect_pad=(0, 0)):
+    """Same as F.convolution(x, weight, bias, base_axis=1, pad=pad, stride=stride); with
+    reflect_pad, same as F.convolution(F.pad(x, reflect_pad * 2, mode='reflect'), ...)."""
     _check_args(x, weight, bias, x_channel_axis=1, out_channel_axis=0)
     pad, stride = _pair("pad", pad, 0), _pair("stride", stride, 1)
-    if min(_conv_out_hw(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
+    reflect_pad = _pair("reflect_pad", reflect_pad, 0)
+    if any(p >= n for p, n in zip(reflect_pad, x.shape[2:])):
+        raise ValueError(f"reflect_pad {reflect_pad} must be smaller than the input {x.shape}")
+    seen_hw = tuple(n + 2 * p for n, p in zip(x.shape[2:], reflect_pad))
+    if min(_conv_out_hw(seen_hw, weight.shape[2:], pad, stride)) < 1:
         raise ValueError(f"kernel {weight.shape[2:]} does not fit into padded input {x.shape}")
     inputs = (x, weight) if bias is None else (x, weight, bias)
-    return _BlasConvolution(pad, stride, transposed=False)(*inputs)
+    return _BlasConvolution(pad, stride, transposed=False, reflect_pad=reflect_pad)(*inputs)
 
 
 def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_padding=(0, 0)):
@@ -275,3 +317,82 @@ def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_paddin
         raise ValueError(f"pad {pad} is too large for input {x.shape} and kernel {weight.shape[2:]}")
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return _BlasConvolution(pad, stride, transposed=True, output_padding=output_padding)(*inputs)
+
+
+# numpy releases the GIL inside its array loops, so threads split the rows between cores.
+_threads = ThreadPoolExecutor(max_workers=os.cpu_count())
+
+
+def _in_row_chunks(function, rows):
+    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all."""
+    bounds = np.linspace(0, rows, _threads._max_workers + 1).astype(int)
+    for job in [_threads.submit(function, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        job.result()
+
+
+class _InstanceNormalization(PythonFunction):
+    """(x - mean) / sqrt(var + eps) over H, W of every sample and channel, without affine.
+
+    The backward needs only the output y and 1 / sqrt(var + eps), so the input can be freed
+    after the forward: dx = (dy - mean(dy) - y mean(dy y)) / sqrt(var + eps).
+    """
+
+    def __init__(self, eps):
+        super().__init__()
+        self._eps = eps
+        self._inverse_std = None
+
+    @property
+    def name(self):
+        return "NumpyInstanceNormalization"
+
+    def min_outputs(self):
+        return 1
+
+    def setup_impl(self, inputs, outputs):
+        outputs[0].reset_shape(inputs[0].shape, True)
+
+    def forward_impl(self, inputs, outputs):
+        x = inputs[0].data.data
+        rows = x.shape[0] * x.shape[1]
+        x, y = x.reshape(rows, -1), outputs[0].data.data.reshape(rows, -1)
+        self._inverse_std = np.empty((rows, 1), np.float32)
+
+        def normalise(lo, hi):
+            centred = x[lo:hi] - x[lo:hi].mean(axis=1, keepdims=True)
+            inverse_std = 1 / np.sqrt(np.mean(np.square(centred), axis=1, keepdims=True)
+                                      + self._eps)
+            self._inverse_std[lo:hi] = inverse_std
+            np.multiply(centred, inverse_std, out=y[lo:hi])
+
+        _in_row_chunks(normalise, rows)
+
+    def backward_impl(self, inputs, outputs, propagate_down, accum):
+        if not propagate_down[0]:
+            return
+        shape = outputs[0].shape
+        rows = shape[0] * shape[1]
+        y = outputs[0].data.data.reshape(rows, -1)
+        dy = outputs[0].grad.data.reshape(rows, -1)
+        dx = inputs[0].grad.data.reshape(rows, -1)
+
+        def gradient(lo, hi):
+            grad = dy[lo:hi] - dy[lo:hi].mean(axis=1, keepdims=True)
+            grad -= y[lo:hi] * np.mean(dy[lo:hi] * y[lo:hi], axis=1, keepdims=True)
+            grad *= self._inverse_std[lo:hi]
+            _store(dx[lo:hi], grad, accum[0])
+
+        _in_row_chunks(gradient, rows)
+
+    def grad_depends_output_data(self, i, o):
+        return True
+
+    def grad_depends_input_data(self, i, j):
+        return False
+
+
+def instance_normalization(x, eps=1e-5):
+    """Same as F.instance_normalization(x, None, None, channel_axis=1, batch_axis=0, eps=eps)."""
+    if len(x.shape) < 3:
+        raise ValueError(f"instance normalisation needs (B, C, ...) inputs, got {x.shape}")
+    return _InstanceNormalization(eps)(x)
