@@ -396,3 +396,60 @@ def instance_normalization(x, eps=1e-5):
     if len(x.shape) < 3:
         raise ValueError(f"instance normalisation needs (B, C, ...) inputs, got {x.shape}")
     return _InstanceNormalization(eps)(x)
+
+
+class _SpectralNorm(PythonFunction):
+    """w / sigma(w), sigma from one power iteration on the vector u, which it updates in place.
+
+    As in Miyato et al.'s code and the InstaGAN original, u and v count as constants, so the
+    gradient is dw = dy / sigma - sum(dy * w) / sigma^2 * u v^T.
+    """
+
+    def __init__(self, eps):
+        super().__init__()
+        self._eps = eps
+        self._sigma = self._u = self._v = None
+
+    @property
+    def name(self):
+        return "NumpySpectralNorm"
+
+    def min_outputs(self):
+        return 1
+
+    def setup_impl(self, inputs, outputs):
+        outputs[0].reset_shape(inputs[0].shape, True)
+
+    def forward_impl(self, inputs, outputs):
+        weight = inputs[0].data.data
+        matrix = weight.reshape(weight.shape[0], -1)
+        u = inputs[1].data.data
+        v = matrix.T @ u
+        v /= np.sqrt(np.sum(v * v) + self._eps)
+        u_new = matrix @ v
+        u_new /= np.sqrt(np.sum(u_new * u_new) + self._eps)
+        u[...] = u_new
+        self._u, self._v = u_new, v
+        self._sigma = float(u_new @ (matrix @ v))
+        np.divide(weight, self._sigma, out=outputs[0].data.data)
+
+    def backward_impl(self, inputs, outputs, propagate_down, accum):
+        if not propagate_down[0]:
+            return
+        weight, dy = inputs[0].data.data, outputs[0].grad.data
+        sigma = self._sigma
+        grad = dy / sigma
+        grad.reshape(weight.shape[0], -1)[...] -= (np.sum(dy * weight) / sigma ** 2) * \
+            np.outer(self._u, self._v)
+        _store(inputs[0].grad.data, grad, accum[0])
+
+    def grad_depends_output_data(self, i, o):
+        return False
+
+    def grad_depends_input_data(self, i, j):
+        return i == 0 and j == 0
+
+
+def spectral_norm(weight, u, eps=1e-12):
+    """Like F.spectral_norm(weight, u, dim=0, itr=1, eps=eps) in training mode."""
+    return _SpectralNorm(eps)(weight, u)

@@ -12,7 +12,6 @@ Use every function under `nn.parameter_scope(...)`: the scope names the network.
 import nnabla as nn
 import nnabla.functions as F
 import nnabla.initializer as I
-import nnabla.parametric_functions as PF
 
 import cpu_functions
 
@@ -45,7 +44,11 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, spectral_norm=Fa
             weight = weight.get_unlinked_variable(need_grad=False)
             bias = bias.get_unlinked_variable(need_grad=False)
         if spectral_norm:
-            weight = PF.spectral_norm(weight, dim=0)
+            with nn.parameter_scope('spectral-norm'):  # PF.spectral_norm's names
+                u = nn.parameter.get_parameter_or_create(
+                    'u', (outmaps,), I.NormalInitializer(), need_grad=False)
+            weight = (cpu_functions.spectral_norm if _cpu_functions else F.spectral_norm)(
+                weight, u)
     if _cpu_functions:
         return cpu_functions.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride),
                                      reflect_pad=(reflect, reflect))

@@ -1,5 +1,5 @@
-"""cpu_functions must match F.convolution, F.deconvolution and F.instance_normalization:
-output and all gradients."""
+"""cpu_functions must match F.convolution, F.deconvolution, F.instance_normalization and
+F.spectral_norm: output and all gradients."""
 import os
 import sys
 from functools import partial
@@ -218,3 +218,23 @@ def test_instance_normalization_is_accurate_for_offset_inputs(mean, std):
     y.backward(dy)
     np.testing.assert_allclose(y.d, y64, atol=1e-4)
     np.testing.assert_allclose(variable.g, dx64, atol=1e-5 * np.abs(dx64).max())
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (1, 16, 4, 4), (8, 2, 3, 3)])
+def test_spectral_norm_matches_nnabla(shape):
+    """Same normalised weight, same update of u, same gradient of the weight."""
+    rng = np.random.RandomState(0)
+    weight, u_start = rng.randn(*shape).astype(np.float32), rng.randn(shape[0]).astype(np.float32)
+    dy = rng.randn(*shape).astype(np.float32)
+    results = []
+    for normalise in [F.spectral_norm, cpu_functions.spectral_norm]:
+        w = nn.Variable.from_numpy_array(weight, need_grad=True)
+        u = nn.Variable.from_numpy_array(u_start.copy())
+        y = normalise(w * 1.0, u)
+        w.grad.zero()
+        y.forward()
+        y.backward(dy)
+        results.append((y.d.copy(), u.d.copy(), w.g.copy()))
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(results[1][1] - u_start).max() > 1e-3  # u moved
