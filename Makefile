@@ -2,8 +2,8 @@
 # make test:  set up .venv and run the test suite
 PYTHON := .venv/bin/python
 DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
-	--fineSizeH 64 --fineSizeW 44 --ngf 16 --ndf 16 --max-epoch 30 --lr-decay-start-epoch 15 \
-	--log-step 8 --save-interval 10 --monitor-path results/demo/monitor \
+	--fineSizeH 64 --fineSizeW 44 --ngf 16 --ndf 16 --max-epoch 25 --lr-decay-start-epoch 15 \
+	--log-step 8 --save-interval 5 --monitor-path results/demo/monitor \
 	--model-save-path results/demo/models
 
 .PHONY: setup train test
