@@ -99,7 +99,7 @@ class Translator:
         mismatch = DataError('{}: made with other network sizes than --ngf {} --n-blocks {}'
                              .format(args.params, args.ngf, args.n_blocks))
         try:
-            with nn.parameter_scope(scope):
+            with nn.parameter_scope(scope), nn.no_grad():  # keeps no buffer for a backward
                 self.image_out, self.masks_out, _ = models.generator_pass(
                     self.image, self.masks, args.ngf, args.n_blocks)
                 used = set(nn.get_parameters(grad_only=False))
@@ -107,6 +107,7 @@ class Translator:
             raise mismatch
         if used != saved:  # other --n-blocks: parameters missing from the file or left over
             raise mismatch
+        self.image_out.persistent = self.masks_out.persistent = True
 
     def __call__(self, image, masks):
         """(3, H, W) image and (N, H, W) masks in [-1, 1] at the network size -> translations."""
@@ -117,7 +118,7 @@ class Translator:
         for p in range(passes):
             pass_slots = slice(p * self.ins_per, (p + 1) * self.ins_per)
             self.image.d, self.masks.d = image[None], slots[None, pass_slots]
-            nn.forward_all([self.image_out, self.masks_out], clear_no_need_grad=True)
+            nn.forward_all([self.image_out, self.masks_out], clear_buffer=True)
             image, translated[pass_slots] = self.image_out.d[0].copy(), self.masks_out.d[0]
         return image, translated[:len(masks)]
 
