@@ -17,11 +17,17 @@ equivalent transposed convolution with a rotated kernel (the "dual" form),
 so each pass picks whichever of the two forms has the smaller matrix.
 """
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from nnabla.function import PythonFunction
 from numpy.lib.stride_tricks import sliding_window_view
+
+# nnabla 1.39's NdArray.data first tries to import 'nnabla.nnabla_ext', which does not exist,
+# and Python does not remember a failed import: every access searched the disk (13 us, a
+# third of a small training step). Recording the miss makes it fail at once.
+sys.modules.setdefault('nnabla.nnabla_ext', None)
 
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
