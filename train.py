@@ -8,6 +8,7 @@ the image translated by the earlier passes. Each pass updates both generators on
 adversarial, cycle, identity and context-preserving losses, then both discriminators on real
 images and on fakes drawn from a pool of past translations. Graphs are built once.
 """
+import gc
 import json
 import math
 import os
@@ -362,6 +363,9 @@ def plot_losses(monitor_path):
     figure.tight_layout()
     figure.savefig(os.path.join(monitor_path, 'losses.png'), dpi=80)
     plt.close(figure)
+    # A figure is a web of reference cycles: left to the collector's own schedule, a few
+    # dozen accumulate (tens of MB) before they are freed.
+    gc.collect()
 
 
 def checkpoint_paths(model_path):

@@ -1,4 +1,4 @@
-"""A 300-iteration run whose memory must stop growing after the first epoch."""
+"""A 300-iteration run whose memory must stop growing."""
 import os
 import subprocess
 import sys
@@ -36,7 +36,9 @@ def test_memory_stays_flat_over_300_iterations(tmp_path):
     assert process.wait() == 0
     assert os.listdir(models) == ['checkpoint_000000304']
     print('peak resident MB by epoch:', {e: round(p) for e, p in sorted(peaks.items())})
-    warm = max(p for e, p in peaks.items() if e <= 2)
-    later = max(p for e, p in peaks.items() if e > 2)
-    # 10% for allocator noise; a leak of one batch per iteration would add far more.
-    assert later <= 1.1 * warm
+    # Epoch 1 imports matplotlib for the first plot; native allocator caches then settle
+    # within a few epochs (about 10% here). A leak keeps growing: the second half of the run
+    # may not need more than the first.
+    first_half = max(p for e, p in peaks.items() if 2 <= e <= 19)
+    second_half = max(p for e, p in peaks.items() if e >= 20)
+    assert second_half <= 1.03 * first_half
