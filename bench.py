@@ -41,9 +41,10 @@ def matmul_gflops(size=2048, repeats=5):
 
 
 def convolution_flops(root):
-    """2 x multiply-adds of every (transposed) convolution in the graph of `root`: forward,
-    plus the same again for each of the input and weight gradients the graph computes."""
-    flops = []
+    """2 x multiply-adds of every (transposed) convolution in the graph of `root`, times 3:
+    forward, input gradient and weight gradient, the convention of the reference figures
+    (train.py skips some of these gradients, which then shows as speed)."""
+    multiply_adds = []
 
     def visit(function):
         name = function.info.type_name
@@ -53,10 +54,10 @@ def convolution_flops(root):
         per_element = weight.size // weight.shape[0]
         # A convolution's weight is (out, in, kh, kw); a transposed one's (in, out, kh, kw).
         elements = x.size if 'Deconvolution' in name else function.outputs[0].size
-        flops.append(2 * elements * per_element * (1 + x.need_grad + weight.need_grad))
+        multiply_adds.append(elements * per_element)
 
     root.visit(visit)
-    return sum(flops)
+    return 3 * 2 * sum(multiply_adds)
 
 
 def peak_rss_mb():

@@ -329,8 +329,12 @@ def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_paddin
 _threads = ThreadPoolExecutor(max_workers=os.cpu_count())
 
 
-def _in_row_chunks(function, rows):
-    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all."""
+def _in_row_chunks(function, rows, size):
+    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all; arrays
+    of under a million elements in one piece, as handing them out costs more than it saves."""
+    if size < 1 << 20:
+        function(0, rows)
+        return
     bounds = np.linspace(0, rows, _threads._max_workers + 1).astype(int)
     for job in [_threads.submit(function, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         job.result()
@@ -371,7 +375,7 @@ class _InstanceNormalization(PythonFunction):
             self._inverse_std[lo:hi] = inverse_std
             np.multiply(centred, inverse_std, out=y[lo:hi])
 
-        _in_row_chunks(normalise, rows)
+        _in_row_chunks(normalise, rows, x.size)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
@@ -388,7 +392,7 @@ class _InstanceNormalization(PythonFunction):
             grad *= self._inverse_std[lo:hi]
             _store(dx[lo:hi], grad, accum[0])
 
-        _in_row_chunks(gradient, rows)
+        _in_row_chunks(gradient, rows, y.size)
 
     def grad_depends_output_data(self, i, o):
         return True
