@@ -76,10 +76,9 @@ def bench_train(args, warmup, iterations):
     ins_max, loaders = train.make_loaders(args)
     trainer = train.Trainer(args, ins_max)
     trainer.set_epoch(0)
-    flops = trainer.passes * sum(
-        convolution_flops(graph.total) for graph in trainer.directions.values()) + \
-        trainer.passes * sum(convolution_flops(graph.loss)
-                             for graph in trainer.discriminators.values())
+    roots = [part for graph in trainer.directions.values() for part in graph.parts] + \
+        [graph.loss for graph in trainer.discriminators.values()]
+    flops = trainer.passes * sum(convolution_flops(root) for root in roots)
     seconds = []
     for i in range(warmup + iterations):
         images, masks = train.next_batches(loaders)

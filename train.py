@@ -40,7 +40,6 @@ LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
 # Arguments that decide the parameter shapes: a checkpoint only fits the same values.
 NETWORK_ARGS = ['ngf', 'ndf', 'n_blocks', 'n_layers_D']
 GENERATORS = ['generator_x2y', 'generator_y2x']
-DISCRIMINATORS = ['discriminator_x', 'discriminator_y']
 
 
 class ConfigError(Exception):
@@ -169,11 +168,13 @@ class Trainer:
             'context_preserving_loss': context_preserving_loss(
                 graph.image, graph.masks, graph.fake, graph.fake_masks, active),
         }
-        weights = {'generator_loss': 1.0, 'reconstruction_loss': args.lambda_cyc,
-                   'identity_mapping_loss': args.lambda_idt,
-                   'context_preserving_loss': args.lambda_ctx}
-        graph.total = sum(weights[name] * loss for name, loss in graph.losses.items())
-        for variable in [graph.total, graph.fake, graph.fake_masks, graph.rec, graph.rec_masks] \
+        # The identity mapping does not depend on the translation: a graph of its own, run
+        # before the other, so that their activations are never held at the same time.
+        graph.parts = [args.lambda_idt * graph.losses['identity_mapping_loss'],
+                       graph.losses['generator_loss']
+                       + args.lambda_cyc * graph.losses['reconstruction_loss']
+                       + args.lambda_ctx * graph.losses['context_preserving_loss']]
+        for variable in graph.parts + [graph.fake, graph.fake_masks, graph.rec, graph.rec_masks] \
                 + list(graph.losses.values()):
             variable.persistent = True
         return graph
@@ -227,10 +228,11 @@ class Trainer:
                 graph.image.d, graph.masks.d = current[s], masks[s][:, pass_slots]
                 if graph.held_masks is not None:
                     graph.held_masks.d = np.delete(translated[s], range(p * K, (p + 1) * K), axis=1)
-                graph.total.forward(clear_no_need_grad=True)
+                for part in graph.parts:
+                    part.forward(clear_no_need_grad=True)
+                    part.backward(clear_buffer=True)
                 check_finite({'{}_{}'.format(name, s): loss
                               for name, loss in graph.losses.items()}, iteration, self.args)
-                graph.total.backward(clear_buffer=True)
             for scope in GENERATORS:
                 self.solvers[scope].update()
 
