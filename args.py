@@ -53,7 +53,8 @@ def get_args(argv=None):
     run.add_argument('--type-config', '-t', choices=['float', 'half', 'mixed_half'],
                      default='float')
     run.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas',
-                     help='on cpu, run convolutions through numpy BLAS (all cores) or NNabla')
+                     help='on cpu, run convolutions and normalisations through numpy on all '
+                          'cores (blas) or through NNabla\'s one-thread kernels')
     run.add_argument('--monitor-path', '-m', default='results/monitor',
                      help='loss curves, their plots and translated samples')
     run.add_argument('--model-save-path', '-o', default='results/models', help='checkpoints')
