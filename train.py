@@ -518,23 +518,24 @@ def train(args):
         while iteration < args.max_epoch * iterations_per_epoch:
             epoch = iteration // iterations_per_epoch
             trainer.set_epoch(epoch)
-            progress = tqdm(initial=iteration % iterations_per_epoch, total=iterations_per_epoch,
-                            desc='epoch {}/{}'.format(epoch + 1, args.max_epoch),
-                            leave=False, dynamic_ncols=True)
-            while iteration < (epoch + 1) * iterations_per_epoch:
-                losses, _ = trainer.step(*next_batches(loaders), iteration)
-                for name, value in losses.items():
-                    series[name].add(iteration, value)
-                elapsed.add(iteration)
-                iteration += 1
-                progress.update()
-                progress.set_postfix({name: '{:.3g}'.format(losses[name]) for name in
-                                      ['generator_loss_x', 'discriminator_loss_y'] if name in losses})
-                if stop.received:
-                    progress.close()
-                    raise TrainingStopped('{} at iteration {}: saved {}; continue with --resume'
-                                          .format(stop.received, iteration, checkpoint()))
-            progress.close()
+            # A context, so that the bar is gone before an error message is printed.
+            with tqdm(initial=iteration % iterations_per_epoch, total=iterations_per_epoch,
+                      desc='epoch {}/{}'.format(epoch + 1, args.max_epoch), leave=False,
+                      dynamic_ncols=True) as progress:
+                while iteration < (epoch + 1) * iterations_per_epoch:
+                    losses, _ = trainer.step(*next_batches(loaders), iteration)
+                    for name, value in losses.items():
+                        series[name].add(iteration, value)
+                    elapsed.add(iteration)
+                    iteration += 1
+                    progress.update()
+                    progress.set_postfix({name: '{:.3g}'.format(losses[name]) for name in
+                                          ['generator_loss_x', 'discriminator_loss_y']
+                                          if name in losses})
+                    if stop.received:
+                        raise TrainingStopped('{} at iteration {}: saved {}; continue with '
+                                              '--resume'.format(stop.received, iteration,
+                                                                checkpoint()))
             save_translation_tiles(trainer, args.monitor_path, epoch + 1)
             plot_losses(args.monitor_path)
             if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
