@@ -19,8 +19,8 @@ _cpu_functions = False
 
 
 def use_cpu_functions(enabled):
-    """Run the convolutions and instance normalisations of graphs built from now on through
-    numpy (cpu_functions.py), on every core: NNabla's CPU kernels use one.
+    """Run the convolutions, instance and spectral normalisations of graphs built from now on
+    through numpy (cpu_functions.py), on every core: NNabla's CPU kernels use one.
     The parameters are the same either way, so checkpoints move freely between the two.
     """
     global _cpu_functions
@@ -51,7 +51,7 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, spectral_norm=Fa
                 weight, u)
     if _cpu_functions:
         return cpu_functions.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride),
-                                     reflect_pad=(reflect, reflect))
+                                         reflect_pad=(reflect, reflect))
     if reflect:
         x = F.pad(x, (reflect,) * 4, mode='reflect')
     return F.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
@@ -65,7 +65,7 @@ def upsample(x, outmaps, name='deconv'):
         bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
     if _cpu_functions:
         return cpu_functions.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
-                                       output_padding=(1, 1))
+                                           output_padding=(1, 1))
     return F.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2), output_padding=(1, 1))
 
 
