@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import models
 from data import DataError, list_images, load_resized, mask_paths
-from train import checkpoint_paths, image_panel, mask_panel
+from train import checkpoint_paths, cuda_installed, image_panel, mask_panel
 
 # Flags that default to the value saved with the checkpoint.
 SAVED_ARGS = ['ngf', 'n_blocks', 'ins_per', 'fineSizeH', 'fineSizeW']
@@ -45,7 +45,8 @@ def get_args(argv=None):
     inputs.add_argument('--image', help='one image, with --masks')
     parser.add_argument('--phase', default='val', help='with --dataroot: train, val, ...')
     parser.add_argument('--masks', nargs='+', default=[], help='instance masks of --image')
-    parser.add_argument('--context', '-c', choices=['cpu', 'cudnn'], default='cpu')
+    parser.add_argument('--context', '-c', choices=['cpu', 'cudnn'],
+                        default='cudnn' if cuda_installed() else 'cpu')
     parser.add_argument('--device-id', '-d', default='0')
     parser.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas')
     saved = parser.add_argument_group('network', 'default: as saved with the checkpoint')
