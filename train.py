@@ -27,6 +27,7 @@ import nnabla.solvers as S
 from nnabla.ext_utils import get_extension_context
 from nnabla.logger import logger
 from nnabla.monitor import Monitor, MonitorSeries, MonitorTimeElapsed
+from PIL import Image
 from tqdm import tqdm
 
 import models
@@ -330,11 +331,17 @@ def mask_panel(masks):
     return np.max(weights[:, :, :, None] * colours[:, None, None, :], axis=0)
 
 
+def write_png(path, array):
+    """Write uint8 (H, W) or (H, W, 3) under a temporary name, then rename into place."""
+    partial = path[:-len('.png')] + '.partial.png'
+    Image.fromarray(array).save(partial)
+    os.replace(partial, path)
+
+
 def save_tile(path, rows):
     """Write rows of (H, W, 3) panels in [0, 1] as one PNG."""
-    import imageio
     tile = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
-    imageio.imwrite(path, (tile * 255).round().astype(np.uint8))
+    write_png(path, (tile * 255).round().astype(np.uint8))
 
 
 def save_translation_tiles(trainer, monitor_path, epoch):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import models
 from data import DataError, list_images, load_resized, mask_paths
-from train import checkpoint_paths, cuda_installed, image_panel, mask_panel
+from train import (checkpoint_paths, cuda_installed, image_panel, mask_panel, save_tile,
+                   write_png)
 
 # Flags that default to the value saved with the checkpoint.
 SAVED_ARGS = ['ngf', 'n_blocks', 'ins_per', 'fineSizeH', 'fineSizeW']
@@ -124,13 +125,6 @@ class Translator:
         return image, translated[:len(masks)]
 
 
-def write_png(path, array):
-    """Write uint8 (H, W) or (H, W, 3) under a temporary name, then rename into place."""
-    partial = path[:-len('.png')] + '.partial.png'
-    Image.fromarray(array).save(partial)
-    os.replace(partial, path)
-
-
 def to_size(array, size):
     """(C, h, w) values in [-1, 1] -> uint8 (H, W, C) resized to size (H, W)."""
     channels = [Image.fromarray(((np.clip(c, -1, 1) + 1) * 127.5).round().astype(np.uint8))
@@ -153,10 +147,10 @@ def translate_one(translator, image_path, masks, out):
     for i, mask in enumerate(masks_out):
         write_png(os.path.join(out, '{}_{}.png'.format(name, i)),
                   to_size(mask[None], input_size)[:, :, 0])
-    tile = np.concatenate([image_panel(image[None]), mask_panel(mask_values[None]),
-                           image_panel(image_out[None]), mask_panel(masks_out[None])], axis=1)
     tile_name = name + '_tile.png'
-    write_png(os.path.join(out, tile_name), (tile * 255).round().astype(np.uint8))
+    save_tile(os.path.join(out, tile_name),
+              [[image_panel(image[None]), mask_panel(mask_values[None]),
+                image_panel(image_out[None]), mask_panel(masks_out[None])]])
     return tile_name
 
 
