@@ -70,8 +70,7 @@ def summary(seconds):
 
 
 def bench_train(args, warmup, iterations):
-    nn.set_default_context(train.get_context(args))
-    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
+    train.set_context(args)
     nn.seed(args.seed)
     ins_max, loaders = train.make_loaders(args)
     trainer = train.Trainer(args, ins_max)
@@ -113,8 +112,7 @@ def bench_data(args, warmup, iterations):
 def bench_translate(args, warmup, iterations):
     """Images per second of translate.py's Translator on trainA of --dataroot, random weights."""
     import translate
-    nn.set_default_context(train.get_context(args))
-    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
+    train.set_context(args)
     nn.seed(args.seed)
     params = os.path.join(args.model_save_path, 'bench_parameters.h5')
     os.makedirs(args.model_save_path, exist_ok=True)

@@ -280,7 +280,9 @@ def cuda_installed():
         return False
 
 
-def get_context(args):
+def set_context(args):
+    """Make the default context the one --context names (resolving its default) and, on the
+    CPU with --cpu-conv blas, build graphs with the numpy functions of cpu_functions.py."""
     if args.context is None:
         args.context = 'cudnn' if cuda_installed() else 'cpu'
         logger.info('context: {} (from what is installed; choose with --context)'.format(
@@ -288,8 +290,9 @@ def get_context(args):
     elif args.context == 'cudnn' and not cuda_installed():
         raise ConfigError('--context cudnn needs nnabla-ext-cuda, which is not installed '
                           '(pip install -r requirements-cuda.txt)')
-    return get_extension_context(args.context, device_id=args.device_id,
-                                 type_config=args.type_config)
+    nn.set_default_context(get_extension_context(args.context, device_id=args.device_id,
+                                                 type_config=args.type_config))
+    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
 
 
 def check_sizes(args):
@@ -484,8 +487,7 @@ def make_loaders(args):
 
 def train(args):
     check_sizes(args)
-    nn.set_default_context(get_context(args))
-    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
+    set_context(args)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     ins_max, loaders = make_loaders(args)  # checks the dataset before anything is written
