@@ -340,7 +340,17 @@ def _in_row_chunks(function, rows, size):
         job.result()
 
 
-class _InstanceNormalization(PythonFunction):
+class _ShapePreserving(PythonFunction):
+    """A function of one output shaped like its first input."""
+
+    def min_outputs(self):
+        return 1
+
+    def setup_impl(self, inputs, outputs):
+        outputs[0].reset_shape(inputs[0].shape, True)
+
+
+class _InstanceNormalization(_ShapePreserving):
     """(x - mean) / sqrt(var + eps) over H, W of every sample and channel, without affine.
 
     The backward needs only the output y and 1 / sqrt(var + eps), so the input can be freed
@@ -355,12 +365,6 @@ class _InstanceNormalization(PythonFunction):
     @property
     def name(self):
         return "NumpyInstanceNormalization"
-
-    def min_outputs(self):
-        return 1
-
-    def setup_impl(self, inputs, outputs):
-        outputs[0].reset_shape(inputs[0].shape, True)
 
     def forward_impl(self, inputs, outputs):
         x = inputs[0].data.data
@@ -408,7 +412,7 @@ def instance_normalization(x, eps=1e-5):
     return _InstanceNormalization(eps)(x)
 
 
-class _SpectralNorm(PythonFunction):
+class _SpectralNorm(_ShapePreserving):
     """w / sigma(w), sigma from one power iteration on the vector u, which it updates in place.
 
     As in Miyato et al.'s code and the InstaGAN original, u and v count as constants, so the
@@ -423,12 +427,6 @@ class _SpectralNorm(PythonFunction):
     @property
     def name(self):
         return "NumpySpectralNorm"
-
-    def min_outputs(self):
-        return 1
-
-    def setup_impl(self, inputs, outputs):
-        outputs[0].reset_shape(inputs[0].shape, True)
 
     def forward_impl(self, inputs, outputs):
         weight = inputs[0].data.data
