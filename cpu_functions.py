@@ -20,17 +20,21 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import nnabla
+import nnabla_ext.cpu
 import numpy as np
 from nnabla.function import PythonFunction
 from numpy.lib.stride_tricks import sliding_window_view
 
-# nnabla 1.39's compiled modules try the implicit relative imports 'nnabla.nnabla_ext' (on
-# every NdArray.data) and 'nnabla.nnabla' (several times per PythonFunction call) before the
-# absolute ones. Neither exists and Python does not remember a failed import, so each try
-# searched the disk: about 0.1 s of a 0.5 s small training step. Recording the misses makes
-# them fail at once.
-for _missing in ('nnabla.nnabla_ext', 'nnabla.nnabla'):
-    sys.modules.setdefault(_missing, None)
+# nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
+# times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
+# absolute ones. The relative names do not exist and Python does not remember a failed import,
+# so every try searched the disk: 0.1 s of a 0.5 s small training step. Registering them as the
+# modules the absolute imports give makes the first try succeed at once; None for the parent
+# makes it fail at once for the other backends (nnabla_ext.cuda, ...).
+sys.modules.setdefault('nnabla.nnabla', nnabla)
+sys.modules.setdefault('nnabla.nnabla_ext', None)
+sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
 
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
