@@ -258,3 +258,11 @@ def test_no_import_searches_while_running(monkeypatch):
     loss.backward()
     assert x.d.sum() == 50 and np.isfinite(w.g).all()
     assert searched == []
+
+
+@pytest.mark.parametrize("shape,pad", [((3, 5, 4), (1, 1)), ((2, 7, 9), (3, 3)), ((1, 4, 7), (3, 2)),
+                                       ((2, 6, 5), (0, 4)), ((2, 6, 5), (5, 0))])
+def test_reflect_pad_matches_numpy(shape, pad):
+    image = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    expected = np.pad(image, ((0, 0), (pad[0],) * 2, (pad[1],) * 2), mode='reflect')
+    np.testing.assert_array_equal(cpu_functions._reflect_pad(image, pad), expected)
