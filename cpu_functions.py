@@ -24,7 +24,7 @@ import nnabla
 import nnabla_ext.cpu
 import numpy as np
 from nnabla.function import PythonFunction
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 # nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
 # times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
@@ -64,52 +64,94 @@ def _conv_out_hw(in_hw, kernel_hw, pad, stride):
                  for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
 
 
-def _windows(image, kernel_hw, stride, writeable=False):
-    """(C, kh, kw, Ho, Wo) view of a padded image (C, H, W): im2col without copying."""
-    view = sliding_window_view(image, kernel_hw, axis=(1, 2), writeable=writeable)
-    return view[:, ::stride[0], ::stride[1]].transpose(0, 3, 4, 1, 2)
+# The im2col matrix has one row per (channel, i, j) of the kernel and one column per output
+# pixel, in row-major order with output rows `pitch` columns apart. For stride 1 the pitch is
+# the padded input's width: column (r, q) then reads input pixel (r + i, q + j), so each row of
+# the matrix is one contiguous run of the flattened input, and im2col and col2im move whole
+# runs instead of short strided pieces (3-4x faster on small maps). The kw - 1 columns past
+# each output row are not outputs: dropped going out, zero coming in. Other strides use
+# pitch = output width.
+
+def _pitch(padded_width, out_width, stride):
+    return padded_width if stride == (1, 1) else out_width
 
 
-def _row_chunks(col_rows, out_hw):
+def _columns(rows, out_width, pitch):
+    return (rows - 1) * pitch + out_width
+
+
+def _windows(xpad, kernel_hw, stride, rows, out_width, writeable=False):
+    """View of the padded image (C, H, W) as the im2col matrix of output rows `rows`, shaped
+    (C, kh, kw, columns) for stride 1 and (C, kh, kw, rows, out_width) otherwise."""
+    if stride == (1, 1):
+        channel_step, row_step, step = xpad.strides
+        columns = _columns(rows.stop - rows.start, out_width, xpad.shape[2])
+        return as_strided(xpad[:, rows.start], (xpad.shape[0], *kernel_hw, columns),
+                          (channel_step, row_step, step, step), writeable=writeable)
+    view = sliding_window_view(xpad, kernel_hw, axis=(1, 2), writeable=writeable)
+    return view[:, ::stride[0], ::stride[1]].transpose(0, 3, 4, 1, 2)[:, :, :, rows]
+
+
+def _output_rows(matrix, out_width, pitch):
+    """(C, rows, out_width) view of the output pixels in a (C, columns) matrix."""
+    rows = (matrix.shape[1] - out_width) // pitch + 1
+    channel_step, step = matrix.strides
+    return as_strided(matrix, (matrix.shape[0], rows, out_width), (channel_step, pitch * step, step),
+                      writeable=False)
+
+
+def _as_columns(block, pitch):
+    """(C, rows, W) output values -> (C, columns) with rows `pitch` apart and zeros between."""
+    channels, rows, width = block.shape
+    if pitch == width:
+        return block.reshape(channels, -1)
+    matrix = np.zeros((channels, _columns(rows, width, pitch)), block.dtype)
+    as_strided(matrix, block.shape, (matrix.strides[0], pitch * 4, 4))[...] = block
+    return matrix
+
+
+def _row_chunks(col_rows, out_h, pitch):
     """Split output rows into chunks whose im2col matrix fits in _CHUNK_FLOATS.
 
-    Returns [(r0, r1), ...] and a flat buffer big enough for any chunk.
+    Returns [slice of rows, ...] and a flat buffer big enough for any chunk.
     """
-    out_h, out_w = out_hw
-    step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
-    chunks = [(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
-    return chunks, np.empty(col_rows * min(step, out_h) * out_w, np.float32)
+    step = max(1, _CHUNK_FLOATS // (col_rows * pitch))
+    chunks = [slice(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
+    return chunks, np.empty(col_rows * min(step, out_h) * pitch, np.float32)
 
 
 def _im2col_chunks(xpad, kernel_hw, stride, out_hw):
-    """Yield (r0, r1, col): col is the (C*kh*kw, (r1-r0)*Wo) im2col matrix of
-    output rows r0:r1. col lives in a buffer reused by the next chunk."""
-    channels, out_w = xpad.shape[0], out_hw[1]
-    col_rows = channels * kernel_hw[0] * kernel_hw[1]
-    win = _windows(xpad, kernel_hw, stride)
-    chunks, buf = _row_chunks(col_rows, out_hw)
-    for r0, r1 in chunks:
-        col = buf[:col_rows * (r1 - r0) * out_w].reshape(channels, *kernel_hw, r1 - r0, out_w)
-        np.copyto(col, win[:, :, :, r0:r1])
-        yield r0, r1, col.reshape(col_rows, -1)
+    """Yield (rows, col): col is the (C*kh*kw, columns) im2col matrix of output rows `rows`.
+    col lives in a buffer reused by the next chunk."""
+    col_rows = xpad.shape[0] * kernel_hw[0] * kernel_hw[1]
+    pitch = _pitch(xpad.shape[2], out_hw[1], stride)
+    chunks, buf = _row_chunks(col_rows, out_hw[0], pitch)
+    for rows in chunks:
+        win = _windows(xpad, kernel_hw, stride, rows, out_hw[1])
+        col = buf[:win.size].reshape(win.shape)
+        np.copyto(col, win)
+        yield rows, col.reshape(col_rows, -1)
 
 
 def _im2col_conv(x, w, pad, stride):
     out_ch = w.shape[0]
     out_h, out_w = _conv_out_hw(x.shape[1:], w.shape[2:], pad, stride)
-    y = np.empty((out_ch, out_h * out_w), np.float32)
+    xpad = _padded(x, pad)
+    pitch = _pitch(xpad.shape[2], out_w, stride)
+    y = np.empty((out_ch, out_h, out_w), np.float32)
     w_mat = w.reshape(out_ch, -1)
-    for r0, r1, col in _im2col_chunks(_padded(x, pad), w.shape[2:], stride, (out_h, out_w)):
-        np.matmul(w_mat, col, out=y[:, r0 * out_w:r1 * out_w])
-    return y.reshape(out_ch, out_h, out_w)
+    for rows, col in _im2col_chunks(xpad, w.shape[2:], stride, (out_h, out_w)):
+        y[:, rows] = _output_rows(w_mat @ col, out_w, pitch)
+    return y
 
 
 def _im2col_weight_grad(x, dy, kernel_hw, pad, stride):
     out_ch, out_h, out_w = dy.shape
-    dy_mat = dy.reshape(out_ch, -1)
+    xpad = _padded(x, pad)
+    pitch = _pitch(xpad.shape[2], out_w, stride)
     dw = np.zeros((out_ch, x.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
-    for r0, r1, col in _im2col_chunks(_padded(x, pad), kernel_hw, stride, (out_h, out_w)):
-        dw += dy_mat[:, r0 * out_w:r1 * out_w] @ col.T
+    for rows, col in _im2col_chunks(xpad, kernel_hw, stride, (out_h, out_w)):
+        dw += _as_columns(dy[:, rows], pitch) @ col.T
     return dw.reshape(out_ch, x.shape[0], *kernel_hw)
 
 
@@ -118,20 +160,21 @@ def _col2im_input_grad(dy, w, pad, stride, x_hw):
     out_h, out_w = dy.shape[1:]
     (h, wd), (ph, pw) = x_hw, pad
     dxpad = np.zeros((in_ch, h + 2 * ph, wd + 2 * pw), np.float32)
-    # Writing through a window view is safe for one fixed (i, j): it hits
-    # each pixel at most once. Different (i, j) overlap, hence the loop.
-    win = _windows(dxpad, (kh, kw), stride, writeable=True)
+    pitch = _pitch(dxpad.shape[2], out_w, stride)
     w_mat_t = w.reshape(out_ch, -1).T
-    dy_mat = dy.reshape(out_ch, -1)
     col_rows = in_ch * kh * kw
-    chunks, buf = _row_chunks(col_rows, (out_h, out_w))
-    for r0, r1 in chunks:
-        dcol = buf[:col_rows * (r1 - r0) * out_w].reshape(col_rows, -1)
-        np.matmul(w_mat_t, dy_mat[:, r0 * out_w:r1 * out_w], out=dcol)
-        dcol = dcol.reshape(in_ch, kh, kw, r1 - r0, out_w)
+    chunks, buf = _row_chunks(col_rows, out_h, pitch)
+    for rows in chunks:
+        dy_cols = _as_columns(dy[:, rows], pitch)
+        dcol = buf[:col_rows * dy_cols.shape[1]].reshape(col_rows, -1)
+        np.matmul(w_mat_t, dy_cols, out=dcol)
+        # Writing through a window view is safe for one fixed (i, j): it hits each pixel at
+        # most once. Different (i, j) overlap, hence the loop.
+        win = _windows(dxpad, (kh, kw), stride, rows, out_w, writeable=True)
+        dcol = dcol.reshape(win.shape)
         for i in range(kh):
             for j in range(kw):
-                win[:, i, j, r0:r1] += dcol[:, i, j]
+                win[:, i, j] += dcol[:, i, j]
     return dxpad[:, ph:ph + h, pw:pw + wd]
 
 
