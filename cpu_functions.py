@@ -448,12 +448,15 @@ class _InstanceNormalization(_ShapePreserving):
         x, y = x.reshape(rows, -1), outputs[0].data.data.reshape(rows, -1)
         self._inverse_std = np.empty((rows, 1), np.float32)
 
+        size = x.shape[1]
+
         def normalise(lo, hi):
-            centred = x[lo:hi] - x[lo:hi].mean(axis=1, keepdims=True)
-            inverse_std = 1 / np.sqrt(np.mean(np.square(centred), axis=1, keepdims=True)
-                                      + self._eps)
-            self._inverse_std[lo:hi] = inverse_std
-            np.multiply(centred, inverse_std, out=y[lo:hi])
+            centred = y[lo:hi]
+            np.subtract(x[lo:hi], np.add.reduce(x[lo:hi], axis=1, keepdims=True) / size,
+                        out=centred)
+            variance = np.einsum('ij,ij->i', centred, centred)[:, None] / size
+            self._inverse_std[lo:hi] = 1 / np.sqrt(variance + self._eps)
+            centred *= self._inverse_std[lo:hi]
 
         _in_row_chunks(normalise, rows, x.size)
 
@@ -466,9 +469,13 @@ class _InstanceNormalization(_ShapePreserving):
         dy = outputs[0].grad.data.reshape(rows, -1)
         dx = inputs[0].grad.data.reshape(rows, -1)
 
+        size = y.shape[1]
+
         def gradient(lo, hi):
-            grad = dy[lo:hi] - dy[lo:hi].mean(axis=1, keepdims=True)
-            grad -= y[lo:hi] * np.mean(dy[lo:hi] * y[lo:hi], axis=1, keepdims=True)
+            y_rows, dy_rows = y[lo:hi], dy[lo:hi]
+            grad = y_rows * (np.einsum('ij,ij->i', dy_rows, y_rows)[:, None] / size)
+            grad += np.add.reduce(dy_rows, axis=1, keepdims=True) / size
+            np.subtract(dy_rows, grad, out=grad)
             grad *= self._inverse_std[lo:hi]
             _store(dx[lo:hi], grad, accum[0])
 
