@@ -323,10 +323,9 @@ class _BlasConvolution(PythonFunction):
     def forward_impl(self, inputs, outputs):
         x, w = inputs[0].data.data, inputs[1].data.data
         y = outputs[0].data.data
+        bias = inputs[2].data.data.reshape(-1, 1, 1) if len(inputs) == 3 else 0
         for x_img, y_img in zip(x, y):
-            y_img[...] = self._image_forward(self._seen(x_img), w, y.shape[2:])
-        if len(inputs) == 3:
-            y += inputs[2].data.data.reshape(-1, 1, 1)
+            np.add(self._image_forward(self._seen(x_img), w, y.shape[2:]), bias, out=y_img)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         dy = outputs[0].grad.data
