@@ -23,6 +23,7 @@ CONV_CONFIGS = [
     (4, 8, 4, 1, 2, None, (17, 12)),     # discriminator
     (8, 16, 4, 1, 1, None, (9, 7)),
     (16, 1, 4, 1, 1, None, (9, 8)),      # discriminator head (dual form)
+    (5, 7, 3, 1, 1, None, (6, 41)),      # stride 1 on a map wider than _MAX_RUNS_WIDTH
 ]
 DECONV_CONFIGS = [
     (12, 6, 3, 1, 2, 1, (9, 7)),         # upsampling
@@ -83,6 +84,14 @@ def _assert_close(expected, actual):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_matches_nnabla(config, batch):
     _assert_close(*_nnabla_and_blas(*config, batch=batch, use_bias=True, two_branches=False))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_nnabla_in_both_layouts(config, monkeypatch):
+    """Stride-1 layers lay the im2col matrix out in runs only on narrow maps; without runs they
+    must give the same results."""
+    monkeypatch.setattr(cpu_functions, "_MAX_RUNS_WIDTH", 0)
+    _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
 
 
 @pytest.mark.parametrize("reflect, config", [
