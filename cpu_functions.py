@@ -455,7 +455,6 @@ class _InstanceNormalization(_ShapePreserving):
         rows = x.shape[0] * x.shape[1]
         x, y = x.reshape(rows, -1), outputs[0].data.data.reshape(rows, -1)
         self._inverse_std = np.empty((rows, 1), np.float32)
-
         size = x.shape[1]
 
         def normalise(lo, hi):
@@ -476,7 +475,6 @@ class _InstanceNormalization(_ShapePreserving):
         y = outputs[0].data.data.reshape(rows, -1)
         dy = outputs[0].grad.data.reshape(rows, -1)
         dx = inputs[0].grad.data.reshape(rows, -1)
-
         size = y.shape[1]
 
         def gradient(lo, hi):

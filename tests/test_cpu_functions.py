@@ -250,9 +250,9 @@ def test_spectral_norm_matches_nnabla(shape):
 
 
 def test_no_import_searches_while_running(monkeypatch):
-    """nnabla's compiled code retries imports of modules that do not exist on every data
-    access and PythonFunction call; cpu_functions records the misses so none reaches the
-    import system (each search cost about 20 us of disk lookups)."""
+    """nnabla's compiled code tries relative imports of modules that do not exist on every data
+    access and PythonFunction call; cpu_functions registers those names so none reaches the
+    import system's search (each search cost about 20 us of disk lookups)."""
     searched = []
 
     class RecordingFinder:
