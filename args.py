@@ -20,7 +20,9 @@ def get_args(argv=None):
                       help='instance slots per image (capped at the most any image has)')
     data.add_argument('--ins-per', type=int, default=2,
                       help='instance slots translated per pass of sequential mini-batch '
-                           'translation (--ins-per = --ins-max: all in one pass)')
+                           'translation (--ins-per = --ins-max: all in one pass); the cycle '
+                           'and identity L1 average over 3 + --ins-per channels, as the '
+                           'official code, even where fewer slots are built')
     data.add_argument('--set-order', choices=['decreasing', 'random'], default='decreasing',
                       help='order of the instances in their slots: by decreasing area, or random')
 
@@ -32,9 +34,12 @@ def get_args(argv=None):
 
     train = parser.add_argument_group('training')
     train.add_argument('--batch-size', '-b', type=int, default=1)
-    train.add_argument('--max-epoch', '-e', type=int, default=200)
-    train.add_argument('--lr-decay-start-epoch', type=int, default=100,
-                       help='learning rates decay linearly from this epoch to zero at --max-epoch')
+    train.add_argument('--max-epoch', '-e', type=int, default=600,
+                       help='the official jeans<->skirt command: 400 + 200 epochs')
+    train.add_argument('--lr-decay-start-epoch', type=int, default=400,
+                       help='learning rates are constant for this many epochs, then decay '
+                            'linearly as the official code does (to 1/(decay epochs + 1) of '
+                            'the base rate in the last epoch)')
     train.add_argument('--learning-rate-G', type=float, default=2e-4)
     train.add_argument('--learning-rate-D', type=float, default=2e-4)
     train.add_argument('--beta1', type=float, default=0.5, help='Adam beta1')

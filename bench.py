@@ -75,7 +75,8 @@ def bench_train(args, warmup, iterations):
     ins_max, loaders = train.make_loaders(args)
     trainer = train.Trainer(args, ins_max)
     trainer.set_epoch(0)
-    roots = [part for graph in trainer.directions.values() for part in graph.parts] + \
+    roots = [loss for graph in trainer.directions.values()
+             for loss in (graph.identity_loss, graph.translation_loss)] + \
         [graph.loss for graph in trainer.discriminators.values()]
     flops = trainer.passes * sum(convolution_flops(root) for root in roots)
     seconds = []

@@ -6,7 +6,8 @@ A dataset folder holds, for each phase (train, val, ...) and domain (A, B):
     {phase}A_seg/NAME_0.png, ...      its instance masks, numbered from 0 without gaps
 
 MaskedImageIterator yields batches of one domain: images in [-1, 1] and a fixed number of
-instance masks per image in {-1, 1}, cropped and flipped together. The two domains are
+instance masks per image in [-1, 1] (1 inside, -1 outside, soft at the edges), resized,
+cropped and flipped together. The two domains are
 unaligned, so the caller runs one independent iterator per domain.
 """
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,8 @@ def load_image(path):
 
 
 def load_mask(path):
-    """Any image file -> bool (H, W), True above half the file's maximum, so 0/1 and 0/255 work."""
+    """Any image file -> bool (H, W), True above half the file's maximum, so 0/1 and 0/255 work
+    alike (the official code reads 0/255 files; this makes any other encoding equivalent)."""
     try:
         with Image.open(path) as mask:
             # Palette and colour masks are judged by luminance; single-band ones keep their raw
@@ -55,8 +57,10 @@ def load_mask(path):
 
 
 def load_resized(image_path, mask_paths, size):
-    """An image and its masks resized to size (H, W): float32 (3, H, W) in [-1, 1] and
-    bool (N, H, W). Also returns the image's own (H, W)."""
+    """An image and its masks resized to size (H, W), both bicubically as the official code
+    does: float32 (3, H, W) and (N, H, W), in [-1, 1]. The masks keep the soft edges the
+    resize gives them (not binarised, as in the official pipeline). Also returns the
+    image's own (H, W)."""
     image = _read_rgb(image_path)
     masks = [load_mask(path) for path in mask_paths]
     for path, mask in zip(mask_paths, masks):
@@ -64,12 +68,16 @@ def load_resized(image_path, mask_paths, size):
             raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
                             f'but its image is {image.width}x{image.height}')
     height, width = size
-    resized = _to_array(image.resize((width, height), Image.BILINEAR))
-    # Bilinear then threshold gives smoother edges than nearest-neighbour resizing.
+    resized = _to_array(image.resize((width, height), Image.BICUBIC))
     masks = np.stack([np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
-                                 .resize((width, height), Image.BILINEAR)) >= 128
-                      for mask in masks]) if masks else np.zeros((0, height, width), bool)
+                                 .resize((width, height), Image.BICUBIC), np.float32) / 127.5 - 1
+                      for mask in masks]) if masks else np.zeros((0, height, width), np.float32)
     return resized, masks, (image.height, image.width)
+
+
+def mask_areas(masks):
+    """(N, H, W) masks in [-1, 1] -> (N,) areas in pixels, soft edges counted by their value."""
+    return ((masks + 1) / 2).sum(axis=(1, 2))
 
 
 def mask_paths(image_path):
@@ -103,7 +111,7 @@ class MaskedImageIterator:
     """Endless shuffled batches of (images, masks) from {dataroot}/{phase}{domain}.
 
     images: float32 (B, 3, fine_h, fine_w) in [-1, 1]; masks: float32 (B, ins_max, fine_h, fine_w)
-    with 1 inside an instance and -1 elsewhere. Each image and its masks are resized to
+    with 1 inside an instance and -1 elsewhere, soft at the edges. Each image and its masks are resized to
     load_size, randomly cropped to fine_size and randomly flipped, all with the same window.
     Instances are sorted by decreasing area inside the crop (or shuffled with set_order='random'),
     cut to ins_max and padded with empty masks. Sizes are (H, W).
@@ -212,8 +220,8 @@ class MaskedImageIterator:
         if flip:
             image, masks = image[:, :, ::-1], masks[:, :, ::-1]
         if set_order is None:  # largest first, ties in file order
-            set_order = np.argsort(-masks.sum(axis=(1, 2)), kind='stable')
+            set_order = np.argsort(-mask_areas(masks), kind='stable')
         kept = masks[set_order[:self.ins_max]]
         padded = np.full((self.ins_max, fine_h, fine_w), -1, np.float32)
-        padded[:len(kept)] = np.where(kept, 1, -1)
-        return np.ascontiguousarray(image), padded
+        padded[:len(kept)] = kept
+        return np.ascontiguousarray(image), np.ascontiguousarray(padded)

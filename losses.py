@@ -23,14 +23,26 @@ def discriminator_loss(real_scores, fake_scores, fake_weights=None):
     return 0.5 * (lsgan_loss(real_scores, 1.0) + lsgan_loss(fake_scores, 0.0, fake_weights))
 
 
-def image_and_masks_l1(image, masks, other_image, other_masks, weights=None):
+def image_and_masks_l1(image, masks, other_image, other_masks, weights=None, mask_channels=None):
     """Mean absolute difference over the image channels and the mask channels together.
 
     Used for the cycle loss (reconstruction vs. input) and the identity loss (a generator fed
     an image of its own output domain should leave image and masks unchanged).
+
+    mask_channels: the mean is over 3 + mask_channels channels, of which the slots beyond
+    masks.shape[1] are taken to be empty in both, adding no error. The official code always
+    carries --ins-per slots per pass, empty ones included, so on one-instance data (CCP) its
+    L1 averages over 3 + 2 channels; passing mask_channels=--ins-per keeps that weight when
+    fewer slots are built.
     """
-    return batch_mean(F.absolute_error(F.concatenate(image, masks, axis=1),
+    channels = image.shape[1] + masks.shape[1]
+    loss = batch_mean(F.absolute_error(F.concatenate(image, masks, axis=1),
                                        F.concatenate(other_image, other_masks, axis=1)), weights)
+    if mask_channels is None or mask_channels == masks.shape[1]:
+        return loss
+    if mask_channels < masks.shape[1]:
+        raise ValueError(f'mask_channels {mask_channels} < the {masks.shape[1]} slots given')
+    return loss * (channels / (image.shape[1] + mask_channels))
 
 
 def mask_union(masks):

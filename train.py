@@ -52,10 +52,10 @@ class TrainingStopped(Exception):
 
 
 def learning_rate(base, epoch, decay_start, max_epoch):
-    """Constant until `decay_start`, then linear decay reaching zero at `max_epoch`."""
-    if epoch < decay_start:
-        return base
-    return base * max(0.0, (max_epoch - epoch) / float(max_epoch - decay_start))
+    """The official schedule for epoch 0, 1, ...: constant for `decay_start` epochs, then
+    linear decay, base * (1 - (epoch + 1 - decay_start) / (max_epoch - decay_start + 1))."""
+    decay_epochs = max_epoch - decay_start
+    return base * (1.0 - max(0, epoch + 1 - decay_start) / float(decay_epochs + 1))
 
 
 class ImagePool:
@@ -163,20 +163,20 @@ class Trainer:
         graph.losses = {
             'generator_loss': lsgan_loss(scores, 1.0, active),
             'reconstruction_loss': image_and_masks_l1(graph.rec, graph.rec_masks, graph.image,
-                                                      graph.masks, active),
+                                                      graph.masks, active, args.ins_per),
             'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, graph.image, graph.masks,
-                                                        active),
+                                                        active, args.ins_per),
             'context_preserving_loss': context_preserving_loss(
                 graph.image, graph.masks, graph.fake, graph.fake_masks, active),
         }
         # The identity mapping does not depend on the translation: a graph of its own, run
         # before the other, so that their activations are never held at the same time.
-        graph.parts = [args.lambda_idt * graph.losses['identity_mapping_loss'],
-                       graph.losses['generator_loss']
-                       + args.lambda_cyc * graph.losses['reconstruction_loss']
-                       + args.lambda_ctx * graph.losses['context_preserving_loss']]
-        for variable in graph.parts + [graph.fake, graph.fake_masks, graph.rec, graph.rec_masks] \
-                + list(graph.losses.values()):
+        graph.identity_loss = args.lambda_idt * graph.losses['identity_mapping_loss']
+        graph.translation_loss = (graph.losses['generator_loss']
+                                  + args.lambda_cyc * graph.losses['reconstruction_loss']
+                                  + args.lambda_ctx * graph.losses['context_preserving_loss'])
+        for variable in [graph.identity_loss, graph.translation_loss, graph.fake,
+                         graph.fake_masks, graph.rec, graph.rec_masks] + list(graph.losses.values()):
             variable.persistent = True
         return graph
 
@@ -229,9 +229,9 @@ class Trainer:
                 graph.image.d, graph.masks.d = current[s], masks[s][:, pass_slots]
                 if graph.held_masks is not None:
                     graph.held_masks.d = np.delete(translated[s], range(p * K, (p + 1) * K), axis=1)
-                for part in graph.parts:
-                    part.forward(clear_no_need_grad=True)
-                    part.backward(clear_buffer=True)
+                for loss in [graph.identity_loss, graph.translation_loss]:
+                    loss.forward(clear_no_need_grad=True)
+                    loss.backward(clear_buffer=True)
                 check_finite({'{}_{}'.format(name, s): loss
                               for name, loss in graph.losses.items()}, iteration, self.args)
             for scope in GENERATORS:
@@ -241,9 +241,7 @@ class Trainer:
                 t = 'y' if s == 'x' else 'x'
                 graph, discriminator = self.directions[s], self.discriminators[t]
                 translated[s][:, pass_slots] = graph.fake_masks.d
-                real_masks = masks[t].copy()
-                real_masks[:, (p + 1) * K:] = -1  # the real side sees as many slots as the fake
-                discriminator.real.d, discriminator.real_masks.d = images[t], real_masks
+                discriminator.real.d, discriminator.real_masks.d = images[t], masks[t]
                 discriminator.fake.d, discriminator.fake_masks.d = self.pools[t].query(
                     graph.fake.d, translated[s], active[s])
                 discriminator.fake_weights.d = active[s]
@@ -495,8 +493,6 @@ def train(args):
     check_writable(args.model_save_path)
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
     trainer = Trainer(args, ins_max)
-    # Checkpoints save args: record the slot counts that actually run, for translate.py.
-    args.ins_max, args.ins_per = ins_max, trainer.ins_per
     logger.info('instance slots per image: {}, translated in {} pass(es) of {}'.format(
         ins_max, trainer.passes, trainer.ins_per))
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import models
-from data import DataError, list_images, load_resized, mask_paths
+from data import DataError, list_images, load_resized, mask_areas, mask_paths
 from train import (checkpoint_paths, cuda_installed, image_panel, mask_panel, save_tile,
                    write_png)
 
@@ -136,10 +136,9 @@ def translate_one(translator, image_path, masks, out):
     """Translate one input and write its files; returns the tile's file name."""
     if not masks:
         raise DataError('{}: no instance mask given or found'.format(image_path))
-    image, mask_array, input_size = load_resized(image_path, masks, translator.size)
+    image, mask_values, input_size = load_resized(image_path, masks, translator.size)
     # Largest instance first, as in training.
-    mask_array = mask_array[np.argsort(-mask_array.sum(axis=(1, 2)), kind='stable')]
-    mask_values = np.where(mask_array, 1, -1).astype(np.float32)
+    mask_values = mask_values[np.argsort(-mask_areas(mask_values), kind='stable')]
     image_out, masks_out = translator(image, mask_values)
 
     name = os.path.splitext(os.path.basename(image_path))[0]

@@ -29,12 +29,15 @@ def read_series(tmp_path, name):
     return np.loadtxt(tmp_path / 'monitor' / '{}.series.txt'.format(name), ndmin=2)
 
 
-def test_learning_rate_is_constant_then_linear_to_zero():
-    rates = [train.learning_rate(2e-4, epoch, 100, 200) for epoch in range(200)]
-    assert rates[0] == rates[99] == 2e-4
-    assert rates[150] == pytest.approx(1e-4)
-    assert rates[199] == pytest.approx(2e-6)
-    assert train.learning_rate(2e-4, 200, 100, 200) == 0
+def test_learning_rate_is_the_official_schedule():
+    """The official jeans<->skirt command: niter 400, niter_decay 200, epoch_count 1, and the
+    factor 1 - max(0, epoch + epoch_count - niter) / (niter_decay + 1) for epochs 0, 1, ..."""
+    rates = [train.learning_rate(2e-4, epoch, 400, 600) for epoch in range(600)]
+    assert rates[0] == rates[399] == 2e-4
+    assert rates[400] == pytest.approx(2e-4 * 200 / 201)
+    assert rates[500] == pytest.approx(2e-4 * 100 / 201)
+    assert rates[599] == pytest.approx(2e-4 / 201)
+    assert all(later < earlier for earlier, later in zip(rates[399:], rates[400:]))
 
 
 def test_image_pool_returns_new_fakes_until_full_then_mixes():
