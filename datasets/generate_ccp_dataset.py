@@ -3,11 +3,14 @@
     python datasets/generate_ccp_dataset.py --data_root datasets/clothing-co-parsing
     python datasets/generate_ccp_dataset.py --cat1 shoes --cat2 boots --split-instances \
                                             --save_root datasets/shoes2boots_ccp
+    python datasets/generate_ccp_dataset.py --test-fraction 0.1 --split-seed 0
 
 Output layout, with A = --cat1 and B = --cat2:
 
     trainA/NAME.png, trainA_seg/NAME_0.png   photos with a pixel-level annotation that contains
     trainB/NAME.png, trainB_seg/NAME_0.png   the category; the mask is 255 on it, 0 elsewhere
+    testA/NAME.png, testA_seg/NAME_0.png     with --test-fraction F > 0 only: that held-out
+    testB/NAME.png, testB_seg/NAME_0.png     fraction of the train photos, laid out like train
     valA/NAME.png, valB/NAME.png             photos whose image-level tags contain the category
 
 CCP labels each pixel with one category, so by default a category gives exactly one instance
@@ -16,6 +19,12 @@ region that covers at least --min-instance-area of the photo becomes an instance
 (NAME_0.png, NAME_1.png, ... in scan order), e.g. each shoe of a pair; training photos with
 no component left are skipped. Everything is written to a hidden sibling folder that is
 renamed into place at the end, so an interrupted run never leaves a half-written dataset behind.
+
+--test-fraction F moves round(F * count) of each category's pixel-annotated photos (at least one
+and never all of them when there are two or more) from train to test. The photos are drawn with
+--split-seed from the sorted photo names, so the same seed and CCP copy give the same split on
+every machine. Each category is split on its own: a photo that contains both can be in testA
+and in trainB. The default F = 0 writes no test folders.
 """
 import argparse
 import os
@@ -83,11 +92,35 @@ def instance_masks(region, split_instances, min_instance_area):
             if areas[index] >= min_instance_area]
 
 
-def export_pixel_level(annotation_path, photos, out, targets, split_instances, min_instance_area):
-    """Save photo and masks into train{domain} for every (domain, label) of `targets` present."""
+def find_instances(annotation_path, targets, split_instances, min_instance_area):
+    """The label map and (domain, instance masks) for every (domain, label) of `targets` present."""
     labels = load_mat(annotation_path, 'groundtruth')
     found = [(domain, masks) for domain, label in targets
              if (masks := instance_masks(labels == label, split_instances, min_instance_area))]
+    return labels, found
+
+
+def pixel_level_domains(annotation_path, **instance_args):
+    """The photo name and the domains it will be exported to (the split is chosen from these)."""
+    _, found = find_instances(annotation_path, **instance_args)
+    return annotation_path.stem, [domain for domain, _ in found]
+
+
+def pick_test_names(names, test_fraction, seed):
+    """The held-out subset of `names`, which must be sorted so that worker order does not matter."""
+    if test_fraction == 0 or len(names) < 2:
+        return frozenset()
+    # At least one photo so a small category still gets a test set, never all so training can run.
+    size = min(max(round(test_fraction * len(names)), 1), len(names) - 1)
+    order = np.random.RandomState(seed).permutation(len(names))  # the same on every machine
+    return frozenset(names[index] for index in order[:size])
+
+
+def export_pixel_level(annotation_path, photos, out, targets, test_names, **instance_args):
+    """Save photo and masks into train{domain}, or test{domain} for names in test_names[domain],
+    for every (domain, label) of `targets` present; return the folders written to."""
+    labels, found = find_instances(annotation_path, targets, **instance_args)
+    folders = []
     if found:
         name = annotation_path.stem
         photo = load_photo(photos / f'{name}.jpg')
@@ -96,15 +129,18 @@ def export_pixel_level(annotation_path, photos, out, targets, split_instances, m
             raise DatasetError(f'{annotation_path}: annotation is {width}x{height} '
                                f'but its photo is {photo.width}x{photo.height}')
         for domain, masks in found:
-            photo.save(out / f'train{domain}' / f'{name}.png')
+            folder = f'test{domain}' if name in test_names.get(domain, ()) else f'train{domain}'
+            photo.save(out / folder / f'{name}.png')
             for index, mask in enumerate(masks):
                 mask = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
-                mask.save(out / f'train{domain}_seg' / f'{name}_{index}.png')
-    return [domain for domain, _ in found]
+                mask.save(out / f'{folder}_seg' / f'{name}_{index}.png')
+            folders.append(folder)
+    return folders
 
 
 def export_image_level(annotation_path, photos, out, targets):
-    """Save the photo into val{domain} for every (domain, label) of `targets` it is tagged with."""
+    """Save the photo into val{domain} for every (domain, label) of `targets` it is tagged with;
+    return the folders written to."""
     tags = load_mat(annotation_path, 'tags').ravel()
     found = [domain for domain, label in targets if label in tags]
     if found:
@@ -112,25 +148,43 @@ def export_image_level(annotation_path, photos, out, targets):
         photo = load_photo(photos / f'{name}.jpg')
         for domain in found:
             photo.save(out / f'val{domain}' / f'{name}.png')
-    return found
+    return [f'val{domain}' for domain in found]
 
 
-def run_export(pool, export, annotations, description):
-    """Run `export` on every annotation file in parallel; return the photo count per domain."""
-    counts = {'A': 0, 'B': 0}
+def run_parallel(pool, function, annotations, description):
+    """Yield `function` of every annotation file, in any order, with a progress bar."""
     files = sorted(annotations.glob('*.mat'))
     # The context closes the bar before an error message is printed, not at interpreter exit.
     with tqdm(total=len(files), desc=description, unit='file') as progress:
-        for domains in pool.imap_unordered(export, files, chunksize=8):
-            for domain in domains:
-                counts[domain] += 1
+        for result in pool.imap_unordered(function, files, chunksize=8):
+            yield result
             progress.update()
+
+
+def choose_test_split(pool, annotations, test_fraction, split_seed, **instance_args):
+    """{domain: held-out names}, decided here from sorted names before any photo is written."""
+    names = {'A': [], 'B': []}
+    scan = partial(pixel_level_domains, **instance_args)
+    for name, domains in run_parallel(pool, scan, annotations, 'test split (pixel-level)'):
+        for domain in domains:
+            names[domain].append(name)
+    return {domain: pick_test_names(sorted(domain_names), test_fraction, split_seed)
+            for domain, domain_names in names.items()}
+
+
+def run_export(pool, export, annotations, description):
+    """Run `export` on every annotation file in parallel; return the photo count per folder."""
+    counts = {}
+    for folders in run_parallel(pool, export, annotations, description):
+        for folder in folders:
+            counts[folder] = counts.get(folder, 0) + 1
     return counts
 
 
 def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
-             split_instances=False, min_instance_area=0.002):
-    """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}."""
+             split_instances=False, min_instance_area=0.002, test_fraction=0.0, split_seed=0):
+    """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}
+    with testA and testB only when test_fraction > 0."""
     data_root, save_root = Path(data_root), Path(save_root)
     check_layout(data_root)
     names = label_names(data_root)
@@ -144,6 +198,10 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
     if not 0 <= min_instance_area < 1:
         raise DatasetError(f'min_instance_area {min_instance_area} must be in [0, 1): '
                            'a fraction of the photo area')
+    if not 0 <= test_fraction < 1:
+        raise DatasetError(f'test_fraction {test_fraction} must be in [0, 1)')
+    if not 0 <= split_seed < 2**32:
+        raise DatasetError(f'split_seed {split_seed} must be in [0, 2**32)')
     if save_root.exists() and not overwrite:
         raise DatasetError(f'{save_root}: already exists; pass --overwrite to replace it')
 
@@ -154,20 +212,49 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
     # TemporaryDirectory removes it (and any replaced old dataset) on success and failure alike.
     with tempfile.TemporaryDirectory(prefix=f'.{save_root.name}.', dir=save_root.parent) as staging:
         out = Path(staging) / save_root.name
-        for folder in ['trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']:
+        photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0 else [])
+        for folder in photo_folders + ['valA', 'valB']:
             (out / folder).mkdir(parents=True)
+        for folder in photo_folders:
+            (out / f'{folder}_seg').mkdir()
         export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
+        instance_args = dict(split_instances=split_instances, min_instance_area=min_instance_area)
         with Pool(workers, initializer=leave_signals_to_main_process) as pool:
-            train = run_export(pool, partial(export_pixel_level, **export_args,
-                                             split_instances=split_instances,
-                                             min_instance_area=min_instance_area),
-                               annotations / 'pixel-level', 'train (pixel-level)')
-            val = run_export(pool, partial(export_image_level, **export_args),
-                             annotations / 'image-level', 'val (image-level)')
+            # Only a split needs this extra pass, which reads every pixel-level file once more.
+            test_names = {} if test_fraction == 0 else choose_test_split(
+                pool, annotations / 'pixel-level', test_fraction, split_seed,
+                targets=targets, **instance_args)
+            counts = run_export(pool, partial(export_pixel_level, **export_args,
+                                              test_names=test_names, **instance_args),
+                                annotations / 'pixel-level', 'train (pixel-level)')
+            counts |= run_export(pool, partial(export_image_level, **export_args),
+                                 annotations / 'image-level', 'val (image-level)')
         if save_root.exists():
             os.rename(save_root, Path(staging) / 'replaced')
         os.rename(out, save_root)
-    return {'trainA': train['A'], 'trainB': train['B'], 'valA': val['A'], 'valB': val['B']}
+    return {folder: counts.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
+
+
+def fraction_below_one(text):
+    """argparse type for --test-fraction: a float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0 <= value < 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f'{text} must be in [0, 1)')
+    return value
+
+
+def uint32(text):
+    """argparse type for --split-seed: an int in [0, 2**32), which RandomState accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f'{text} must be in [0, 2**32)')
+    return value
 
 
 def main():
@@ -183,12 +270,18 @@ def main():
     parser.add_argument('--min-instance-area', type=float, default=0.002,
                         help='with --split-instances, drop components smaller than this '
                              'fraction of the photo area')
+    parser.add_argument('--test-fraction', type=fraction_below_one, default=0.0,
+                        help='hold out this fraction of each category\'s pixel-annotated photos '
+                             'in testA(_seg)/testB(_seg); 0 makes no test folders')
+    parser.add_argument('--split-seed', type=uint32, default=0,
+                        help='seed that picks the --test-fraction photos')
     args = parser.parse_args()
     # Let `kill` unwind like Ctrl-C does, so the staging folder is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit('generate_ccp_dataset.py: terminated'))
     try:
         counts = generate(args.data_root, args.save_root, args.cat1, args.cat2, args.overwrite,
-                          args.workers, args.split_instances, args.min_instance_area)
+                          args.workers, args.split_instances, args.min_instance_area,
+                          args.test_fraction, args.split_seed)
     except DatasetError as error:
         sys.exit(f'generate_ccp_dataset.py: {error}')
     print(f'{args.save_root}:', ', '.join(f'{folder} {count}' for folder, count in counts.items()))

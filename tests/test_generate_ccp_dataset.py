@@ -207,3 +207,78 @@ def test_min_instance_area_must_be_a_fraction(ccp, tmp_path, area):
                      '--min-instance-area', area)
     assert_one_line_error(result, 'min_instance_area', area)
     assert names(tmp_path) == ['ccp']
+
+
+# For --test-fraction: jeans in 0001-0006 and a skirt in 0005-0015, so 0005 and 0006 have both
+SPLIT_LEVEL = {f'{index:04d}': label_map(*[(label, top, top + 4) for label, top, first, last
+                                           in [(JEANS, 0, 1, 6), (SKIRT, 6, 5, 15)]
+                                           if first <= index <= last])
+               for index in range(1, 16)}
+SPLIT_COUNTS = {'A': 6, 'B': 11}
+PHOTO_FOLDERS = ['testA', 'testA_seg', 'testB', 'testB_seg',
+                 'trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']
+
+
+@pytest.fixture
+def split_ccp(tmp_path):
+    return write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, IMAGE_LEVEL)
+
+
+def listing(save_root):
+    return {folder: names(save_root / folder) for folder in names(save_root)}
+
+
+def test_split_layout_counts_and_disjointness(split_ccp, tmp_path):
+    save_root = tmp_path / 'out'
+    counts = generate(split_ccp, save_root, test_fraction=0.3, split_seed=3)
+    # round(0.3 * 6) = 2 of the jeans photos, round(0.3 * 11) = 3 of the skirt photos
+    assert counts == {'trainA': 4, 'trainB': 8, 'testA': 2, 'testB': 3, 'valA': 1, 'valB': 1}
+    assert names(save_root) == PHOTO_FOLDERS
+    for domain, label in [('A', JEANS), ('B', SKIRT)]:
+        test = {name[:-4] for name in names(save_root / f'test{domain}')}
+        train = {name[:-4] for name in names(save_root / f'train{domain}')}
+        assert not test & train
+        assert len(test | train) == SPLIT_COUNTS[domain]
+        for split, photos in [('test', test), ('train', train)]:  # masks beside their photos
+            assert names(save_root / f'{split}{domain}_seg') == sorted(f'{n}_0.png' for n in photos)
+        for name in test:
+            mask = read_mask(save_root / f'test{domain}_seg' / f'{name}_0.png')
+            np.testing.assert_array_equal(mask, SPLIT_LEVEL[name] == label)
+
+
+def test_split_is_reproducible_and_follows_the_seed(split_ccp, tmp_path):
+    runs = []
+    for run, seed in enumerate([3, 3, 4]):
+        generate(split_ccp, tmp_path / f'out{run}', test_fraction=0.3, split_seed=seed, workers=2)
+        runs.append(listing(tmp_path / f'out{run}'))
+    assert runs[0] == runs[1]  # every folder, masks included
+    assert (runs[0]['testA'], runs[0]['testB']) != (runs[2]['testA'], runs[2]['testB'])
+
+
+def test_split_keeps_at_least_one_photo_on_each_side(split_ccp, tmp_path):
+    counts = generate(split_ccp, tmp_path / 'small', test_fraction=0.01)
+    assert (counts['testA'], counts['testB']) == (1, 1)
+    counts = generate(split_ccp, tmp_path / 'large', test_fraction=0.99)
+    assert (counts['trainA'], counts['trainB']) == (1, 1)
+
+
+def test_split_cli_prints_test_counts_and_no_fraction_makes_no_test_folders(split_ccp, tmp_path):
+    result = run_cli('--data_root', split_ccp, '--save_root', tmp_path / 'out',
+                     '--test-fraction', 0.3, '--split-seed', 3)
+    assert result.returncode == 0, result.stderr
+    assert 'trainA 4, trainB 8, testA 2, testB 3, valA 1, valB 1' in result.stdout
+
+    counts = generate(split_ccp, tmp_path / 'plain')
+    assert counts == {'trainA': 6, 'trainB': 11, 'valA': 1, 'valB': 1}
+    assert names(tmp_path / 'plain') == PHOTO_FOLDERS[4:]
+
+
+@pytest.mark.parametrize('option, value', [('--test-fraction', '1'), ('--test-fraction', '-0.1'),
+                                           ('--test-fraction', 'x'), ('--test-fraction', 'nan'),
+                                           ('--split-seed', '-1'), ('--split-seed', '0.5')])
+def test_bad_split_option_is_a_usage_error(ccp, tmp_path, option, value):
+    result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', option, value)
+    assert result.returncode == 2  # argparse's usage error
+    assert result.stderr.startswith('usage: ')
+    assert_one_line_error(result, f'error: argument {option}: ', value)
+    assert names(tmp_path) == ['ccp']
