@@ -137,12 +137,26 @@ def bench_translate(args, warmup, iterations):
     return {'images_per_sec': 1 / float(np.median(seconds)), 'peak_rss_mb': peak_rss_mb()}
 
 
+def int_at_least(minimum):
+    """argparse type: an integer >= minimum."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{text} must be at least {minimum}')
+        return value
+    return parse
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', choices=sorted(CONFIGS), default='small')
     parser.add_argument('--what', choices=['train', 'data', 'translate'], default='train')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--iters', type=int, default=5)
+    parser.add_argument('--warmup', type=int_at_least(0), default=2,
+                        help='untimed iterations first')
+    parser.add_argument('--iters', type=int_at_least(1), default=5, help='timed iterations')
     parser.add_argument('--json', action='store_true', help='end with one line of JSON')
     options, train_flags = parser.parse_known_args()
     # Any train.py flag may follow, e.g. --dataroot, --cpu-conv nnabla, --batch-size 4.

@@ -20,6 +20,12 @@ region that covers at least --min-instance-area of the photo becomes an instance
 no component left are skipped. Everything is written to a hidden sibling folder that is
 renamed into place at the end, so an interrupted run never leaves a half-written dataset behind.
 
+Every dataset holds .generate_ccp_dataset.json, a record of the arguments and counts it was made
+with. --overwrite replaces only such a folder, and only while it holds nothing else the script
+did not write; --save_root may neither be, contain nor lie inside --data_root. A category that no
+pixel-level annotation contains (CCP's clogs, for one) is refused, as its train folder would be
+empty. All of this is checked before anything is written.
+
 --test-fraction F moves round(F * count) of each category's pixel-annotated photos (at least one
 and never all of them when there are two or more) from train to test. The photos are drawn with
 --split-seed from the sorted photo names, so the same seed and CCP copy give the same split on
@@ -27,6 +33,7 @@ every machine. Each category is split on its own: a photo that contains both can
 and in trainB. The default F = 0 writes no test folders.
 """
 import argparse
+import json
 import os
 import signal
 import sys
@@ -40,6 +47,12 @@ import scipy.io
 import scipy.ndimage
 from PIL import Image
 from tqdm import tqdm
+
+
+MARKER = '.generate_ccp_dataset.json'
+# Everything a run writes into save_root: --overwrite refuses a folder holding anything else.
+OUTPUT_NAMES = {MARKER, 'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
+                                          for domain in 'AB' for seg in ('', '_seg')}
 
 
 class DatasetError(Exception):
@@ -101,9 +114,13 @@ def find_instances(annotation_path, targets, split_instances, min_instance_area)
 
 
 def pixel_level_domains(annotation_path, **instance_args):
-    """The photo name and the domains it will be exported to (the split is chosen from these)."""
+    """The photo name and the domains it will be exported to."""
     _, found = find_instances(annotation_path, **instance_args)
     return annotation_path.stem, [domain for domain, _ in found]
+
+
+def pixel_level_labels(annotation_path):
+    return np.unique(load_mat(annotation_path, 'groundtruth')).tolist()
 
 
 def pick_test_names(names, test_fraction, seed):
@@ -161,15 +178,15 @@ def run_parallel(pool, function, annotations, description):
             progress.update()
 
 
-def choose_test_split(pool, annotations, test_fraction, split_seed, **instance_args):
-    """{domain: held-out names}, decided here from sorted names before any photo is written."""
+def photos_per_domain(pool, annotations, **instance_args):
+    """The sorted names of each domain's pixel-level photos, so that worker order does not
+    matter."""
     names = {'A': [], 'B': []}
     scan = partial(pixel_level_domains, **instance_args)
-    for name, domains in run_parallel(pool, scan, annotations, 'test split (pixel-level)'):
+    for name, domains in run_parallel(pool, scan, annotations, 'scan (pixel-level)'):
         for domain in domains:
             names[domain].append(name)
-    return {domain: pick_test_names(sorted(domain_names), test_fraction, split_seed)
-            for domain, domain_names in names.items()}
+    return {domain: sorted(domain_names) for domain, domain_names in names.items()}
 
 
 def run_export(pool, export, annotations, description):
@@ -181,99 +198,145 @@ def run_export(pool, export, annotations, description):
     return counts
 
 
+def is_within(path, folder):
+    """Whether the resolved `path` is the resolved `folder` or lies inside it. File identities
+    are compared as well as names, which also sees through bind mounts and case-insensitive
+    file systems."""
+    return any(candidate == folder or (candidate.exists() and folder.exists()
+                                       and os.path.samefile(candidate, folder))
+               for candidate in [path, *path.parents])
+
+
+def check_save_root(save_root, data_root, overwrite):
+    """Refuse a save_root whose writing or replacement could lose data; both paths are resolved."""
+    inside, contains = is_within(save_root, data_root), is_within(data_root, save_root)
+    if inside or contains:
+        relation = 'is' if inside and contains else 'lies inside' if inside else 'contains'
+        raise DatasetError(f'--save_root {save_root} {relation} --data_root {data_root}; '
+                           'write the dataset outside the CCP copy')
+    existing = next(path for path in [save_root, *save_root.parents] if path.exists())
+    if not existing.is_dir():
+        raise DatasetError(f'--save_root {save_root}: {existing} exists and is not a folder')
+    if existing != save_root:
+        return
+    if not (save_root / MARKER).is_file():
+        raise DatasetError(f'--save_root {save_root}: exists and has no {MARKER}, the mark of a '
+                           'dataset made by this script; --overwrite replaces only those, so '
+                           'choose another folder or remove it yourself')
+    if not overwrite:
+        raise DatasetError(f'--save_root {save_root}: already exists; pass --overwrite to '
+                           'replace it')
+    others = sorted(set(os.listdir(save_root)) - OUTPUT_NAMES)
+    if others:
+        raise DatasetError(f'--save_root {save_root}: holds {", ".join(others)}, which this '
+                           'script did not write; move it out before using --overwrite')
+
+
 def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
              split_instances=False, min_instance_area=0.002, test_fraction=0.0, split_seed=0):
     """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}
-    with testA and testB only when test_fraction > 0."""
-    data_root, save_root = Path(data_root), Path(save_root)
+    with testA and testB only when test_fraction > 0. main()'s argparse types check the ranges
+    of the numbers."""
+    data_root, save_root = Path(data_root).resolve(), Path(save_root).resolve()
+    check_save_root(save_root, data_root, overwrite)
     check_layout(data_root)
     names = label_names(data_root)
     categories = sorted(name for name in names if name not in ('', 'null'))
-    for category in (cat1, cat2):
+    for flag, category in [('--cat1', cat1), ('--cat2', cat2)]:
         if category not in categories:
-            raise DatasetError(f'unknown category {category!r}; '
+            raise DatasetError(f'{flag} {category!r}: unknown category; '
                                f'valid categories: {", ".join(categories)}')
     if cat1 == cat2:
-        raise DatasetError(f'cat1 and cat2 are both {cat1!r}; they must differ')
-    if not 0 <= min_instance_area < 1:
-        raise DatasetError(f'min_instance_area {min_instance_area} must be in [0, 1): '
-                           'a fraction of the photo area')
-    if not 0 <= test_fraction < 1:
-        raise DatasetError(f'test_fraction {test_fraction} must be in [0, 1)')
-    if not 0 <= split_seed < 2**32:
-        raise DatasetError(f'split_seed {split_seed} must be in [0, 2**32)')
-    if save_root.exists() and not overwrite:
-        raise DatasetError(f'{save_root}: already exists; pass --overwrite to replace it')
+        raise DatasetError(f'--cat1 and --cat2 are both {cat1!r}; they must differ')
 
     targets = [('A', names.index(cat1)), ('B', names.index(cat2))]
     annotations = data_root / 'annotations'
-    save_root.parent.mkdir(parents=True, exist_ok=True)
-    # The staging folder sits next to save_root so the final rename stays on one file system;
-    # TemporaryDirectory removes it (and any replaced old dataset) on success and failure alike.
-    with tempfile.TemporaryDirectory(prefix=f'.{save_root.name}.', dir=save_root.parent) as staging:
-        out = Path(staging) / save_root.name
-        photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0 else [])
-        for folder in photo_folders + ['valA', 'valB']:
-            (out / folder).mkdir(parents=True)
-        for folder in photo_folders:
-            (out / f'{folder}_seg').mkdir()
-        export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
-        instance_args = dict(split_instances=split_instances, min_instance_area=min_instance_area)
-        with Pool(workers, initializer=leave_signals_to_main_process) as pool:
-            # Only a split needs this extra pass, which reads every pixel-level file once more.
-            test_names = {} if test_fraction == 0 else choose_test_split(
-                pool, annotations / 'pixel-level', test_fraction, split_seed,
-                targets=targets, **instance_args)
-            counts = run_export(pool, partial(export_pixel_level, **export_args,
-                                              test_names=test_names, **instance_args),
-                                annotations / 'pixel-level', 'train (pixel-level)')
-            counts |= run_export(pool, partial(export_image_level, **export_args),
-                                 annotations / 'image-level', 'val (image-level)')
-        if save_root.exists():
-            os.rename(save_root, Path(staging) / 'replaced')
-        os.rename(out, save_root)
-    return {folder: counts.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
+    instance_args = dict(split_instances=split_instances, min_instance_area=min_instance_area)
+    with Pool(workers, initializer=leave_signals_to_main_process) as pool:
+        photo_names = photos_per_domain(pool, annotations / 'pixel-level', targets=targets,
+                                        **instance_args)
+        for flag, category, domain in [('--cat1', cat1, 'A'), ('--cat2', cat2, 'B')]:
+            if not photo_names[domain]:
+                area = (f' in a region of at least --min-instance-area {min_instance_area}'
+                        if split_instances else '')
+                labels = set().union(*run_parallel(pool, pixel_level_labels,
+                                                   annotations / 'pixel-level', 'categories'))
+                present = sorted(name for label, name in enumerate(names)
+                                 if label in labels and name not in ('', 'null'))
+                raise DatasetError(f'{flag} {category!r}: no pixel-level annotation contains '
+                                   f'it{area}, so train{domain} would be empty; categories '
+                                   f'with pixel-level photos: {", ".join(present)}')
+        test_names = {domain: pick_test_names(domain_names, test_fraction, split_seed)
+                      for domain, domain_names in photo_names.items()}
+
+        save_root.parent.mkdir(parents=True, exist_ok=True)
+        # The staging folder sits next to save_root so the final rename stays on one file
+        # system; TemporaryDirectory removes it (and any replaced old dataset) on success and
+        # failure alike.
+        with tempfile.TemporaryDirectory(prefix=f'.{save_root.name}.',
+                                         dir=save_root.parent) as staging:
+            out = Path(staging) / save_root.name
+            photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0
+                                                    else [])
+            for folder in photo_folders + ['valA', 'valB']:
+                (out / folder).mkdir(parents=True)
+            for folder in photo_folders:
+                (out / f'{folder}_seg').mkdir()
+            export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
+            found = run_export(pool, partial(export_pixel_level, **export_args,
+                                             test_names=test_names, **instance_args),
+                               annotations / 'pixel-level', 'train (pixel-level)')
+            found |= run_export(pool, partial(export_image_level, **export_args),
+                                annotations / 'image-level', 'val (image-level)')
+            counts = {folder: found.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
+            record = dict(data_root=str(data_root), cat1=cat1, cat2=cat2,
+                          split_instances=split_instances, min_instance_area=min_instance_area,
+                          test_fraction=test_fraction, split_seed=split_seed, counts=counts)
+            (out / MARKER).write_text(json.dumps(record, indent=2) + '\n')
+            check_save_root(save_root, data_root, overwrite)  # in case it appeared meanwhile
+            if save_root.exists():
+                os.rename(save_root, Path(staging) / 'replaced')
+            os.rename(out, save_root)
+    return counts
 
 
-def fraction_below_one(text):
-    """argparse type for --test-fraction: a float in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-    if not 0 <= value < 1:  # also rejects nan
-        raise argparse.ArgumentTypeError(f'{text} must be in [0, 1)')
-    return value
-
-
-def uint32(text):
-    """argparse type for --split-seed: an int in [0, 2**32), which RandomState accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f'{text} must be in [0, 2**32)')
-    return value
+def number_in(kind, low, below, bounds):
+    """argparse type: a `kind` (int or float) x with low <= x < below; `bounds` words the range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
+        if not low <= value < below:  # also rejects nan
+            raise argparse.ArgumentTypeError(f'{text} must be in {bounds}')
+        return value
+    return parse
 
 
 def main():
+    cores = os.cpu_count() or 1
+    fraction = number_in(float, 0, 1, '[0, 1)')
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data_root', default='datasets/clothing-co-parsing', help='CCP copy')
-    parser.add_argument('--save_root', default='datasets/jeans2skirt_ccp', help='output folder')
+    parser.add_argument('--save_root', default='datasets/jeans2skirt_ccp',
+                        help='output folder, outside data_root')
     parser.add_argument('--cat1', default='jeans', help='category of domain A')
     parser.add_argument('--cat2', default='skirt', help='category of domain B')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing save_root')
-    parser.add_argument('--workers', type=int, default=2, help='worker processes')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace a save_root that this script made earlier')
+    parser.add_argument('--workers', type=number_in(int, 1, cores + 1, f'[1, {cores}], the cores '
+                                                    'here'), default=cores,
+                        help='worker processes (default: one per core)')
     parser.add_argument('--split-instances', action='store_true',
                         help='one instance per connected component instead of per category')
-    parser.add_argument('--min-instance-area', type=float, default=0.002,
+    parser.add_argument('--min-instance-area', type=fraction, default=0.002,
                         help='with --split-instances, drop components smaller than this '
                              'fraction of the photo area')
-    parser.add_argument('--test-fraction', type=fraction_below_one, default=0.0,
+    parser.add_argument('--test-fraction', type=fraction, default=0.0,
                         help='hold out this fraction of each category\'s pixel-annotated photos '
                              'in testA(_seg)/testB(_seg); 0 makes no test folders')
-    parser.add_argument('--split-seed', type=uint32, default=0,
+    parser.add_argument('--split-seed', type=number_in(int, 0, 2**32, '[0, 2**32)'), default=0,
                         help='seed that picks the --test-fraction photos')
     args = parser.parse_args()
     # Let `kill` unwind like Ctrl-C does, so the staging folder is removed.
@@ -282,7 +345,7 @@ def main():
         counts = generate(args.data_root, args.save_root, args.cat1, args.cat2, args.overwrite,
                           args.workers, args.split_instances, args.min_instance_area,
                           args.test_fraction, args.split_seed)
-    except DatasetError as error:
+    except (DatasetError, OSError) as error:  # OSError: a full disk, a read-only folder, ...
         sys.exit(f'generate_ccp_dataset.py: {error}')
     print(f'{args.save_root}:', ', '.join(f'{folder} {count}' for folder, count in counts.items()))
 

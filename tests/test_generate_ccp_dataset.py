@@ -1,4 +1,7 @@
 """datasets/generate_ccp_dataset.py on a tiny CCP look-alike built in tmp_path."""
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +13,11 @@ from PIL import Image
 
 DATASETS = Path(__file__).resolve().parents[1] / 'datasets'
 sys.path.insert(0, str(DATASETS))
-from generate_ccp_dataset import DatasetError, generate  # noqa: E402
+import generate_ccp_dataset  # noqa: E402
+from generate_ccp_dataset import MARKER, DatasetError, generate  # noqa: E402
 
-LABELS = ['null', 'bag', 'jeans', 'shirt', 'skirt']
-JEANS, SKIRT = LABELS.index('jeans'), LABELS.index('skirt')
+LABELS = ['null', 'bag', 'jeans', 'shirt', 'skirt', 'clogs']  # clogs: tags only, as in CCP
+JEANS, SKIRT, CLOGS = LABELS.index('jeans'), LABELS.index('skirt'), LABELS.index('clogs')
 HEIGHT, WIDTH = 12, 8
 
 
@@ -34,7 +38,7 @@ PIXEL_LEVEL = {
     '0003': label_map((JEANS, 8, 12), (SKIRT, 4, 8)),  # both garments: goes to both domains
     '0004': label_map((1, 0, 3)),  # neither
 }
-IMAGE_LEVEL = {'0005': [0, 3, JEANS], '0006': [SKIRT, 1], '0007': [1, 3]}
+IMAGE_LEVEL = {'0005': [0, 3, JEANS], '0006': [SKIRT, 1], '0007': [1, 3, CLOGS]}
 
 # For --split-instances with --min-instance-area 0.05, i.e. components of 5 of the 96 pixels
 TWO_BLOBS = [(0, 3, 0, 3), (6, 9, 4, 8)]  # (top, bottom, left, right)
@@ -64,13 +68,18 @@ def write_ccp(root, pixel_level, image_level):
 
 
 @pytest.fixture
+def tmp_path(tmp_path):
+    return tmp_path.resolve()  # messages name resolved paths, and some systems link /tmp
+
+
+@pytest.fixture
 def ccp(tmp_path):
     return write_ccp(tmp_path / 'ccp', PIXEL_LEVEL, IMAGE_LEVEL)
 
 
-def run_cli(*args):
+def run_cli(*args, cwd=None):
     command = [sys.executable, str(DATASETS / 'generate_ccp_dataset.py'), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def assert_one_line_error(result, *fragments):
@@ -86,6 +95,12 @@ def names(folder):
     return sorted(path.name for path in folder.iterdir())
 
 
+def snapshot(folder):
+    """Every path under `folder` with the bytes of the files, to show that nothing changed."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in folder.rglob('*')}
+
+
 def read_mask(path):
     return np.asarray(Image.open(path)) == 255
 
@@ -95,7 +110,8 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
     counts = generate(ccp, save_root, 'jeans', 'skirt')
 
     assert counts == {'trainA': 2, 'trainB': 2, 'valA': 1, 'valB': 1}
-    assert names(save_root) == ['trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']
+    assert names(save_root) == [MARKER, 'trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA',
+                                'valB']
     assert names(save_root / 'trainA') == ['0001.png', '0003.png']
     assert names(save_root / 'trainA_seg') == ['0001_0.png', '0003_0.png']
     assert names(save_root / 'trainB') == ['0002.png', '0003.png']
@@ -113,6 +129,14 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
     assert names(save_root.parent) == ['jeans2skirt']  # no temporary folder left
 
 
+def test_dataset_records_its_arguments_and_counts(ccp, tmp_path):
+    save_root = tmp_path / 'out'
+    counts = generate(ccp, save_root, split_instances=True, min_instance_area=0.01)
+    assert json.loads((save_root / MARKER).read_text()) == dict(
+        data_root=str(ccp), cat1='jeans', cat2='skirt', split_instances=True,
+        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts)
+
+
 def test_categories_are_configurable(ccp, tmp_path):
     counts = generate(ccp, tmp_path / 'out', 'bag', 'shirt', workers=1)
     assert counts == {'trainA': 1, 'trainB': 1, 'valA': 2, 'valB': 2}
@@ -120,23 +144,123 @@ def test_categories_are_configurable(ccp, tmp_path):
 
 def test_unknown_category_lists_valid_names(ccp, tmp_path):
     result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', '--cat2', 'kilt')
-    assert_one_line_error(result, "'kilt'", 'bag, jeans, shirt, skirt')
+    assert_one_line_error(result, "--cat2 'kilt': unknown category",
+                          'valid categories: bag, clogs, jeans, shirt, skirt')
     assert not (tmp_path / 'out').exists()
 
 
-def test_existing_output_needs_overwrite(ccp, tmp_path):
+def test_overwrite_replaces_a_dataset_of_this_script(ccp, tmp_path):
     save_root = tmp_path / 'out'
-    save_root.mkdir()
-    (save_root / 'old.txt').write_text('keep me')
+    generate(ccp, save_root, 'bag', 'shirt')
+    before = snapshot(save_root)
     result = run_cli('--data_root', ccp, '--save_root', save_root)
-    assert_one_line_error(result, str(save_root), '--overwrite')
-    assert names(save_root) == ['old.txt']
+    assert_one_line_error(result, f'--save_root {save_root}: already exists', '--overwrite')
+    assert snapshot(save_root) == before
 
     result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
     assert result.returncode == 0, result.stderr
-    assert 'trainA 2' in result.stdout
-    assert 'old.txt' not in names(save_root)
+    assert 'trainA 2, trainB 2, valA 1, valB 1' in result.stdout
+    assert json.loads((save_root / MARKER).read_text())['cat1'] == 'jeans'
+    assert names(save_root / 'trainA') == ['0001.png', '0003.png']  # no bag photo left
     assert names(tmp_path) == ['ccp', 'out']
+
+
+@pytest.mark.parametrize('overwrite', [[], ['--overwrite']])
+def test_folder_without_marker_is_never_replaced(ccp, tmp_path, overwrite):
+    save_root = tmp_path / 'out'
+    (save_root / 'trainA').mkdir(parents=True)  # looks like a dataset, but has no marker
+    (save_root / 'trainA' / 'mine.png').write_bytes(b'keep me')
+    result = run_cli('--data_root', ccp, '--save_root', save_root, *overwrite)
+    assert_one_line_error(result, f'--save_root {save_root}: exists and has no {MARKER}')
+    assert snapshot(save_root) == {'trainA': None, 'trainA/mine.png': b'keep me'}
+    assert names(tmp_path) == ['ccp', 'out']
+
+
+def test_overwrite_refuses_a_dataset_holding_other_files(ccp, tmp_path):
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    (save_root / 'translated').mkdir()
+    (save_root / 'notes.txt').write_text('keep me')
+    before = snapshot(save_root)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root}: holds notes.txt, translated, which')
+    assert snapshot(save_root) == before
+
+
+@pytest.mark.parametrize('save_root', ['file', 'file/out'])
+def test_save_root_through_a_file_is_refused(ccp, tmp_path, save_root):
+    (tmp_path / 'file').write_text('keep me')
+    result = run_cli('--data_root', ccp, '--save_root', tmp_path / save_root, '--overwrite')
+    assert_one_line_error(result, f'{tmp_path / "file"} exists and is not a folder')
+    assert (tmp_path / 'file').read_text() == 'keep me'
+    assert names(tmp_path) == ['ccp', 'file']
+
+
+# save_root relative to tmp_path, which holds the CCP copy at tmp_path/parent/ccp
+OVERLAPS = [('parent/ccp', 'is'), ('parent/ccp/../ccp', 'is'), ('link_to_ccp', 'is'),
+            ('parent', 'contains'), ('.', 'contains'),
+            ('parent/ccp/photos', 'lies inside'), ('parent/ccp/new', 'lies inside'),
+            ('link_to_ccp/new', 'lies inside')]
+
+
+@pytest.mark.parametrize('save_root, relation', OVERLAPS)
+@pytest.mark.parametrize('overwrite', [[], ['--overwrite']])
+def test_save_root_overlapping_data_root_is_refused(tmp_path, save_root, relation, overwrite):
+    ccp = write_ccp(tmp_path / 'parent' / 'ccp', PIXEL_LEVEL, IMAGE_LEVEL)
+    (tmp_path / 'parent' / 'unrelated.txt').write_text('keep me')
+    (tmp_path / 'link_to_ccp').symlink_to(ccp)
+    before = snapshot(tmp_path)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, *overwrite, cwd=tmp_path)
+    assert_one_line_error(result, f'{relation} --data_root {ccp}')
+    assert snapshot(tmp_path) == before
+
+
+def test_data_root_inside_a_dataset_of_this_script_is_refused(ccp, tmp_path):
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    moved = save_root / 'ccp'
+    ccp.rename(moved)
+    before = snapshot(tmp_path)
+    result = run_cli('--data_root', moved, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root} contains --data_root {moved}')
+    assert snapshot(tmp_path) == before
+
+
+def test_dataset_appearing_during_the_run_is_not_replaced(ccp, tmp_path, monkeypatch):
+    save_root = tmp_path / 'out'
+    run_export = generate_ccp_dataset.run_export
+
+    def run_export_while_someone_writes(*args):
+        save_root.mkdir(exist_ok=True)
+        (save_root / 'theirs.txt').write_text('keep me')
+        return run_export(*args)
+
+    monkeypatch.setattr(generate_ccp_dataset, 'run_export', run_export_while_someone_writes)
+    with pytest.raises(DatasetError, match=re.escape(f'{save_root}: exists and has no')):
+        generate(ccp, save_root)
+    assert snapshot(save_root) == {'theirs.txt': b'keep me'}
+    assert names(tmp_path) == ['ccp', 'out']
+
+
+@pytest.mark.parametrize('flag, category, options, where', [
+    ('--cat1', 'clogs', [], ''), ('--cat2', 'clogs', [], ''),
+    # bag is only in 0004, on 24 of its 96 pixels
+    ('--cat1', 'bag', ['--split-instances', '--min-instance-area', '0.3'],
+     ' in a region of at least --min-instance-area 0.3')])
+def test_category_without_pixel_level_photos_is_refused(ccp, tmp_path, flag, category, options,
+                                                        where):
+    result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', flag, category, *options)
+    domain = 'A' if flag == '--cat1' else 'B'
+    assert_one_line_error(result, f"{flag} '{category}': no pixel-level annotation contains "
+                                  f'it{where}, so train{domain} would be empty; categories with '
+                                  'pixel-level photos: bag, jeans, shirt, skirt')
+    assert names(tmp_path) == ['ccp']
+
+
+def test_os_error_is_one_line(ccp, tmp_path):
+    result = run_cli('--data_root', ccp, '--save_root', tmp_path / ('x' * 300))
+    assert_one_line_error(result, 'File name too long')
+    assert names(tmp_path) == ['ccp']
 
 
 @pytest.mark.parametrize('broken', ['photos', 'annotations/pixel-level', 'annotations/image-level',
@@ -201,14 +325,6 @@ def test_without_split_each_region_stays_one_mask(tmp_path):
     assert names(save_root / 'trainA_seg') == ['0001_0.png', '0002_0.png', '0003_0.png']
 
 
-@pytest.mark.parametrize('area', ['-0.1', '1.0'])
-def test_min_instance_area_must_be_a_fraction(ccp, tmp_path, area):
-    result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', '--split-instances',
-                     '--min-instance-area', area)
-    assert_one_line_error(result, 'min_instance_area', area)
-    assert names(tmp_path) == ['ccp']
-
-
 # For --test-fraction: jeans in 0001-0006 and a skirt in 0005-0015, so 0005 and 0006 have both
 SPLIT_LEVEL = {f'{index:04d}': label_map(*[(label, top, top + 4) for label, top, first, last
                                            in [(JEANS, 0, 1, 6), (SKIRT, 6, 5, 15)]
@@ -225,7 +341,7 @@ def split_ccp(tmp_path):
 
 
 def listing(save_root):
-    return {folder: names(save_root / folder) for folder in names(save_root)}
+    return {folder: names(save_root / folder) for folder in PHOTO_FOLDERS}
 
 
 def test_split_layout_counts_and_disjointness(split_ccp, tmp_path):
@@ -233,7 +349,7 @@ def test_split_layout_counts_and_disjointness(split_ccp, tmp_path):
     counts = generate(split_ccp, save_root, test_fraction=0.3, split_seed=3)
     # round(0.3 * 6) = 2 of the jeans photos, round(0.3 * 11) = 3 of the skirt photos
     assert counts == {'trainA': 4, 'trainB': 8, 'testA': 2, 'testB': 3, 'valA': 1, 'valB': 1}
-    assert names(save_root) == PHOTO_FOLDERS
+    assert names(save_root) == [MARKER] + PHOTO_FOLDERS
     for domain, label in [('A', JEANS), ('B', SKIRT)]:
         test = {name[:-4] for name in names(save_root / f'test{domain}')}
         train = {name[:-4] for name in names(save_root / f'train{domain}')}
@@ -270,15 +386,42 @@ def test_split_cli_prints_test_counts_and_no_fraction_makes_no_test_folders(spli
 
     counts = generate(split_ccp, tmp_path / 'plain')
     assert counts == {'trainA': 6, 'trainB': 11, 'valA': 1, 'valB': 1}
-    assert names(tmp_path / 'plain') == PHOTO_FOLDERS[4:]
+    assert names(tmp_path / 'plain') == [MARKER] + PHOTO_FOLDERS[4:]
 
 
-@pytest.mark.parametrize('option, value', [('--test-fraction', '1'), ('--test-fraction', '-0.1'),
-                                           ('--test-fraction', 'x'), ('--test-fraction', 'nan'),
-                                           ('--split-seed', '-1'), ('--split-seed', '0.5')])
-def test_bad_split_option_is_a_usage_error(ccp, tmp_path, option, value):
-    result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', option, value)
-    assert result.returncode == 2  # argparse's usage error
-    assert result.stderr.startswith('usage: ')
-    assert_one_line_error(result, f'error: argument {option}: ', value)
-    assert names(tmp_path) == ['ccp']
+# Values every flag must refuse, run with --data_root ccp --save_root out in tmp_path. Flags
+# without a value get one; the path flags get folders that overlap or are not CCP.
+BAD_VALUES = {
+    '--data_root': ['', '0', '-1', 'missing', 'ccp/photos'],
+    '--save_root': ['', '0/..', '.', 'ccp', 'ccp/photos'],
+    '--cat1': ['', '0', '-1', 'kilt', 'clogs', 'skirt'],
+    '--cat2': ['', '0', '-1', 'kilt', 'clogs', 'jeans'],
+    '--overwrite': ['0'],
+    '--workers': ['0', '-1', str((os.cpu_count() or 1) + 1), '1.5', 'x', ''],
+    '--split-instances': ['0'],
+    '--min-instance-area': ['-0.1', '1', '1.5', 'nan', 'inf', '-inf', 'x', ''],
+    '--test-fraction': ['-0.1', '1', '1.5', 'nan', 'inf', '-inf', 'x', ''],
+    '--split-seed': ['-1', str(2**32), '0.5', 'x', ''],
+}
+# Whether these are usable depends on the CCP copy; every other flag is checked by argparse.
+CHECKED_AGAINST_THE_DATA = {'--data_root', '--save_root', '--cat1', '--cat2'}
+
+
+def test_bad_values_cover_every_flag():
+    result = run_cli('--help')
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r'(?<![\w-])--[a-zA-Z][\w-]*', result.stdout)) - {'--help'}
+    assert flags == set(BAD_VALUES)
+
+
+@pytest.mark.parametrize('flag, value', [(flag, value) for flag, values in BAD_VALUES.items()
+                                         for value in values])
+def test_every_bad_flag_value_is_refused_in_one_line(ccp, tmp_path, flag, value):
+    before = snapshot(tmp_path)
+    result = run_cli('--data_root', 'ccp', '--save_root', 'out', f'{flag}={value}', cwd=tmp_path)
+    assert_one_line_error(result)
+    if flag not in CHECKED_AGAINST_THE_DATA:  # argparse's usage error, naming the flag
+        assert result.returncode == 2
+        assert result.stderr.startswith('usage: ')
+        assert f'error: argument {flag}' in result.stderr
+    assert snapshot(tmp_path) == before
