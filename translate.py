@@ -19,8 +19,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_at_once(signum, frame):
-    """End with one line. os._exit: no traceback, and no interpreter shutdown, in which an
-    nnabla start-up cut short has crashed with a segmentation fault."""
+    """End with one line. os._exit: no traceback, and no interpreter shutdown with nnabla
+    half imported or a forward pass half run (the issue saw such ends crash)."""
     os.write(2, 'translate.py: stopped by {}\n'.format(signal.Signals(signum).name).encode())
     os._exit(128 + signum)
 
@@ -34,6 +34,7 @@ import contextlib  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import nnabla as nn  # noqa: E402
@@ -227,6 +228,15 @@ def check_out_folder(args, files_read):
         raise DataError('--out {} is a file'.format(args.out))
 
 
+def make_out_folder(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise DataError('--out {}: not a writable folder ({})'.format(out, error.strerror))
+
+
 def check_output_names(args, inputs):
     """Refuse two inputs that would write the same file (a.png and a_0.png: a's first mask)."""
     writer = {}
@@ -418,7 +428,7 @@ def main(argv=None):
         # Slots beyond the most masks any input has would stay empty, which changes nothing.
         args.ins_per = min(args.ins_per, max(1, max(len(masks) for _, masks in inputs)))
         translator = Translator(args)
-        os.makedirs(args.out, exist_ok=True)
+        make_out_folder(args.out)
     except (DataError, ImportError, OSError) as error:
         sys.exit('translate.py: {}'.format(error))
 

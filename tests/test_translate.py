@@ -209,6 +209,14 @@ def test_out_never_holds_an_input_nor_a_dataset_folder(model, photos, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+def test_out_that_cannot_be_made(model, photos, tmp_path, capsys):
+    (tmp_path / 'afile').write_text('')
+    out = tmp_path / 'afile' / 'out'
+    code = exit_of('--params', model, '--dataroot', photos, '--out', out)
+    assert one_line_error(code, capsys) == (
+        'translate.py: --out {}: not a writable folder (Not a directory)'.format(out))
+
+
 def test_out_relative_to_the_current_folder(model, photos, monkeypatch, capsys):
     monkeypatch.chdir(photos / 'valA_seg')
     before = snapshot(photos)
@@ -482,9 +490,20 @@ def assert_complete(out):
         assert listed == len([name for name in os.listdir(out) if name.endswith('_tile.png')])
 
 
-@pytest.mark.parametrize('delay', [0.2, 0.5, 0.9])
+def catches_sigterm(pid):
+    """Whether the process has a SIGTERM handler (Linux): Python catches SIGINT from its own
+    start-up on, SIGTERM only once translate.py's first lines have run."""
+    with open('/proc/{}/status'.format(pid)) as f:
+        caught = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
+    return bool(caught & 1 << (signal.SIGTERM - 1))
+
+
+@pytest.mark.parametrize('delay', [0, 0.2, 0.5])
 def test_ctrl_c_during_start_up_is_one_line(delay, model, many_photos, tmp_path):
+    """From translate.py's first line on: the imports, reading the checkpoint, building the
+    graph. (A Ctrl-C in Python's own start-up, before that, is Python's to report.)"""
     process = start(model, many_photos, tmp_path / 'out')
+    wait_for(lambda: catches_sigterm(process.pid))
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=120)[1]
