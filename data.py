@@ -56,23 +56,34 @@ def load_mask(path):
     return values > values.max() / 2  # an all-zero mask stays empty
 
 
-def load_resized(image_path, mask_paths, size):
-    """An image and its masks resized to size (H, W), both bicubically as the official code
-    does: float32 (3, H, W) and (N, H, W), in [-1, 1]. The masks keep the soft edges the
-    resize gives them (not binarised, as in the official pipeline). Also returns the
-    image's own (H, W)."""
+def load_with_masks(image_path, mask_paths):
+    """An image (PIL RGB) and its masks (bool (H, W) each, at the image's own size)."""
     image = _read_rgb(image_path)
     masks = [load_mask(path) for path in mask_paths]
     for path, mask in zip(mask_paths, masks):
         if mask.shape != (image.height, image.width):
             raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
                             f'but its image is {image.width}x{image.height}')
+    return image, masks
+
+
+def resize_with_masks(image, masks, size):
+    """A PIL RGB image and its bool masks resized to size (H, W), both bicubically as the
+    official code does: float32 (3, H, W) and (N, H, W), in [-1, 1]. The masks keep the soft
+    edges the resize gives them (not binarised, as in the official pipeline)."""
     height, width = size
     resized = _to_array(image.resize((width, height), Image.BICUBIC))
     masks = np.stack([np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
                                  .resize((width, height), Image.BICUBIC), np.float32) / 127.5 - 1
                       for mask in masks]) if masks else np.zeros((0, height, width), np.float32)
-    return resized, masks, (image.height, image.width)
+    return resized, masks
+
+
+def load_resized(image_path, mask_paths, size):
+    """resize_with_masks of an image file and its mask files; also returns the image's own
+    (H, W)."""
+    image, masks = load_with_masks(image_path, mask_paths)
+    return (*resize_with_masks(image, masks, size), (image.height, image.width))
 
 
 def mask_areas(masks):
@@ -91,6 +102,8 @@ def mask_paths(image_path):
 
 
 def list_images(folder):
+    """The images of a domain folder, sorted. Two images of one name (a.png, a.jpg) would share
+    the masks a_0.png, ...: refused, naming both."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f'{folder}: folder not found')
@@ -98,6 +111,12 @@ def list_images(folder):
                    if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith('.'))
     if not paths:
         raise DataError(f'{folder}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+    first_of_stem = {}
+    for path in paths:
+        first = first_of_stem.setdefault(path.stem, path)
+        if first != path:
+            raise DataError(f'{first} and {path}: two images named {path.stem}, which would '
+                            f'share the masks {path.stem}_0.png, ...; rename one')
     return paths
 
 

@@ -275,6 +275,21 @@ def test_mask_without_image_is_named(tmp_path, orphan):
     assert_data_error(tmp_path / 'trainA_seg' / orphan, lambda: iterator_a(tmp_path))
 
 
+@pytest.mark.parametrize('other', ['a.jpg', 'a.PNG'])
+def test_two_images_of_one_name_are_refused_naming_both(tmp_path, other):
+    """a.png and a.jpg would both take the masks a_0.png, ... of trainA_seg."""
+    image = np.zeros((4, 4, 3), np.uint8)
+    save_example(tmp_path, 'trainA', 'a', image, [np.ones((4, 4), bool)])
+    save_example(tmp_path, 'trainB', 'b', image, [np.ones((4, 4), bool)])
+    Image.fromarray(image).save(tmp_path / 'trainA' / other, format='PNG')
+    message = (f"{tmp_path / 'trainA' / other} and {tmp_path / 'trainA' / 'a.png'}: two "
+               'images named a, which would share the masks a_0.png, ...; rename one')
+    for action in [lambda: iterator_a(tmp_path), lambda: count_max_instances(tmp_path)]:
+        with pytest.raises(DataError) as error:
+            action()
+        assert str(error.value) == message
+
+
 def test_mask_size_mismatch_is_named_when_loaded(tmp_path):
     save_example(tmp_path, 'trainA', 'odd', np.zeros((8, 6, 3), np.uint8), [np.ones((8, 5), bool)])
     with iterator_a(tmp_path, load_size=(8, 6), fine_size=(8, 6)) as iterator:

@@ -157,14 +157,14 @@ def test_translate_one_image_and_refuse_other_network_sizes(trained, tmp_path):
     assert (tmp_path / 'one' / (stem + '_tile.png')).exists()
     code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
                              '--out', str(tmp_path / 'none'))
-    assert code == 1
-    assert 'translate.py: {}: no instance mask given or found'.format(image) in stderr
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
+        'translate.py: error: --image needs its instance masks: --masks NAME_0.png ...')
     checkpoint = train.checkpoint_paths(str(trained / 'models'))[-1]
-    for flags in [['--ngf', '8'], ['--n-blocks', '2']]:
+    for flags, made in [(['--ngf', '8'], '--ngf 4'), (['--n-blocks', '2'], '--n-blocks 1')]:
         code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
                                  '--masks', *masks, '--out', str(tmp_path / 'x'), *flags)
         assert code == 1
         assert stderr.strip().splitlines()[-1] == (
-            'translate.py: {}: made with other network sizes than --ngf {} --n-blocks {}'.format(
-                os.path.join(checkpoint, 'parameters.h5'), 8 if flags[0] == '--ngf' else 4,
-                2 if flags[0] == '--n-blocks' else 1))
+            'translate.py: {} was made with {}, not {}'.format(
+                os.path.join(checkpoint, 'parameters.h5'), made, ' '.join(flags)))
