@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 from collections import defaultdict
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import numpy as np
 import nnabla as nn
@@ -41,6 +41,7 @@ LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
 # Arguments that decide the parameter shapes: a checkpoint only fits the same values.
 NETWORK_ARGS = ['ngf', 'ndf', 'n_blocks', 'n_layers_D']
 GENERATORS = ['generator_x2y', 'generator_y2x']
+OTHER = {'x': 'y', 'y': 'x'}
 
 
 class ConfigError(Exception):
@@ -107,6 +108,66 @@ def next_batches(loaders):
     return {d: b[0] for d, b in batches.items()}, {d: b[1] for d, b in batches.items()}
 
 
+def keep_values(*variables):
+    """The step reads these after forward(clear_no_need_grad=True) and
+    backward(clear_buffer=True), which free every buffer not marked persistent."""
+    for variable in variables:
+        variable.persistent = True
+
+
+@dataclass
+class PassGraph:
+    """Generator side of one pass of source -> target, for K = --ins-per slots of M."""
+    image: nn.Variable        # the source images as translated by the earlier passes
+    masks: nn.Variable        # the pass's K source masks
+    other_masks: nn.Variable  # the M - K masks D sees beside the pass's translated ones
+    fake: nn.Variable
+    fake_masks: nn.Variable
+    rec: nn.Variable          # the reconstruction target -> source of the translation
+    rec_masks: nn.Variable
+    losses: dict              # the generator-side terms of LOSS_NAMES, unweighted
+    identity_loss: nn.Variable     # weighted; see Trainer.direction_graph
+    translation_loss: nn.Variable  # the other terms, weighted
+
+
+@dataclass
+class DiscriminatorGraph:
+    """Discriminator loss on real images and on pooled fakes, all fed from numpy."""
+    real: nn.Variable
+    real_masks: nn.Variable
+    fake: nn.Variable
+    fake_masks: nn.Variable
+    fake_weights: nn.Variable  # 1 for the samples with an instance translated, else 0
+    loss: nn.Variable
+
+
+@dataclass
+class PassState:
+    """One pass of sequential translation in an iteration; dicts are over the domains."""
+    slots: slice       # the instance slots the pass translates
+    real_images: dict  # the batch
+    real_masks: dict   # its masks, all M slots
+    images: dict       # the images as translated by the earlier passes; the pass replaces them
+    translated: dict   # the masks translated so far, -1 (empty) elsewhere; the pass fills `slots`
+    active: dict = field(init=False)  # (B,) bool: the samples with an instance in `slots`
+
+    def __post_init__(self):
+        self.active = {d: np.any(m[:, self.slots] > -1, axis=(1, 2, 3))
+                       for d, m in self.real_masks.items()}
+
+    @property
+    def sources(self):
+        """The domains translated in this pass: those with an instance in some sample."""
+        return [d for d in 'xy' if self.active[d].any()]
+
+    def masks_beside(self, source):
+        """The masks D sees beside the pass's own translated ones: the earlier passes'
+        translations and the empty slots of the later passes. D's set feature is a sum over the
+        slots, so these may follow the pass's slots instead of surrounding them."""
+        return np.delete(self.translated[source], range(self.slots.start, self.slots.stop),
+                         axis=1)
+
+
 class Trainer:
     """The graphs, solvers and image pools of InstaGAN, and one training iteration.
 
@@ -121,7 +182,7 @@ class Trainer:
         self.passes = math.ceil(ins_max / self.ins_per)
         self.slots = self.passes * self.ins_per
         self.image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
-        self.directions = {s: self.direction_graph(s, t) for s, t in ['xy', 'yx']}
+        self.directions = {s: self.direction_graph(s, t) for s, t in OTHER.items()}
         self.discriminators = {d: self.discriminator_graph(d) for d in 'xy'}
         self.base_rates = {'generator_x2y': args.learning_rate_G,
                            'generator_y2x': args.learning_rate_G,
@@ -133,69 +194,60 @@ class Trainer:
             with nn.parameter_scope(scope):
                 self.solvers[scope].set_parameters(nn.get_parameters())
         self.pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
-        self.visuals = {}
 
     def mask_shape(self, slots):
         return self.image_shape[:1] + (slots,) + self.image_shape[2:]
 
     def direction_graph(self, source, target):
-        """Generator-side graph of one pass of source -> target: the translation, its
-        reconstruction, the identity mapping of the source image, and their losses, averaged
-        over the samples that have instances in the pass."""
+        """The translation source -> target of one pass, its reconstruction, the identity
+        mapping of the source image, and their losses, averaged over the samples that have
+        instances in the pass."""
         args = self.args
-        graph = SimpleNamespace(image=nn.Variable(self.image_shape),
-                                masks=nn.Variable(self.mask_shape(self.ins_per)), held_masks=None)
-        with nn.parameter_scope('generator_{}2{}'.format(source, target)):
-            graph.fake, graph.fake_masks, active = models.generator_pass(
-                graph.image, graph.masks, args.ngf, args.n_blocks)
-        with nn.parameter_scope('generator_{}2{}'.format(target, source)):
-            graph.rec, graph.rec_masks = models.generator(
-                graph.fake, graph.fake_masks, args.ngf, args.n_blocks)
+        image = nn.Variable(self.image_shape)
+        masks = nn.Variable(self.mask_shape(self.ins_per))
+        other_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
+        with nn.parameter_scope(f'generator_{source}2{target}'):
+            fake, fake_masks, active = models.generator_pass(image, masks, args.ngf,
+                                                             args.n_blocks)
+        with nn.parameter_scope(f'generator_{target}2{source}'):
+            rec, rec_masks = models.generator(fake, fake_masks, args.ngf, args.n_blocks)
             # A generator fed an image of its own output domain should change nothing.
-            idt, idt_masks = models.generator(graph.image, graph.masks, args.ngf, args.n_blocks)
-        all_fake_masks = graph.fake_masks
-        if self.slots > self.ins_per:  # the slots of the other passes, fed from numpy
-            graph.held_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
-            all_fake_masks = F.concatenate(graph.fake_masks, graph.held_masks, axis=1)
+            idt, idt_masks = models.generator(image, masks, args.ngf, args.n_blocks)
         with nn.parameter_scope('discriminator_' + target):
-            scores = models.discriminator(graph.fake, all_fake_masks, args.ndf, args.n_layers_D,
-                                          fix_parameters=True)
-        graph.losses = {
+            scores = models.discriminator(fake, F.concatenate(fake_masks, other_masks, axis=1),
+                                          args.ndf, args.n_layers_D, fix_parameters=True)
+        losses = {
             'generator_loss': lsgan_loss(scores, 1.0, active),
-            'reconstruction_loss': image_and_masks_l1(graph.rec, graph.rec_masks, graph.image,
-                                                      graph.masks, active, args.ins_per),
-            'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, graph.image, graph.masks,
-                                                        active, args.ins_per),
-            'context_preserving_loss': context_preserving_loss(
-                graph.image, graph.masks, graph.fake, graph.fake_masks, active),
+            'reconstruction_loss': image_and_masks_l1(rec, rec_masks, image, masks, active,
+                                                      args.ins_per),
+            'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, image, masks, active,
+                                                        args.ins_per),
+            'context_preserving_loss': context_preserving_loss(image, masks, fake, fake_masks,
+                                                               active),
         }
         # The identity mapping does not depend on the translation: a graph of its own, run
         # before the other, so that their activations are never held at the same time.
-        graph.identity_loss = args.lambda_idt * graph.losses['identity_mapping_loss']
-        graph.translation_loss = (graph.losses['generator_loss']
-                                  + args.lambda_cyc * graph.losses['reconstruction_loss']
-                                  + args.lambda_ctx * graph.losses['context_preserving_loss'])
-        for variable in [graph.identity_loss, graph.translation_loss, graph.fake,
-                         graph.fake_masks, graph.rec, graph.rec_masks] + list(graph.losses.values()):
-            variable.persistent = True
-        return graph
+        identity_loss = args.lambda_idt * losses['identity_mapping_loss']
+        translation_loss = (losses['generator_loss']
+                            + args.lambda_cyc * losses['reconstruction_loss']
+                            + args.lambda_ctx * losses['context_preserving_loss'])
+        keep_values(identity_loss, translation_loss, fake, fake_masks, rec, rec_masks,
+                    *losses.values())
+        return PassGraph(image, masks, other_masks, fake, fake_masks, rec, rec_masks, losses,
+                         identity_loss, translation_loss)
 
     def discriminator_graph(self, domain):
-        """Discriminator loss on real images and on pooled fakes, all fed from numpy."""
         args = self.args
-        graph = SimpleNamespace(real=nn.Variable(self.image_shape),
-                                real_masks=nn.Variable(self.mask_shape(self.slots)),
-                                fake=nn.Variable(self.image_shape),
-                                fake_masks=nn.Variable(self.mask_shape(self.slots)),
-                                fake_weights=nn.Variable(self.image_shape[:1]))
+        real, fake = nn.Variable(self.image_shape), nn.Variable(self.image_shape)
+        real_masks = nn.Variable(self.mask_shape(self.slots))
+        fake_masks = nn.Variable(self.mask_shape(self.slots))
+        fake_weights = nn.Variable(self.image_shape[:1])
         with nn.parameter_scope('discriminator_' + domain):
-            real_scores = models.discriminator(graph.real, graph.real_masks, args.ndf,
-                                               args.n_layers_D)
-            fake_scores = models.discriminator(graph.fake, graph.fake_masks, args.ndf,
-                                               args.n_layers_D)
-        graph.loss = discriminator_loss(real_scores, fake_scores, graph.fake_weights)
-        graph.loss.persistent = True
-        return graph
+            real_scores = models.discriminator(real, real_masks, args.ndf, args.n_layers_D)
+            fake_scores = models.discriminator(fake, fake_masks, args.ndf, args.n_layers_D)
+        loss = discriminator_loss(real_scores, fake_scores, fake_weights)
+        keep_values(loss)
+        return DiscriminatorGraph(real, real_masks, fake, fake_masks, fake_weights, loss)
 
     def set_epoch(self, epoch):
         for scope, solver in self.solvers.items():
@@ -205,62 +257,74 @@ class Trainer:
 
     def step(self, images, masks, iteration):
         """One training iteration on a batch of each domain (dicts over 'x', 'y' of numpy
-        images and masks). Returns the losses averaged over the passes that ran, and the
-        number of passes run: those with an instance in some sample of either domain."""
-        K = self.ins_per
+        images and masks). Returns the losses averaged over the passes that ran, the number of
+        passes run (those with an instance in some sample of either domain), and for each
+        domain translated, [(images, masks) of its batch, of the translation, of the
+        reconstruction] after its last pass."""
         empty = np.full(self.mask_shape(self.slots - masks['x'].shape[1]), -1, np.float32)
         masks = {d: np.concatenate([m, empty], axis=1) for d, m in masks.items()}
-        current = dict(images)  # each domain's images as translated by the passes so far
-        translated = {d: np.full_like(masks[d], -1) for d in 'xy'}
-        losses = defaultdict(list)
-        passes_run = 0
+        translated_images = dict(images)
+        translated_masks = {d: np.full_like(m, -1) for d, m in masks.items()}
+        losses, visuals, passes_run = defaultdict(list), {}, 0
         for p in range(self.passes):
-            pass_slots = slice(p * K, (p + 1) * K)
-            active = {d: np.any(masks[d][:, pass_slots] > -1, axis=(1, 2, 3)) for d in 'xy'}
-            running = [d for d in 'xy' if active[d].any()]
-            if not running:
+            state = PassState(slice(p * self.ins_per, (p + 1) * self.ins_per), images, masks,
+                              translated_images, translated_masks)
+            if not state.sources:
                 continue
             passes_run += 1
-
-            for scope in GENERATORS:
-                self.solvers[scope].zero_grad()
-            for s in running:
-                graph = self.directions[s]
-                graph.image.d, graph.masks.d = current[s], masks[s][:, pass_slots]
-                if graph.held_masks is not None:
-                    graph.held_masks.d = np.delete(translated[s], range(p * K, (p + 1) * K), axis=1)
-                for loss in [graph.identity_loss, graph.translation_loss]:
-                    loss.forward(clear_no_need_grad=True)
-                    loss.backward(clear_buffer=True)
-                check_finite({'{}_{}'.format(name, s): loss
-                              for name, loss in graph.losses.items()}, iteration, self.args)
-            for scope in GENERATORS:
-                self.solvers[scope].update()
-
-            for s in running:
-                t = 'y' if s == 'x' else 'x'
-                graph, discriminator = self.directions[s], self.discriminators[t]
-                translated[s][:, pass_slots] = graph.fake_masks.d
-                discriminator.real.d, discriminator.real_masks.d = images[t], masks[t]
-                discriminator.fake.d, discriminator.fake_masks.d = self.pools[t].query(
-                    graph.fake.d, translated[s], active[s])
-                discriminator.fake_weights.d = active[s]
-                discriminator.loss.forward(clear_no_need_grad=True)
-                check_finite({'discriminator_loss_' + t: discriminator.loss}, iteration,
-                             self.args)
-                self.solvers['discriminator_' + t].zero_grad()
-                discriminator.loss.backward(clear_buffer=True)
-                self.solvers['discriminator_' + t].update()
-                losses['discriminator_loss_' + t].append(float(discriminator.loss.d))
+            self.update_generators(state, iteration)
+            for source in state.sources:
+                target, graph = OTHER[source], self.directions[source]
+                state.translated[source][:, state.slots] = graph.fake_masks.d
+                state.images[source] = graph.fake.d.copy()
+                losses['discriminator_loss_' + target].append(self.update_discriminator(
+                    target, state.real_images[target], state.real_masks[target],
+                    state.images[source], state.translated[source], state.active[source],
+                    iteration))
                 for name, loss in graph.losses.items():
-                    losses['{}_{}'.format(name, s)].append(float(loss.d))
-
-                rec_masks = np.full_like(masks[s], -1)
-                rec_masks[:, pass_slots] = graph.rec_masks.d
-                current[s] = graph.fake.d.copy()
-                self.visuals[s] = [(images[s], masks[s]), (current[s], translated[s].copy()),
+                    losses[f'{name}_{source}'].append(float(loss.d))
+                rec_masks = np.full_like(state.real_masks[source], -1)
+                rec_masks[:, state.slots] = graph.rec_masks.d
+                visuals[source] = [(images[source], masks[source]),
+                                   (state.images[source], state.translated[source].copy()),
                                    (graph.rec.d.copy(), rec_masks)]
-        return {name: float(np.mean(values)) for name, values in losses.items()}, passes_run
+        mean_losses = {name: float(np.mean(values)) for name, values in losses.items()}
+        return mean_losses, passes_run, visuals
+
+    def update_generators(self, state, iteration):
+        """One Adam step of both generators on the losses of the pass's translations."""
+        for scope in GENERATORS:
+            self.solvers[scope].zero_grad()
+        for source in state.sources:
+            graph = self.directions[source]
+            graph.image.d = state.images[source]
+            graph.masks.d = state.real_masks[source][:, state.slots]
+            graph.other_masks.d = state.masks_beside(source)
+            for loss in [graph.identity_loss, graph.translation_loss]:
+                loss.forward(clear_no_need_grad=True)
+                loss.backward(clear_buffer=True)
+            check_finite({f'{name}_{source}': loss for name, loss in graph.losses.items()},
+                         iteration, self.args)
+        for scope in GENERATORS:
+            self.solvers[scope].update()
+
+    def update_discriminator(self, domain, real_images, real_masks, fake_images, fake_masks,
+                             active, iteration):
+        """One Adam step of the discriminator of `domain` on its real batch, with every real
+        instance in every pass as the official code, and on pooled fakes, weighted by
+        `active`; returns its loss."""
+        graph = self.discriminators[domain]
+        graph.real.d, graph.real_masks.d = real_images, real_masks
+        graph.fake.d, graph.fake_masks.d = self.pools[domain].query(fake_images, fake_masks,
+                                                                    active)
+        graph.fake_weights.d = active
+        graph.loss.forward(clear_no_need_grad=True)
+        check_finite({'discriminator_loss_' + domain: graph.loss}, iteration, self.args)
+        solver = self.solvers['discriminator_' + domain]
+        solver.zero_grad()
+        graph.loss.backward(clear_buffer=True)
+        solver.update()
+        return float(graph.loss.d)
 
     def get_state(self):
         return {d: pool.get_state() for d, pool in self.pools.items()}
@@ -345,14 +409,14 @@ def save_tile(path, rows):
     write_png(path, (tile * 255).round().astype(np.uint8))
 
 
-def save_translation_tiles(trainer, monitor_path, epoch):
+def save_translation_tiles(visuals, monitor_path, epoch):
     """Source, translation and reconstruction of each direction: images on top, masks below."""
-    for source, target in ['xy', 'yx']:
-        columns = trainer.visuals.get(source)
-        if columns:
-            save_tile(os.path.join(monitor_path, 'translation_{}2{}_epoch_{:04d}.png'.format(
-                source, target, epoch)), [[image_panel(image) for image, _ in columns],
-                                          [mask_panel(masks) for _, masks in columns]])
+    for source, target in OTHER.items():
+        if source in visuals:
+            save_tile(os.path.join(monitor_path, f'translation_{source}2{target}_epoch_'
+                                                 f'{epoch:04d}.png'),
+                      [[image_panel(image) for image, _ in visuals[source]],
+                       [mask_panel(masks) for _, masks in visuals[source]]])
 
 
 def plot_losses(monitor_path):
@@ -518,6 +582,7 @@ def train(args):
         return save_checkpoint(args, iteration, iteration // iterations_per_epoch,
                                trainer.solvers, state)
 
+    visuals = {}
     stop = StopSignals()
     try:
         while iteration < args.max_epoch * iterations_per_epoch:
@@ -528,7 +593,8 @@ def train(args):
                       desc='epoch {}/{}'.format(epoch + 1, args.max_epoch), leave=False,
                       dynamic_ncols=True) as progress:
                 while iteration < (epoch + 1) * iterations_per_epoch:
-                    losses, _ = trainer.step(*next_batches(loaders), iteration)
+                    losses, _, step_visuals = trainer.step(*next_batches(loaders), iteration)
+                    visuals.update(step_visuals)
                     for name, value in losses.items():
                         series[name].add(iteration, value)
                     elapsed.add(iteration)
@@ -541,7 +607,7 @@ def train(args):
                         raise TrainingStopped('{} at iteration {}: saved {}; continue with '
                                               '--resume'.format(stop.received, iteration,
                                                                 checkpoint()))
-            save_translation_tiles(trainer, args.monitor_path, epoch + 1)
+            save_translation_tiles(visuals, args.monitor_path, epoch + 1)
             plot_losses(args.monitor_path)
             if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
                 logger.info('epoch {}: saved {}'.format(epoch + 1, checkpoint()))
