@@ -8,16 +8,31 @@ the image translated by the earlier passes. Each pass updates both generators on
 adversarial, cycle, identity and context-preserving losses, then both discriminators on real
 images and on fakes drawn from a pool of past translations. Graphs are built once.
 """
-import gc
-import json
-import math
 import os
-import pickle
-import shutil
 import signal
+
+if __name__ == '__main__':
+    # Until train() takes the signals over, Ctrl-C (say, while nnabla loads below) ends the
+    # process with one line: a KeyboardInterrupt inside an import prints a traceback, and
+    # nnabla's teardown after one has crashed. The imports follow on purpose (flake8 E402).
+    def stop_while_starting(signum, frame):
+        os.write(2, f'\ntrain.py: {signal.Signals(signum).name}: stopped before training '
+                    'started\n'.encode())
+        os._exit(1)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_while_starting)
+
+import gc
+import math
+import re
+import shutil
 import sys
 import tempfile
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,22 +41,47 @@ import nnabla.functions as F
 import nnabla.solvers as S
 from nnabla.ext_utils import get_extension_context
 from nnabla.logger import logger
-from nnabla.monitor import Monitor, MonitorSeries, MonitorTimeElapsed
 from PIL import Image
 from tqdm import tqdm
 
 import models
-from args import get_args
-from data import DataError, MaskedImageIterator, count_max_instances
+from args import FLAGS, get_args
+from checkpoints import (DamagedCheckpoint, FolderInUse, FolderLock, checkpoint_folders,
+                         load_parameters_and_solvers, read_checkpoint, save_checkpoint)
+from checkpoints import checkpoint_paths  # noqa: F401 (translate.py imports it from here)
+from data import DataError, MaskedImageIterator, count_max_instances, load_resized
 from losses import (context_preserving_loss, discriminator_loss, image_and_masks_l1,
                     lsgan_loss)
 
 LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
               'identity_mapping_loss', 'context_preserving_loss']
-# Arguments that decide the parameter shapes: a checkpoint only fits the same values.
-NETWORK_ARGS = ['ngf', 'ndf', 'n_blocks', 'n_layers_D']
+SERIES = [f'{name}_{d}' for name in LOSS_NAMES for d in 'xy']
+TIME_SERIES = 'seconds_per_iteration'
 GENERATORS = ['generator_x2y', 'generator_y2x']
 OTHER = {'x': 'y', 'y': 'x'}
+
+# Everything a run writes into its folders, temporary names included: a fresh run refuses
+# folders holding any of it, and --overwrite deletes it (nothing else).
+RUN_FILE = re.compile(r'\.?checkpoint_\d{9}(\.partial|\.damaged)?'
+                      rf'|({"|".join(SERIES + [TIME_SERIES])})\.series(\.partial)?\.txt'
+                      r'|elapsed_time\.timer\.txt'  # written by earlier versions
+                      r'|(losses|translation_(x2y|y2x)_epoch_\d{4,})(\.partial)?\.png')
+
+# How --resume treats a flag given another value than the checkpoint was made with.
+# These decide the data stream, the shapes or the saved state: the checkpoint cannot go on
+# under a new value, so the run is refused.
+FIXED_ON_RESUME = ['dataroot', 'loadSizeH', 'loadSizeW', 'fineSizeH', 'fineSizeW', 'no_flip',
+                   'ins_max', 'ins_per', 'set_order', 'ngf', 'ndf', 'n_blocks', 'n_layers_D',
+                   'batch_size', 'pool_size', 'seed']
+# These may change; each change gets a line. The learning rates always follow the schedule
+# of the current --learning-rate-G/D, --lr-decay-start-epoch and --max-epoch.
+CHANGEABLE_ON_RESUME = ['max_epoch', 'lr_decay_start_epoch', 'learning_rate_G',
+                        'learning_rate_D', 'beta1', 'beta2', 'lambda_cyc', 'lambda_idt',
+                        'lambda_ctx', 'context', 'device_id', 'type_config', 'cpu_conv',
+                        'monitor_path', 'log_step', 'save_interval', 'keep_checkpoints',
+                        'nan_policy']
+# Where the checkpoint is read from and how the run starts are not compared.
+NOT_COMPARED_ON_RESUME = ['model_save_path', 'resume', 'overwrite']
 
 
 class ConfigError(Exception):
@@ -84,19 +124,26 @@ class ImagePool:
                 out_masks[i], self.masks[j] = self.masks[j], masks[i].copy()
         return out_images, out_masks
 
-    def get_state(self):
-        return {'images': self.images, 'masks': self.masks, 'rng': self.rng.get_state()}
+    def state_dict(self):
+        return {'images': np.array(self.images, np.float32),
+                'masks': np.array(self.masks, np.float32), 'rng': self.rng.get_state()}
 
-    def set_state(self, state):
-        self.images, self.masks = state['images'], state['masks']
-        self.rng.set_state(state['rng'])
+    def load_state_dict(self, state, image_shape, mask_shape):
+        """`state` of a pool of this size holding (3, H, W) images with (M, H, W) masks."""
+        images, masks = state['images'], state['masks']
+        if not len(images) == len(masks) <= self.size or len(images) and (
+                images.shape[1:] != image_shape or masks.shape[1:] != mask_shape):
+            raise ValueError(f'a pool of {images.shape} images and {masks.shape} masks does '
+                             f'not fit a pool of {self.size} {image_shape} and {mask_shape}')
+        self.images, self.masks = list(images), list(masks)
+        self.rng.set_state(tuple(state['rng']))
 
 
 def check_finite(losses, iteration, args):
     for name, loss in losses.items():
         value = float(loss.d)
         if not math.isfinite(value):
-            message = '{} is {} at iteration {}'.format(name, value, iteration)
+            message = f'{name} is {value} at iteration {iteration}'
             if args.nan_policy == 'stop':
                 raise TrainingStopped(message + '; stopped before updating with it')
             logger.warning(message)
@@ -326,13 +373,6 @@ class Trainer:
         solver.update()
         return float(graph.loss.d)
 
-    def get_state(self):
-        return {d: pool.get_state() for d, pool in self.pools.items()}
-
-    def set_state(self, state):
-        for d, pool in self.pools.items():
-            pool.set_state(state[d])
-
 
 def cuda_installed():
     try:
@@ -360,17 +400,17 @@ def set_context(args):
 def check_sizes(args):
     for name in ['fineSizeH', 'fineSizeW']:
         if getattr(args, name) % 4:
-            raise ConfigError('--{} {} is not a multiple of 4, which the generator needs'.format(
-                name, getattr(args, name)))
+            raise ConfigError(f'--{name} {getattr(args, name)} is not a multiple of 4, which '
+                              'the generator needs')
         # Each stride-2 layer of the discriminator halves the size; its last two 4x4
         # convolutions take one pixel each.
         smallest = 3 * 2 ** args.n_layers_D
         if getattr(args, name) < smallest:
-            raise ConfigError('--{} {} is too small for --n-layers-D {} (at least {})'.format(
-                name, getattr(args, name), args.n_layers_D, smallest))
+            raise ConfigError(f'--{name} {getattr(args, name)} is too small for --n-layers-D '
+                              f'{args.n_layers_D} (at least {smallest})')
     if args.fineSizeH > args.loadSizeH or args.fineSizeW > args.loadSizeW:
-        raise ConfigError('fine size {}x{} is larger than load size {}x{}'.format(
-            args.fineSizeH, args.fineSizeW, args.loadSizeH, args.loadSizeW))
+        raise ConfigError(f'fine size {args.fineSizeH}x{args.fineSizeW} is larger than load '
+                          f'size {args.loadSizeH}x{args.loadSizeW}')
 
 
 def check_writable(path):
@@ -379,7 +419,63 @@ def check_writable(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise ConfigError('{} is not writable ({})'.format(path, error.strerror))
+        raise ConfigError(f'{path} is not writable ({error.strerror})')
+
+
+def make_loaders(args):
+    """The slot count (--ins-max capped at the most instances any image has) and one
+    independently shuffled iterator per domain: x reads trainA, y trainB."""
+    if not os.path.isdir(args.dataroot):
+        raise DataError(f'{args.dataroot}: dataset folder not found '
+                        '(datasets/generate_ccp_dataset.py makes one)')
+    ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
+    loaders = {domain: MaskedImageIterator(
+        args.dataroot, 'train', letter, args.batch_size,
+        load_size=(args.loadSizeH, args.loadSizeW), fine_size=(args.fineSizeH, args.fineSizeW),
+        ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
+        for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
+    return ins_max, loaders
+
+
+def verify_dataset(loaders):
+    """Decode every image and mask once, before anything is written, so that a corrupt file
+    stops the run now and not epochs later; and refuse a domain without a single non-empty
+    mask, which would train nothing."""
+    def instances(image_path, mask_paths, size):
+        _, masks, _ = load_resized(image_path, mask_paths, size)
+        return int(np.sum(masks.max(axis=(1, 2)) > -1))
+
+    workers = ThreadPoolExecutor(max_workers=2)
+    try:
+        for loader in loaders.values():
+            folder = os.path.dirname(loader.image_paths[0])
+            found = 0
+            with tqdm(total=loader.size, desc=f'checking {folder}', leave=False,
+                      dynamic_ncols=True) as progress:
+                for count in workers.map(instances, loader.image_paths, loader.mask_paths,
+                                         [loader.load_size] * loader.size):
+                    found += count
+                    progress.update()
+            if not found:
+                raise DataError(f'{folder}_seg: every mask is empty, so {folder} has no '
+                                'instance to translate')
+    finally:
+        workers.shutdown(cancel_futures=True)
+
+
+@contextmanager
+def replaced_atomically(path):
+    """Yields a temporary name beside `path` to write; it becomes `path` once the block ends,
+    and is removed if the block fails, so that `path` is either the old file or the new one."""
+    stem, extension = os.path.splitext(path)
+    partial = stem + '.partial' + extension
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
 
 
 def image_panel(images):
@@ -397,10 +493,9 @@ def mask_panel(masks):
 
 
 def write_png(path, array):
-    """Write uint8 (H, W) or (H, W, 3) under a temporary name, then rename into place."""
-    partial = path[:-len('.png')] + '.partial.png'
-    Image.fromarray(array).save(partial)
-    os.replace(partial, path)
+    """Write uint8 (H, W) or (H, W, 3) as `path`, atomically."""
+    with replaced_atomically(path) as partial:
+        Image.fromarray(array).save(partial)
 
 
 def save_tile(path, rows):
@@ -425,126 +520,232 @@ def plot_losses(monitor_path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, len(LOSS_NAMES), figsize=(4 * len(LOSS_NAMES), 3.2))
-    for axis, name in zip(axes, LOSS_NAMES):
-        for domain in 'xy':
-            path = os.path.join(monitor_path, '{}_{}.series.txt'.format(name, domain))
-            if os.path.exists(path) and os.path.getsize(path):
-                series = np.loadtxt(path, ndmin=2)
-                axis.plot(series[:, 0], series[:, 1], label=domain)
-        axis.set_title(name.replace('_', ' '))
-        axis.set_xlabel('iteration')
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(monitor_path, 'losses.png'), dpi=80)
-    plt.close(figure)
-    # A figure is a web of reference cycles: left to the collector's own schedule, a few
-    # dozen accumulate (tens of MB) before they are freed.
-    gc.collect()
-
-
-def checkpoint_paths(model_path):
-    """Complete checkpoints, oldest first (a partial one has no state.json yet)."""
-    names = sorted(n for n in os.listdir(model_path) if n.startswith('checkpoint_')
-                   and os.path.exists(os.path.join(model_path, n, 'state.json')))
-    return [os.path.join(model_path, n) for n in names]
-
-
-def save_checkpoint(args, iteration, epoch, solvers, training_state):
-    """Write model_path/checkpoint_ITERATION under a temporary name, rename it into place, and
-    keep the newest --keep-checkpoints. A kill at any moment leaves the older ones intact."""
-    name = 'checkpoint_{:09d}'.format(iteration)
-    final = os.path.join(args.model_save_path, name)
-    partial = os.path.join(args.model_save_path, '.{}.partial'.format(name))
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
     try:
-        nn.save_parameters(os.path.join(partial, 'parameters.h5'))
-        for solver_name, solver in solvers.items():
-            solver.save_states(os.path.join(partial, '{}.h5'.format(solver_name)))
-        with open(os.path.join(partial, 'trainer.pkl'), 'wb') as f:
-            pickle.dump(training_state, f)
-        state = {'iteration': iteration, 'epoch': epoch, 'args': vars(args),
-                 'learning_rates': {k: s.learning_rate() for k, s in solvers.items()}}
-        with open(os.path.join(partial, 'state.json'), 'w') as f:
-            json.dump(state, f, indent=1)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(partial, final)
-    for old in checkpoint_paths(args.model_save_path)[:-args.keep_checkpoints]:
-        shutil.rmtree(old)
-    return final
+        for axis, name in zip(axes, LOSS_NAMES):
+            for domain in 'xy':
+                path = os.path.join(monitor_path, f'{name}_{domain}.series.txt')
+                if os.path.exists(path) and os.path.getsize(path):
+                    series = np.loadtxt(path, ndmin=2)
+                    axis.plot(series[:, 0], series[:, 1], label=domain)
+            axis.set_title(name.replace('_', ' '))
+            axis.set_xlabel('iteration')
+            if axis.lines:
+                axis.legend()
+        figure.tight_layout()
+        with replaced_atomically(os.path.join(monitor_path, 'losses.png')) as partial:
+            figure.savefig(partial, dpi=80)
+    finally:
+        plt.close(figure)
+        # A figure is a web of reference cycles: left to the collector's own schedule, a few
+        # dozen accumulate (tens of MB) before they are freed.
+        gc.collect()
 
 
-def load_checkpoint(path, solvers, args):
-    with open(os.path.join(path, 'state.json')) as f:
-        state = json.load(f)
-    for name in NETWORK_ARGS:
-        if state['args'][name] != getattr(args, name):
-            raise ConfigError('{} was made with --{} {}, not {}'.format(
-                path, name.replace('_', '-'), state['args'][name], getattr(args, name)))
-    nn.load_parameters(os.path.join(path, 'parameters.h5'))
-    for solver_name, solver in solvers.items():
-        solver.load_states(os.path.join(path, '{}.h5'.format(solver_name)))
-    with open(os.path.join(path, 'trainer.pkl'), 'rb') as f:
-        return state['iteration'], pickle.load(f)
+def save_pictures(visuals, monitor_path, epoch):
+    """The epoch's tiles and losses.png. They are for looking at: failing to write them (a
+    full disk, say) is a warning, and training goes on."""
+    try:
+        save_translation_tiles(visuals, monitor_path, epoch)
+        plot_losses(monitor_path)
+    except Exception as error:
+        logger.warning(f'epoch {epoch}: pictures not written ({type(error).__name__}: {error})')
 
 
-def create_monitors(monitor_path, interval, first_iteration):
-    """Loss series and a timer. nnabla's monitors empty their files when created: a resumed run
-    puts back the lines of the iterations before its first one (later lines belong to
-    iterations that are being redone)."""
-    kept = {}
-    for name in os.listdir(monitor_path):
-        if name.endswith(('.series.txt', '.timer.txt')):
-            with open(os.path.join(monitor_path, name)) as f:
-                kept[name] = [line for line in f if int(line.split()[0]) < first_iteration]
-    monitor = Monitor(monitor_path)
-    series = {'{}_{}'.format(name, d): MonitorSeries('{}_{}'.format(name, d), monitor, interval,
-                                                    verbose=False)
-              for name in LOSS_NAMES for d in 'xy'}
-    elapsed = MonitorTimeElapsed('elapsed_time', monitor, interval, verbose=False)
-    for recorder in list(series.values()) + [elapsed]:
-        with open(recorder.sp, 'w') as f:
-            f.writelines(kept.get(os.path.basename(recorder.sp), []))
-        # where an uninterrupted run last wrote a line: it writes every `interval` iterations
-        recorder.flush_at = first_iteration - first_iteration % interval - 1
-    return series, elapsed
+class MonitorSeriesFile:
+    """A series in nnabla.monitor's file format: NAME.series.txt, one line `iteration value`
+    per `interval` iterations (when iteration + 1 is a multiple of it), the value the mean of
+    those added since the line before. Unlike nnabla's MonitorSeries it does not empty the file
+    when created (a fresh run starts without one), and a resumed run continues it through
+    load_state_dict."""
+
+    def __init__(self, folder, name, interval):
+        self.path = os.path.join(folder, name + '.series.txt')
+        self.interval = interval
+        self.pending = []  # the values added since the last line
+        self.next_iteration = 0
+
+    def add(self, iteration, value):
+        self.pending.append(value)
+        self.next_iteration = iteration + 1
+        if self.next_iteration % self.interval == 0:
+            with open(self.path, 'a') as f:
+                f.write(f'{iteration} {np.mean(self.pending):g}\n')
+            self.pending = []
+
+    def state_dict(self):
+        return {'next_iteration': self.next_iteration, 'pending': list(self.pending)}
+
+    def load_state_dict(self, state):
+        """Continue as at the checkpoint: take up its unfinished mean, and drop the file's
+        lines from its next iteration on, written after it by iterations now being redone."""
+        self.next_iteration, self.pending = int(state['next_iteration']), list(state['pending'])
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if re.match(r'\d+ ', line)
+                    and int(line.split()[0]) < self.next_iteration]
+        with replaced_atomically(self.path) as partial, open(partial, 'w') as f:
+            f.writelines(kept)
 
 
-class StopSignals:
-    """Turns the first SIGINT or SIGTERM into a request to checkpoint and stop after the
-    current iteration; a second one interrupts at once."""
+class TrainingState:
+    """What a checkpoint holds beside parameters and solver states, so that a resumed run goes
+    on exactly as an uninterrupted one: the image pools with their random states, each
+    loader's order, position and random state, and the unfinished means of the series."""
+
+    def __init__(self, trainer, loaders, series):
+        self.trainer, self.loaders, self.series = trainer, loaders, series
+
+    def state_dict(self):
+        return {'pools': {d: pool.state_dict() for d, pool in self.trainer.pools.items()},
+                'loaders': {d: loader.get_state() for d, loader in self.loaders.items()},
+                'series': {name: s.state_dict() for name, s in self.series.items()}}
+
+    def load_state_dict(self, state):
+        for d, pool in self.trainer.pools.items():
+            pool.load_state_dict(state['pools'][d], self.trainer.image_shape[1:],
+                                 self.trainer.mask_shape(self.trainer.slots)[1:])
+        for d, loader in self.loaders.items():
+            loader.set_state(state['loaders'][d])
+        for name, series in self.series.items():  # last: this rewrites files
+            series.load_state_dict(state['series'][name])
+
+
+def shown(value):
+    """A flag's value as a message shows it: on/off for switches."""
+    return ('on' if value else 'off') if isinstance(value, bool) else value
+
+
+def check_resume_settings(path, saved, args, loaders):
+    """Refuse, in one line, flags of FIXED_ON_RESUME given other values than the checkpoint
+    `path` (state.json `saved`) was made with, and a dataset that changed size since; log one
+    line for each other flag that changed."""
+    def changed(name):
+        old, new = saved['args'].get(name, getattr(args, name)), getattr(args, name)
+        if name == 'dataroot':
+            return os.path.abspath(old) != os.path.abspath(new)
+        return old != new
+
+    refused = [f'{FLAGS[n]} {shown(saved["args"][n])}, not {shown(getattr(args, n))}'
+               for n in FIXED_ON_RESUME if changed(n)]
+    if refused:
+        raise ConfigError(f'{path} was made with {"; ".join(refused)} (these flags decide the '
+                          'data, the shapes or the saved state and cannot change on resume)')
+    for d, loader in loaders.items():
+        if saved['images_per_domain'].get(d) != loader.size:
+            raise ConfigError(
+                f'{path} was trained on {saved["images_per_domain"].get(d)} images in '
+                f'{os.path.dirname(loader.image_paths[0])}, which now holds {loader.size}: '
+                'the dataset changed')
+    for name in CHANGEABLE_ON_RESUME:
+        if changed(name):
+            logger.info(f'--resume: {FLAGS[name]} {shown(getattr(args, name))} (the checkpoint '
+                        f'has {shown(saved["args"][name])})')
+
+
+def load_checkpoint(path, args, trainer, training_state, loaders):
+    """Restore the checkpoint `path` into the trainer and the training state and return its
+    state.json. Raises DamagedCheckpoint naming a missing or unreadable file, ConfigError
+    for settings that cannot change."""
+    state = read_checkpoint(path, keys=['args', 'images_per_domain', 'training_state'])
+    if not isinstance(state['args'], dict) or not isinstance(state['images_per_domain'], dict):
+        raise DamagedCheckpoint(f'{path}/state.json is unreadable (args or images_per_domain '
+                                'is not a dict)')
+    check_resume_settings(path, state, args, loaders)
+    load_parameters_and_solvers(path, trainer.solvers)
+    try:
+        training_state.load_state_dict(state['training_state'])
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise DamagedCheckpoint(f'{path}/state.json and training_state.npz do not hold a '
+                                f'training state of this run ({type(error).__name__}: {error})')
+    return state
+
+
+def resume(args, trainer, training_state, loaders):
+    """Restore the newest intact checkpoint and return its iteration. Newer damaged ones are
+    skipped with a line naming the file, then renamed NAME.damaged: the iterations after the
+    one resumed are redone, and a damaged folder must not pass for the newest checkpoint."""
+    folders = checkpoint_folders(args.model_save_path)
+    if not folders:
+        raise ConfigError(f'--resume: no checkpoint in {args.model_save_path}')
+    skipped = []
+    for path in reversed(folders):
+        try:
+            state = load_checkpoint(path, args, trainer, training_state, loaders)
+        except DamagedCheckpoint as error:
+            logger.warning(f'--resume: skipped {os.path.basename(path)}: {error}')
+            skipped.append(path)
+            continue
+        for damaged in skipped:
+            shutil.rmtree(damaged + '.damaged', ignore_errors=True)
+            os.rename(damaged, damaged + '.damaged')
+            logger.info(f'--resume: renamed {damaged} to {damaged}.damaged')
+        logger.info(f'resumed from {path} at iteration {state["iteration"]}')
+        return state['iteration']
+    raise ConfigError(f'--resume: no intact checkpoint in {args.model_save_path} (skipped '
+                      f'{len(skipped)}, see the warnings above)')
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def claim_folders(args, folders):
+    """With the folders locked: remove what a killed run left half-written; then, unless
+    resuming, refuse folders that hold another run, or delete its files with --overwrite."""
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if RUN_FILE.fullmatch(name) and '.partial' in name:
+                remove(os.path.join(folder, name))
+                logger.info(f'removed {os.path.join(folder, name)}, left by a killed run')
+    if args.resume:
+        return
+    for folder in folders:
+        found = sorted(name for name in os.listdir(folder) if RUN_FILE.fullmatch(name))
+        if found and not args.overwrite:
+            listed = ', '.join(found[:2]) + (', ...' if len(found) > 2 else '')
+            raise ConfigError(f'{folder} holds another run ({listed}): continue it with '
+                              '--resume, or delete its files with --overwrite')
+        for name in found:
+            remove(os.path.join(folder, name))
+        if found:
+            logger.info(f'--overwrite: deleted the {len(found)} files and folders of the '
+                        f'earlier run in {folder}')
+
+
+class Interrupts:
+    """SIGINT and SIGTERM for the whole run. During training, the first asks the loop to
+    checkpoint and stop after the current iteration. At any other moment, and for a second
+    one, the process ends at once with one line, after releasing its folder locks: a
+    KeyboardInterrupt could land inside one of nnabla's calls into Python (cpu_functions),
+    which turns it into a SystemError."""
 
     def __init__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.training = False
+        self.received = None  # the name of the first signal during training
+        self.locks = []
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT,
+                                                                      signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        logger.info('{}: stopping after this iteration'.format(self.received))
+        name = signal.Signals(signum).name
+        if self.training and self.received is None:
+            self.received = name
+            logger.info(f'{name}: stopping after this iteration')
+            return
+        for lock in self.locks:
+            lock.release()
+        outcome = ('at once; the checkpoints written so far are kept (continue with --resume)'
+                   if self.received or self.training else 'before training started')
+        os.write(2, f'\ntrain.py: {name}: stopped {outcome}\n'.encode())
+        os._exit(1)
 
     def restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-
-
-def make_loaders(args):
-    """The slot count (--ins-max capped at the most instances any image has) and one
-    independently shuffled iterator per domain: x reads trainA, y trainB."""
-    if not os.path.isdir(args.dataroot):
-        raise DataError('{}: dataset folder not found (datasets/generate_ccp_dataset.py makes '
-                        'one)'.format(args.dataroot))
-    ins_max = min(args.ins_max, count_max_instances(args.dataroot, 'train'))
-    loaders = {domain: MaskedImageIterator(
-        args.dataroot, 'train', letter, args.batch_size,
-        load_size=(args.loadSizeH, args.loadSizeW), fine_size=(args.fineSizeH, args.fineSizeW),
-        ins_max=ins_max, flip=not args.no_flip, set_order=args.set_order, seed=args.seed + i)
-        for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')])}
-    return ins_max, loaders
 
 
 def train(args):
@@ -552,77 +753,86 @@ def train(args):
     set_context(args)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
-    ins_max, loaders = make_loaders(args)  # checks the dataset before anything is written
-    check_writable(args.monitor_path)
-    check_writable(args.model_save_path)
-    iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
-    trainer = Trainer(args, ins_max)
-    logger.info('instance slots per image: {}, translated in {} pass(es) of {}'.format(
-        ins_max, trainer.passes, trainer.ins_per))
+    interrupts = Interrupts()
+    with ExitStack() as cleanup:
+        cleanup.callback(interrupts.restore)
+        ins_max, loaders = make_loaders(args)
+        for loader in loaders.values():
+            cleanup.callback(loader.close)
+        verify_dataset(loaders)
+        folders = list({os.path.realpath(path): path
+                        for path in [args.model_save_path, args.monitor_path]}.values())
+        for folder in folders:
+            check_writable(folder)
+            interrupts.locks.append(cleanup.enter_context(FolderLock(folder)))
+        claim_folders(args, folders)
 
-    iteration = 0
-    if args.resume:
-        checkpoints = checkpoint_paths(args.model_save_path)
-        if not checkpoints:
-            raise ConfigError('--resume: no checkpoint in {}'.format(args.model_save_path))
-        iteration, saved = load_checkpoint(checkpoints[-1], trainer.solvers, args)
-        trainer.set_state(saved['trainer'])
-        for d, loader in loaders.items():
-            loader.set_state(saved['loaders'][d])
-        logger.info('resumed from {} at iteration {}'.format(checkpoints[-1], iteration))
-    series, elapsed = create_monitors(args.monitor_path, args.log_step, iteration)
-    if args.resume:
-        for name, buffered in saved['series'].items():
-            series[name].buf = buffered
+        images_per_domain = {d: loader.size for d, loader in loaders.items()}
+        iterations_per_epoch = math.ceil(max(images_per_domain.values()) / args.batch_size)
+        last_iteration = args.max_epoch * iterations_per_epoch
+        trainer = Trainer(args, ins_max)
+        logger.info(f'instance slots per image: {ins_max}, translated in {trainer.passes} '
+                    f'pass(es) of {trainer.ins_per}')
+        series = {name: MonitorSeriesFile(args.monitor_path, name, args.log_step)
+                  for name in SERIES + [TIME_SERIES]}
+        training_state = TrainingState(trainer, loaders, series)
+        iteration = resume(args, trainer, training_state, loaders) if args.resume else 0
+        if iteration >= last_iteration:
+            raise ConfigError(f'--resume: the checkpoint is at iteration {iteration} (epoch '
+                              f'{iteration // iterations_per_epoch}), where --max-epoch '
+                              f'{args.max_epoch} has ended: nothing to train; give a larger '
+                              '--max-epoch')
 
-    def checkpoint():
-        state = {'trainer': trainer.get_state(),
-                 'series': {name: recorder.buf for name, recorder in series.items()},
-                 'loaders': {d: loader.get_state() for d, loader in loaders.items()}}
-        return save_checkpoint(args, iteration, iteration // iterations_per_epoch,
-                               trainer.solvers, state)
+        def checkpoint():
+            state = {'epoch': iteration // iterations_per_epoch, 'args': vars(args),
+                     'images_per_domain': images_per_domain,
+                     'learning_rates': {k: s.learning_rate() for k, s in trainer.solvers.items()},
+                     'training_state': training_state.state_dict()}
+            try:
+                return save_checkpoint(args.model_save_path, iteration, state, trainer.solvers,
+                                       args.keep_checkpoints)
+            except OSError as error:
+                raise TrainingStopped(f'could not write the checkpoint of iteration {iteration} '
+                                      f'in {args.model_save_path} ({error}); the earlier ones '
+                                      'are intact')
 
-    visuals = {}
-    stop = StopSignals()
-    try:
-        while iteration < args.max_epoch * iterations_per_epoch:
+        visuals = {}
+        interrupts.training = True
+        started = time.perf_counter()
+        while iteration < last_iteration:
             epoch = iteration // iterations_per_epoch
             trainer.set_epoch(epoch)
             # A context, so that the bar is gone before an error message is printed.
             with tqdm(initial=iteration % iterations_per_epoch, total=iterations_per_epoch,
-                      desc='epoch {}/{}'.format(epoch + 1, args.max_epoch), leave=False,
+                      desc=f'epoch {epoch + 1}/{args.max_epoch}', leave=False,
                       dynamic_ncols=True) as progress:
                 while iteration < (epoch + 1) * iterations_per_epoch:
                     losses, _, step_visuals = trainer.step(*next_batches(loaders), iteration)
                     visuals.update(step_visuals)
                     for name, value in losses.items():
                         series[name].add(iteration, value)
-                    elapsed.add(iteration)
+                    finished = time.perf_counter()
+                    series[TIME_SERIES].add(iteration, finished - started)
+                    started = finished
                     iteration += 1
                     progress.update()
-                    progress.set_postfix({name: '{:.3g}'.format(losses[name]) for name in
+                    progress.set_postfix({name: f'{losses[name]:.3g}' for name in
                                           ['generator_loss_x', 'discriminator_loss_y']
                                           if name in losses})
-                    if stop.received:
-                        raise TrainingStopped('{} at iteration {}: saved {}; continue with '
-                                              '--resume'.format(stop.received, iteration,
-                                                                checkpoint()))
-            save_translation_tiles(visuals, args.monitor_path, epoch + 1)
-            plot_losses(args.monitor_path)
+                    if interrupts.received:
+                        raise TrainingStopped(f'{interrupts.received} at iteration {iteration}: '
+                                              f'saved {checkpoint()}; continue with --resume')
             if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
-                logger.info('epoch {}: saved {}'.format(epoch + 1, checkpoint()))
-    finally:
-        stop.restore()
-        for loader in loaders.values():
-            loader.close()
+                logger.info(f'epoch {epoch + 1}: saved {checkpoint()}')
+            save_pictures(visuals, args.monitor_path, epoch + 1)
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
         train(args)
-    except (ConfigError, DataError, TrainingStopped) as error:
-        sys.exit('train.py: {}'.format(error))
+    except (ConfigError, DataError, FolderInUse, TrainingStopped) as error:
+        sys.exit(f'train.py: {error}')
 
 
 if __name__ == '__main__':
