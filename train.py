@@ -21,7 +21,8 @@ if __name__ == '__main__':
         os._exit(1)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop_while_starting)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # as for a shell's background job
+            signal.signal(signum, stop_while_starting)
 
 import gc
 import math
@@ -616,31 +617,32 @@ def shown(value):
     return ('on' if value else 'off') if isinstance(value, bool) else value
 
 
-def check_resume_settings(path, saved, args, loaders):
-    """Refuse, in one line, flags of FIXED_ON_RESUME given other values than the checkpoint
-    `path` (state.json `saved`) was made with, and a dataset that changed size since; log one
-    line for each other flag that changed."""
-    def changed(name):
-        old, new = saved['args'].get(name, getattr(args, name)), getattr(args, name)
+def changed_flags(names, saved_args, args):
+    """[(name, value in the checkpoint, value now)] of the flags in `names` that changed."""
+    def differ(name, old, new):
         if name == 'dataroot':
             return os.path.abspath(old) != os.path.abspath(new)
         return old != new
 
-    refused = [f'{FLAGS[n]} {shown(saved["args"][n])}, not {shown(getattr(args, n))}'
-               for n in FIXED_ON_RESUME if changed(n)]
+    return [(name, saved_args[name], getattr(args, name)) for name in names
+            if name in saved_args and differ(name, saved_args[name], getattr(args, name))]
+
+
+def refuse_fixed_changes(path, saved, args, loaders):
+    """Refuse, in one line, flags of FIXED_ON_RESUME given other values than the checkpoint
+    `path` (state.json `saved`) was made with, and a dataset that changed size since."""
+    refused = changed_flags(FIXED_ON_RESUME, saved['args'], args)
     if refused:
-        raise ConfigError(f'{path} was made with {"; ".join(refused)} (these flags decide the '
-                          'data, the shapes or the saved state and cannot change on resume)')
+        listed = '; '.join(f'{FLAGS[name]} {shown(old)}, not {shown(new)}'
+                           for name, old, new in refused)
+        raise ConfigError(f'{path} was made with {listed} (these flags decide the data, the '
+                          'shapes or the saved state and cannot change on resume)')
     for d, loader in loaders.items():
         if saved['images_per_domain'].get(d) != loader.size:
             raise ConfigError(
                 f'{path} was trained on {saved["images_per_domain"].get(d)} images in '
                 f'{os.path.dirname(loader.image_paths[0])}, which now holds {loader.size}: '
                 'the dataset changed')
-    for name in CHANGEABLE_ON_RESUME:
-        if changed(name):
-            logger.info(f'--resume: {FLAGS[name]} {shown(getattr(args, name))} (the checkpoint '
-                        f'has {shown(saved["args"][name])})')
 
 
 def load_checkpoint(path, args, trainer, training_state, loaders):
@@ -651,7 +653,7 @@ def load_checkpoint(path, args, trainer, training_state, loaders):
     if not isinstance(state['args'], dict) or not isinstance(state['images_per_domain'], dict):
         raise DamagedCheckpoint(f'{path}/state.json is unreadable (args or images_per_domain '
                                 'is not a dict)')
-    check_resume_settings(path, state, args, loaders)
+    refuse_fixed_changes(path, state, args, loaders)
     load_parameters_and_solvers(path, trainer.solvers)
     try:
         training_state.load_state_dict(state['training_state'])
@@ -681,6 +683,8 @@ def resume(args, trainer, training_state, loaders):
             os.rename(damaged, damaged + '.damaged')
             logger.info(f'--resume: renamed {damaged} to {damaged}.damaged')
         logger.info(f'resumed from {path} at iteration {state["iteration"]}')
+        for name, old, new in changed_flags(CHANGEABLE_ON_RESUME, state['args'], args):
+            logger.info(f'--resume: {FLAGS[name]} {shown(new)} (the checkpoint has {shown(old)})')
         return state['iteration']
     raise ConfigError(f'--resume: no intact checkpoint in {args.model_save_path} (skipped '
                       f'{len(skipped)}, see the warnings above)')
@@ -727,8 +731,9 @@ class Interrupts:
         self.training = False
         self.received = None  # the name of the first signal during training
         self.locks = []
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT,
-                                                                      signal.SIGTERM)}
+        # A signal a shell set to be ignored (a background job's SIGINT) stays ignored.
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
 
     def handle(self, signum, frame):
         name = signal.Signals(signum).name

@@ -140,6 +140,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint(run, caplog, damage, file, 
     assert skipped[0].startswith(f'--resume: skipped checkpoint_000000004: '
                                  f'{checkpoint(run, 4) / file} {reason}')
     assert f'resumed from {checkpoint(run, 2)} at iteration 2' in caplog.messages
+    # the run was copied: its checkpoints name the old monitor folder (said once, not per try)
+    assert len([m for m in caplog.messages if m.startswith('--resume: --monitor-path')]) == 1
     # The damaged folder is out of the way; the run redid iterations 2 and 3.
     assert sorted(os.listdir(run.models)) == ['checkpoint_000000002', 'checkpoint_000000004',
                                               'checkpoint_000000004.damaged']

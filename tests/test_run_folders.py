@@ -133,12 +133,17 @@ def test_a_corrupt_image_deep_in_the_epoch_stops_the_run_before_anything_is_writ
     assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
 
 
-def start(tmp_path, dataroot, *flags):
+def as_from_a_terminal():
+    """Undo an ignored SIGINT inherited from a shell's background job, which train.py keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(tmp_path, dataroot, *flags, preexec_fn=as_from_a_terminal):
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
             '--dataroot', str(dataroot), '--monitor-path', str(tmp_path / 'monitor'),
             '--model-save-path', str(tmp_path / 'models')] + list(flags),
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
 
 
 def wait_for(path, process, timeout=120):
@@ -155,16 +160,16 @@ def last_line(process):
     return stderr.strip().splitlines()[-1]
 
 
-def handles(process, signum):
-    """Whether the process has a handler of its own for signum."""
+def signals(process, kind):
+    """The signals the process catches (kind 'SigCgt') or ignores ('SigIgn')."""
     with open(f'/proc/{process.pid}/status') as f:
-        caught = next(int(line.split()[1], 16) for line in f if line.startswith('SigCgt:'))
-    return bool(caught >> (signum - 1) & 1)
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith(kind + ':'))
+    return {signum for signum in signal.Signals if mask >> (signum - 1) & 1}
 
 
 def test_a_signal_while_starting_ends_with_one_line(tmp_path, two_images):
     importing = start(tmp_path / 'first', two_images, '--max-epoch', '50')
-    while not handles(importing, signal.SIGTERM):  # train.py's first lines ran; nnabla loads
+    while signal.SIGTERM not in signals(importing, 'SigCgt'):  # the first lines ran
         assert importing.poll() is None
         time.sleep(0.005)
     importing.send_signal(signal.SIGINT)
@@ -174,6 +179,16 @@ def test_a_signal_while_starting_ends_with_one_line(tmp_path, two_images):
     locked.send_signal(signal.SIGTERM)
     assert last_line(locked) == 'train.py: SIGTERM: stopped before training started'
     assert not (tmp_path / 'second' / 'models' / 'train.lock').exists()
+
+
+def test_a_background_jobs_ignored_sigint_stays_ignored(tmp_path, two_images):
+    process = start(tmp_path, two_images, '--max-epoch', '50',
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(tmp_path / 'models' / 'train.lock', process)
+    assert signal.SIGINT in signals(process, 'SigIgn')
+    assert signal.SIGTERM in signals(process, 'SigCgt')
+    process.send_signal(signal.SIGTERM)
+    assert last_line(process) == 'train.py: SIGTERM: stopped before training started'
 
 
 def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two_images):

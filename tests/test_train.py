@@ -161,7 +161,9 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
     command = [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
         '--max-epoch', '100', '--monitor-path', str(tmp_path / 'monitor'),
         '--model-save-path', str(tmp_path / 'models')]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # A shell's background job ignores SIGINT, and train.py keeps it so: undo that here.
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / 'models' / 'checkpoint_000000008').exists():
         assert time.time() < deadline and process.poll() is None
