@@ -1,24 +1,57 @@
-"""Command-line configuration of train.py. Defaults are the paper's jeans <-> skirt setting."""
+"""Command-line configuration of train.py. Defaults are the paper's jeans <-> skirt setting.
+
+Every value is checked as it is parsed: a bad one gets argparse's one-line usage error (exit
+status 2) before anything is loaded or written.
+"""
 import argparse
+import math
+import re
 
 
-def get_args(argv=None):
+def checked(convert, accept, requirement):
+    """An argparse type: `convert` the text, and refuse it unless `accept(value)`."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f'{text!r} is not {requirement}')
+        return value
+    parse.requirement = requirement
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, 'a positive integer')
+non_negative_int = checked(int, lambda v: v >= 0, 'an integer >= 0')
+seed = checked(int, lambda v: 0 <= v < 2 ** 31, 'an integer from 0 to 2**31 - 1')
+non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
+adam_beta = checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')
+device_id = checked(str, lambda v: re.fullmatch('[0-9]+', v), 'a device number')
+path = checked(str, lambda v: v != '', 'a path')
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description='InstaGAN: instance-aware image-to-image translation (NNabla).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     data = parser.add_argument_group('data')
-    data.add_argument('--dataroot', default='datasets/jeans2skirt_ccp',
+    data.add_argument('--dataroot', type=path, default='datasets/jeans2skirt_ccp',
                       help='folder with trainA, trainA_seg, trainB, trainB_seg '
                            '(made by datasets/generate_ccp_dataset.py)')
-    data.add_argument('--loadSizeH', type=int, default=330, help='resize height before cropping')
-    data.add_argument('--loadSizeW', type=int, default=220, help='resize width before cropping')
-    data.add_argument('--fineSizeH', type=int, default=300, help='crop height (multiple of 4)')
-    data.add_argument('--fineSizeW', type=int, default=200, help='crop width (multiple of 4)')
+    data.add_argument('--loadSizeH', type=positive_int, default=330,
+                      help='resize height before cropping')
+    data.add_argument('--loadSizeW', type=positive_int, default=220,
+                      help='resize width before cropping')
+    data.add_argument('--fineSizeH', type=positive_int, default=300,
+                      help='crop height (multiple of 4)')
+    data.add_argument('--fineSizeW', type=positive_int, default=200,
+                      help='crop width (multiple of 4)')
     data.add_argument('--no-flip', action='store_true', help='no random horizontal flips')
-    data.add_argument('--ins-max', type=int, default=4,
+    data.add_argument('--ins-max', type=positive_int, default=4,
                       help='instance slots per image (capped at the most any image has)')
-    data.add_argument('--ins-per', type=int, default=2,
+    data.add_argument('--ins-per', type=positive_int, default=2,
                       help='instance slots translated per pass of sequential mini-batch '
                            'translation (--ins-per = --ins-max: all in one pass); the cycle '
                            'and identity L1 average over 3 + --ins-per channels, as the '
@@ -27,47 +60,73 @@ def get_args(argv=None):
                       help='order of the instances in their slots: by decreasing area, or random')
 
     model = parser.add_argument_group('networks')
-    model.add_argument('--ngf', type=int, default=64, help='generator width')
-    model.add_argument('--ndf', type=int, default=64, help='discriminator width')
-    model.add_argument('--n-blocks', type=int, default=9, help='residual blocks per encoder')
-    model.add_argument('--n-layers-D', type=int, default=3, help='stride-2 layers in the discriminator')
+    model.add_argument('--ngf', type=positive_int, default=64, help='generator width')
+    model.add_argument('--ndf', type=positive_int, default=64, help='discriminator width')
+    model.add_argument('--n-blocks', type=non_negative_int, default=9,
+                       help='residual blocks per encoder')
+    model.add_argument('--n-layers-D', type=positive_int, default=3,
+                       help='stride-2 layers in the discriminator')
 
     train = parser.add_argument_group('training')
-    train.add_argument('--batch-size', '-b', type=int, default=1)
-    train.add_argument('--max-epoch', '-e', type=int, default=600,
+    train.add_argument('--batch-size', '-b', type=positive_int, default=1)
+    train.add_argument('--max-epoch', '-e', type=positive_int, default=600,
                        help='the official jeans<->skirt command: 400 + 200 epochs')
-    train.add_argument('--lr-decay-start-epoch', type=int, default=400,
+    train.add_argument('--lr-decay-start-epoch', type=non_negative_int, default=400,
                        help='learning rates are constant for this many epochs, then decay '
                             'linearly as the official code does (to 1/(decay epochs + 1) of '
-                            'the base rate in the last epoch)')
-    train.add_argument('--learning-rate-G', type=float, default=2e-4)
-    train.add_argument('--learning-rate-D', type=float, default=2e-4)
-    train.add_argument('--beta1', type=float, default=0.5, help='Adam beta1')
-    train.add_argument('--beta2', type=float, default=0.999, help='Adam beta2')
-    train.add_argument('--lambda-cyc', type=float, default=10.0, help='cycle-consistency weight')
-    train.add_argument('--lambda-idt', type=float, default=10.0, help='identity-mapping weight')
-    train.add_argument('--lambda-ctx', type=float, default=10.0, help='context-preserving weight')
-    train.add_argument('--pool-size', type=int, default=50,
+                            'the base rate in the last epoch); at most --max-epoch')
+    train.add_argument('--learning-rate-G', type=non_negative_float, default=2e-4)
+    train.add_argument('--learning-rate-D', type=non_negative_float, default=2e-4)
+    train.add_argument('--beta1', type=adam_beta, default=0.5, help='Adam beta1')
+    train.add_argument('--beta2', type=adam_beta, default=0.999, help='Adam beta2')
+    train.add_argument('--lambda-cyc', type=non_negative_float, default=10.0,
+                       help='cycle-consistency weight')
+    train.add_argument('--lambda-idt', type=non_negative_float, default=10.0,
+                       help='identity-mapping weight')
+    train.add_argument('--lambda-ctx', type=non_negative_float, default=10.0,
+                       help='context-preserving weight')
+    train.add_argument('--pool-size', type=non_negative_int, default=50,
                        help='past fakes the discriminators also see (0 disables the pool)')
-    train.add_argument('--seed', type=int, default=0)
+    train.add_argument('--seed', type=seed, default=0)
 
     run = parser.add_argument_group('run')
     run.add_argument('--context', '-c', choices=['cpu', 'cudnn'], default=None,
                      help='default: cudnn when nnabla-ext-cuda is installed, else cpu')
-    run.add_argument('--device-id', '-d', default='0')
+    run.add_argument('--device-id', '-d', type=device_id, default='0')
     run.add_argument('--type-config', '-t', choices=['float', 'half', 'mixed_half'],
                      default='float')
     run.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas',
                      help='on cpu, run convolutions and normalisations through numpy on all '
                           'cores (blas) or through NNabla\'s one-thread kernels')
-    run.add_argument('--monitor-path', '-m', default='results/monitor',
+    run.add_argument('--monitor-path', '-m', type=path, default='results/monitor',
                      help='loss curves, their plots and translated samples')
-    run.add_argument('--model-save-path', '-o', default='results/models', help='checkpoints')
-    run.add_argument('--log-step', type=int, default=10, help='iterations per logged loss value')
-    run.add_argument('--save-interval', type=int, default=1, help='epochs between checkpoints')
-    run.add_argument('--keep-checkpoints', type=int, default=3, help='newest checkpoints kept')
+    run.add_argument('--model-save-path', '-o', type=path, default='results/models',
+                     help='checkpoints')
+    run.add_argument('--log-step', type=positive_int, default=10,
+                     help='iterations per logged loss value')
+    run.add_argument('--save-interval', type=positive_int, default=1,
+                     help='epochs between checkpoints')
+    run.add_argument('--keep-checkpoints', type=positive_int, default=3,
+                     help='newest checkpoints kept')
     run.add_argument('--nan-policy', choices=['stop', 'warn'], default='stop',
                      help='on a NaN or Inf loss: stop (keeping the last checkpoint) or only warn')
-    run.add_argument('--resume', action='store_true',
-                     help='continue from the last checkpoint in --model-save-path')
-    return parser.parse_args(argv)
+    start = run.add_mutually_exclusive_group()
+    start.add_argument('--resume', action='store_true',
+                       help='continue from the newest intact checkpoint in --model-save-path')
+    start.add_argument('--overwrite', action='store_true',
+                       help="start afresh where another run wrote: delete that run's "
+                            'checkpoints, loss series and pictures first')
+    return parser
+
+
+# The command-line spelling of each argument: FLAGS['batch_size'] == '--batch-size'.
+FLAGS = {action.dest: action.option_strings[0] for action in build_parser()._actions}
+
+
+def get_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lr_decay_start_epoch > args.max_epoch:
+        parser.error(f'--lr-decay-start-epoch {args.lr_decay_start_epoch} is beyond '
+                     f'--max-epoch {args.max_epoch}')
+    return args

@@ -106,7 +106,7 @@ def test_discriminator_sees_every_real_instance_in_every_pass(monkeypatch):
             seen.append((_domain, trainer.discriminators[_domain].real_masks.d.copy()))
             return _query(*inputs)
         monkeypatch.setattr(pool, 'query', query)
-    _, passes_run = trainer.step(images, masks, iteration=0)
+    _, passes_run, _ = trainer.step(images, masks, iteration=0)
     assert passes_run == 2 and len(seen) == 4
     for domain, real_masks in seen:
         np.testing.assert_array_equal(real_masks, masks[domain])

@@ -62,12 +62,12 @@ def test_number_of_passes_is_the_instance_count_over_k(ins_per, instances):
         empty = {(0, n) for n in range(instances, 4)} | {(1, n) for n in range(1, 4)}
         image, mask = random_inputs(2, 4, empty=empty, seed=i)
         images[d], masks[d] = image[:, :, :32, :24], mask[:, :, :32, :24]
-    losses, passes_run = trainer.step(images, masks, iteration=0)
+    losses, passes_run, visuals = trainer.step(images, masks, iteration=0)
     assert passes_run == math.ceil(instances / ins_per)
     assert set(losses) == {'{}_{}'.format(name, d) for name in train.LOSS_NAMES for d in 'xy'}
     assert all(np.isfinite(v) for v in losses.values())
     # the tile shows every slot translated so far: slots beyond the instances stay empty
-    translated_masks = trainer.visuals['x'][1][1]
+    translated_masks = visuals['x'][1][1]
     assert np.all(translated_masks[0, instances:] == -1) and np.all(translated_masks[1, 1:] == -1)
 
 

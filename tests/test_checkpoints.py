@@ -1,0 +1,231 @@
+"""Checkpoints hold data, never code; --resume takes the newest intact one and refuses settings
+that cannot change. Runs use two images per domain: an epoch is two iterations."""
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+import train
+from args import get_args
+from test_train import SAMPLE, TINY
+
+MARKER = 'unpickled'  # made in the working directory by Malicious if it is ever unpickled
+
+
+class Malicious:
+    def __reduce__(self):
+        return os.mkdir, (MARKER,)
+
+
+@pytest.fixture(scope='module')
+def two_images(tmp_path_factory):
+    """The first two images of each domain of the bundled sample, with their masks."""
+    root = tmp_path_factory.mktemp('two_images')
+    for letter in 'AB':
+        images = sorted(os.listdir(os.path.join(SAMPLE, f'train{letter}')))[:2]
+        for folder in [f'train{letter}', f'train{letter}_seg']:
+            os.makedirs(root / folder)
+        for image in images:
+            shutil.copy(os.path.join(SAMPLE, f'train{letter}', image), root / f'train{letter}')
+            stem = os.path.splitext(image)[0]
+            for mask in os.listdir(os.path.join(SAMPLE, f'train{letter}_seg')):
+                if mask.startswith(stem + '_'):
+                    shutil.copy(os.path.join(SAMPLE, f'train{letter}_seg', mask),
+                                root / f'train{letter}_seg')
+    return root
+
+
+def run_in(folder, dataroot, *flags):
+    train.main(TINY + ['--dataroot', str(dataroot), '--monitor-path', str(folder / 'monitor'),
+                       '--model-save-path', str(folder / 'models')] + list(flags))
+
+
+@pytest.fixture(scope='module')
+def two_epochs(tmp_path_factory, two_images):
+    """A finished run of two epochs with checkpoints at iterations 2 and 4."""
+    folder = tmp_path_factory.mktemp('two_epochs')
+    run_in(folder, two_images, '--max-epoch', '2')
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path, two_epochs, two_images, monkeypatch):
+    """A copy of the two-epoch run, and a function that runs train.py on it."""
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)  # where Malicious would leave its marker
+
+    def run_copy(*flags):
+        run_in(tmp_path, two_images, *flags)
+    run_copy.models = tmp_path / 'models'
+    return run_copy
+
+
+def checkpoint(run, iteration):
+    return run.models / f'checkpoint_{iteration:09d}'
+
+
+def exit_message(run, *flags):
+    with pytest.raises(SystemExit) as error:
+        run(*flags)
+    return str(error.value)
+
+
+def test_a_checkpoint_is_arrays_and_json(two_epochs):
+    path = two_epochs / 'models' / 'checkpoint_000000004'
+    assert sorted(os.listdir(path)) == [
+        'discriminator_x.h5', 'discriminator_y.h5', 'generator_x2y.h5', 'generator_y2x.h5',
+        'parameters.h5', 'state.json', 'training_state.npz']
+    pool = 'state.training_state.pools.x.images'
+    with np.load(path / 'training_state.npz', allow_pickle=False) as archive:
+        assert all(archive[key].dtype != object for key in archive.files)
+        assert archive[pool].shape == (4, 3, 32, 24)  # one fake per iteration
+    state = json.loads((path / 'state.json').read_text())
+    assert (state['iteration'], state['epoch']) == (4, 2)
+    assert state['images_per_domain'] == {'x': 2, 'y': 2}
+    assert state['training_state']['pools']['x']['images'] == {'array': pool}
+
+
+def test_resume_ignores_a_planted_pickle(run):
+    with open(checkpoint(run, 4) / 'trainer.pkl', 'wb') as f:
+        pickle.dump(Malicious(), f)
+    run('--max-epoch', '3', '--resume')
+    assert not os.path.exists(MARKER)
+    assert os.path.exists(checkpoint(run, 6))
+
+
+def test_resume_refuses_object_arrays_and_old_pickled_state(run, caplog):
+    """The newest checkpoint is as an older version wrote it, with trainer.pkl; the other
+    holds an object array, which only unpickling could load."""
+    os.remove(checkpoint(run, 4) / 'training_state.npz')
+    with open(checkpoint(run, 4) / 'trainer.pkl', 'wb') as f:
+        pickle.dump({'trainer': Malicious()}, f)
+    archive = checkpoint(run, 2) / 'training_state.npz'
+    with np.load(archive) as saved:
+        arrays = dict(saved)
+    arrays['state.training_state.pools.x.images'] = np.array([Malicious()], dtype=object)
+    np.savez(archive, **arrays)
+    assert exit_message(run, '--max-epoch', '3', '--resume') == (
+        f'train.py: --resume: no intact checkpoint in {run.models} (skipped 2, see the '
+        'warnings above)')
+    assert not os.path.exists(MARKER)
+    assert f'--resume: skipped checkpoint_000000004: {checkpoint(run, 4)}/training_state.npz ' \
+           'is missing (an older version wrote trainer.pkl, which is never unpickled: ' \
+           'unpickling can run code)' in caplog.messages
+    assert f'--resume: skipped checkpoint_000000002: {archive} is unreadable (ValueError: ' \
+           'Object arrays cannot be loaded when allow_pickle=False)' in caplog.messages
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize('damage, file, reason', [
+    (truncate, 'parameters.h5', 'is unreadable (OSError: Unable to synchronously open file '
+                                '(truncated file'),
+    (os.remove, 'generator_y2x.h5', 'is missing'),
+    (truncate, 'discriminator_x.h5', 'is unreadable (OSError'),
+    (truncate, 'training_state.npz', 'is unreadable'),
+    (os.remove, 'state.json', 'is missing'),
+    (lambda path: path.write_text('{"iteration": 4, "epo'), 'state.json',
+     'is unreadable (JSONDecodeError'),
+])
+def test_resume_falls_back_past_a_damaged_checkpoint(run, caplog, damage, file, reason):
+    damage(checkpoint(run, 4) / file)
+    run('--max-epoch', '2', '--resume')
+    skipped = [m for m in caplog.messages if m.startswith('--resume: skipped')]
+    assert len(skipped) == 1
+    assert skipped[0].startswith(f'--resume: skipped checkpoint_000000004: '
+                                 f'{checkpoint(run, 4) / file} {reason}')
+    assert f'resumed from {checkpoint(run, 2)} at iteration 2' in caplog.messages
+    # the run was copied: its checkpoints name the old monitor folder (said once, not per try)
+    assert len([m for m in caplog.messages if m.startswith('--resume: --monitor-path')]) == 1
+    # The damaged folder is out of the way; the run redid iterations 2 and 3.
+    assert sorted(os.listdir(run.models)) == ['checkpoint_000000002', 'checkpoint_000000004',
+                                              'checkpoint_000000004.damaged']
+    assert json.loads((checkpoint(run, 4) / 'state.json').read_text())['iteration'] == 4
+
+
+def test_only_the_exact_checkpoint_names_count(run, caplog):
+    for name in ['checkpoint_good', 'checkpoint_000000009.bak', 'checkpoint_000000099']:
+        shutil.copytree(checkpoint(run, 2), run.models / name)
+    run('--max-epoch', '3', '--resume')
+    assert f'--resume: skipped checkpoint_000000099: {run.models}/checkpoint_000000099/' \
+           'state.json is unreadable (ValueError: it says iteration 2)' in caplog.messages
+    assert f'resumed from {checkpoint(run, 4)} at iteration 4' in caplog.messages
+    assert sorted(os.listdir(run.models)) == [
+        'checkpoint_000000002', 'checkpoint_000000004', 'checkpoint_000000006',
+        'checkpoint_000000009.bak', 'checkpoint_000000099.damaged', 'checkpoint_good']
+
+
+def test_a_killed_write_is_removed_at_start(run):
+    partial = run.models / '.checkpoint_000000005.partial'  # killed after a signal
+    partial.mkdir()
+    (partial / 'parameters.h5').write_bytes(b'half')
+    run('--max-epoch', '3', '--resume')
+    assert not partial.exists() and checkpoint(run, 6).exists()
+
+
+def test_resume_policy_covers_every_flag_once():
+    policy = train.FIXED_ON_RESUME + train.CHANGEABLE_ON_RESUME + train.NOT_COMPARED_ON_RESUME
+    assert sorted(policy) == sorted(vars(get_args([])))
+
+
+@pytest.mark.parametrize('flags, refused', [
+    (['--batch-size', '2'], '--batch-size 1, not 2'),
+    (['--fineSizeH', '28'], '--fineSizeH 32, not 28'),
+    (['--ins-per', '1'], '--ins-per 2, not 1'),
+    (['--seed', '5'], '--seed 0, not 5'),
+    (['--no-flip', '--pool-size', '7'], '--no-flip off, not on; --pool-size 50, not 7'),
+    (['--set-order', 'random'], '--set-order decreasing, not random'),
+    (['--ndf', '8'], '--ndf 4, not 8'),
+])
+def test_resume_refuses_flags_that_decide_data_shapes_or_state(run, flags, refused):
+    assert exit_message(run, '--max-epoch', '3', '--resume', *flags) == (
+        f'train.py: {checkpoint(run, 4)} was made with {refused} (these flags decide the data, '
+        'the shapes or the saved state and cannot change on resume)')
+    assert not checkpoint(run, 6).exists()
+
+
+def test_resume_refuses_another_dataroot_and_a_changed_dataset(run, two_images, tmp_path):
+    other = tmp_path / 'other'
+    shutil.copytree(two_images, other)
+    assert exit_message(run, '--max-epoch', '3', '--resume', '--dataroot', str(other)) == (
+        f'train.py: {checkpoint(run, 4)} was made with --dataroot {two_images}, not {other} '
+        '(these flags decide the data, the shapes or the saved state and cannot change on '
+        'resume)')
+    image = sorted((two_images / 'trainA').iterdir())[0]
+    added = two_images / 'trainA' / ('added' + image.suffix)
+    shutil.copy(image, added)
+    shutil.copy(two_images / 'trainA_seg' / (image.stem + '_0.png'),
+                two_images / 'trainA_seg' / 'added_0.png')
+    try:
+        message = exit_message(run, '--max-epoch', '3', '--resume')
+    finally:
+        added.unlink()
+        (two_images / 'trainA_seg' / 'added_0.png').unlink()
+    assert message == (f'train.py: {checkpoint(run, 4)} was trained on 2 images in '
+                       f'{two_images / "trainA"}, which now holds 3: the dataset changed')
+
+
+def test_resume_with_changed_weights_and_rates_says_so_and_uses_them(run, caplog):
+    run('--max-epoch', '3', '--resume', '--lambda-cyc', '5', '--learning-rate-G', '1e-4',
+        '--keep-checkpoints', '1')
+    for line in ['--max-epoch 3 (the checkpoint has 2)', '--lambda-cyc 5.0 (the checkpoint '
+                 'has 10.0)', '--learning-rate-G 0.0001 (the checkpoint has 0.0002)',
+                 '--keep-checkpoints 1 (the checkpoint has 3)']:
+        assert '--resume: ' + line in caplog.messages
+    assert os.listdir(run.models) == ['checkpoint_000000006']
+    state = json.loads((checkpoint(run, 6) / 'state.json').read_text())
+    # The third epoch (index 2) of a decay starting after epoch 1, over 3 epochs: 1/3 left.
+    assert state['learning_rates']['generator_x2y'] == pytest.approx(1e-4 / 3)
+    assert state['learning_rates']['discriminator_x'] == pytest.approx(2e-4 / 3)
+
+
+@pytest.mark.parametrize('max_epoch', ['1', '2'])
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(run, max_epoch):
+    assert exit_message(run, '--max-epoch', max_epoch, '--resume') == (
+        f'train.py: --resume: the checkpoint is at iteration 4 (epoch 2), where --max-epoch '
+        f'{max_epoch} has ended: nothing to train; give a larger --max-epoch')
