@@ -60,7 +60,7 @@ from tqdm import tqdm
 import models
 from data import DataError, list_images, load_image, load_mask, load_resized, mask_areas, mask_paths
 from train import cuda_installed, image_panel, mask_panel, save_tile
-from translate import SAVED_ARGS, Translator, load_config
+from translate import SAVED_FLAGS, Translator, load_config
 
 FEATURE_SIZE = (32, 22)  # (H, W) of the masks the classifiers see: CCP photos are about 3:2
 L2 = 1e-2  # the best of 1e-5 ... 1 in 5-fold cross-validation on the CCP train masks
@@ -278,7 +278,7 @@ def load_generators(model_save_path):
     """The newest checkpoint's network sizes and {direction: generator} for it. A checkpoint
     whose files cannot be read becomes a DataError naming it."""
     config = argparse.Namespace(model_save_path=model_save_path, params=None,
-                                **dict.fromkeys(SAVED_ARGS))
+                                **dict.fromkeys(SAVED_FLAGS))
     try:
         load_config(config)
         generators = {}

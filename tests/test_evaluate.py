@@ -311,13 +311,14 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
     with open(parameters, 'r+b') as f:
         f.truncate(1000)
     assert refusal(*flags).startswith(
-        'evaluate.py: {}: damaged checkpoint (OSError: '.format(checkpoint))
+        'evaluate.py: {}: damaged or not a parameter file (OSError: '.format(parameters))
     shutil.copy(os.path.join(train.checkpoint_paths(str(trained))[-1], 'parameters.h5'),
                 parameters)
     with open(os.path.join(checkpoint, 'state.json'), 'w') as f:
         f.write('{"args": ')
     assert refusal(*flags).startswith(
-        'evaluate.py: {}: damaged checkpoint (JSONDecodeError: '.format(checkpoint))
+        'evaluate.py: {}: unreadable or damaged (JSONDecodeError: '.format(
+            os.path.join(checkpoint, 'state.json')))
     assert not (tmp_path / 'o').exists()
 
     code, _, stderr = run_evaluate(*base[:2], '--dataroot', str(tmp_path / 'nowhere'))
