@@ -1,12 +1,16 @@
-# make train: set up .venv and train on the bundled CCP sample (CPU, a few minutes)
+# make train: set up .venv and train on the bundled CCP sample (CPU, a few minutes), replacing
+#             the previous demo run in results/demo
 # make test:  set up .venv and run the test suite
+# make translate: set up .venv and translate the bundled sample with the pretrained generators
 PYTHON := .venv/bin/python
 DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
 	--fineSizeH 64 --fineSizeW 44 --ngf 16 --ndf 16 --max-epoch 25 --lr-decay-start-epoch 15 \
 	--log-step 8 --save-interval 5 --monitor-path results/demo/monitor \
-	--model-save-path results/demo/models
+	--model-save-path results/demo/models --overwrite
 
-.PHONY: setup train test
+PRETRAINED := pretrained/jeans2skirt_64x44/parameters.h5
+
+.PHONY: setup train test translate
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt setup.sh
@@ -18,3 +22,9 @@ train: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+translate: setup
+	$(PYTHON) translate.py --params $(PRETRAINED) --direction AtoB --dataroot datasets/ccp_sample \
+		--phase train --out results/pretrained/jeans2skirt
+	$(PYTHON) translate.py --params $(PRETRAINED) --direction BtoA --dataroot datasets/ccp_sample \
+		--phase train --out results/pretrained/skirt2jeans
