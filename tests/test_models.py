@@ -1,4 +1,7 @@
 """Shapes and the set and batch properties the paper's networks must have."""
+import json
+import os
+
 import numpy as np
 import nnabla as nn
 import pytest
@@ -115,6 +118,21 @@ def test_instances_change_the_translation(networks):
     image_out, _ = networks.run('generator', images, masks)
     other_image_out, _ = networks.run('generator', images, -masks)
     assert np.abs(other_image_out - image_out).max() > 1e-4
+
+
+def test_parameter_names_and_shapes_are_those_checkpoints_have():
+    """Names and shapes of a tiny build as recorded in parameter_shapes.json: parameters.h5
+    files load by name, so a change here would leave every existing checkpoint unloadable."""
+    with open(os.path.join(os.path.dirname(__file__), 'parameter_shapes.json')) as f:
+        recorded = json.load(f)
+    image, masks = nn.Variable((1, 3, 32, 24)), nn.Variable((1, 2, 32, 24))
+    with nn.parameter_scope('generator_x2y'):
+        models.generator(image, masks, ngf=4, n_blocks=1)
+    with nn.parameter_scope('discriminator_y'):
+        models.discriminator(image, masks, ndf=4, n_layers=3)
+    built = {name: list(parameter.shape)
+             for name, parameter in nn.get_parameters(grad_only=False).items()}
+    assert built == recorded
 
 
 def test_blas_and_nnabla_convolutions_give_the_same_networks():
