@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import nnabla
 import nnabla_ext.cpu
+import nnabla.function as nnabla_function
+import nnabla.functions as F
 import numpy as np
 from nnabla.function import PythonFunction
 
@@ -550,3 +552,98 @@ class _SpectralNorm(_ShapePreserving):
 def spectral_norm(weight, u, eps=1e-12):
     """Like F.spectral_norm(weight, u, dim=0, itr=1, eps=eps) in training mode."""
     return _SpectralNorm(eps)(weight, u)
+
+
+def _made_by(variable, type_name, **args):
+    """The function of `type_name`, called with these arguments, that computes `variable`; None
+    if another function does or `variable` is None."""
+    function = None if variable is None else variable.parent
+    if function is None or function.info.type_name != type_name:
+        return None
+    if any(function.info.args[name] != value for name, value in args.items()):
+        return None
+    return function
+
+
+def _first_input(function):
+    return None if function is None else function.inputs[0]
+
+
+def _spatial_mean_of(mean):
+    """v, if `mean` is models.instance_norm's mean of v over H and W; else None."""
+    over_rows = _made_by(mean, 'Mean', axes=[2], keep_dims=True)
+    return _first_input(_made_by(_first_input(over_rows), 'Mean', axes=[3], keep_dims=True))
+
+
+def _instance_norm_of(division):
+    """(x, eps), if the F.div2 `division` ends models.instance_norm(x, eps). That is a composite
+    of nine F.* functions, matched here whole:
+    centred = x - mean(x); centred / pow_scalar(mean(centred * centred) + eps, 0.5)."""
+    centred, deviation = division.inputs
+    subtraction = _made_by(centred, 'Sub2')
+    epsilon = _made_by(_first_input(_made_by(deviation, 'PowScalar', val=0.5)), 'AddScalar')
+    square = _made_by(_spatial_mean_of(_first_input(epsilon)), 'Mul2')
+    if subtraction is None or square is None:
+        return None
+    x, mean = subtraction.inputs
+    mean_of = _spatial_mean_of(mean)
+    if mean_of is None or not mean_of == x or not all(v == centred for v in square.inputs):
+        return None
+    return x, epsilon.info.args['val']
+
+
+def _replacement(function):
+    """The output of this module's version of `function`, or None where there is none."""
+    kind, args, inputs = function.info.type_name, function.info.args, function.inputs
+    plain = kind in ('Convolution', 'Deconvolution') and len(inputs[0].shape) == 4 and \
+        (args['base_axis'], args['dilation'], args['group'], args['channel_last']) == \
+        (1, [1, 1], 1, False)
+    if kind == 'Convolution' and plain:
+        x, reflect_pad = inputs[0], (0, 0)
+        padding = _made_by(x, 'Pad', mode='reflect')
+        widths = padding.info.args['pad_width'] if padding else []
+        if len(widths) == 4 and widths[0] == widths[1] and widths[2] == widths[3]:
+            x, reflect_pad = padding.inputs[0], (widths[0], widths[2])
+        return convolution(x, *inputs[1:], pad=args['pad'], stride=args['stride'],
+                           reflect_pad=reflect_pad)
+    if kind == 'Deconvolution' and plain:
+        return deconvolution(*inputs, pad=args['pad'], stride=args['stride'],
+                             output_padding=args['output_padding'])
+    if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) \
+            == (0, 1, False, False):
+        return spectral_norm(*inputs, eps=args['eps'])
+    if kind == 'Div2':
+        normalised = _instance_norm_of(function)
+        return instance_normalization(*normalised) if normalised else None
+    return None
+
+
+def _copy(function):
+    """The outputs of a new function like `function`, on the same inputs."""
+    kind = getattr(nnabla_function, function.info.type_name, None)
+    if kind is None:
+        raise ValueError(f'{function.info.type_name} is not an nnabla function: accelerate each '
+                         'graph once, with all its outputs')
+    outputs = kind(function.context, **function.info.args)(
+        *function.inputs, n_outputs=len(function.outputs), auto_forward=False)
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def accelerate(*outputs):
+    """Swap, in place, the functions of the graph that computes `outputs` for this module's:
+    F.convolution (taking in an F.pad(mode='reflect') before it), F.deconvolution,
+    F.spectral_norm and models.instance_norm. Every variable of the graph stays the same
+    object, so whoever holds one still holds the graph's. Call it once, with every output.
+
+    All other functions are made anew as well, in the order they run: nnabla 1.39 sets up
+    again every function downstream of a variable given a new parent (rewire_on), and
+    crashes when it sets up a PythonFunction again."""
+    functions = []
+    F.sink(*outputs).visit(functions.append)
+    for function in functions[:-1]:  # the last is the sink
+        replacement = _replacement(function)
+        new_outputs = _copy(function) if replacement is None else (replacement,)
+        for old, new in zip(function.outputs, new_outputs):
+            need_grad = old.need_grad  # may have been set by hand (models.instance_exists)
+            old.rewire_on(new)
+            old.need_grad = need_grad

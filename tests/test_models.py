@@ -1,11 +1,14 @@
 """Shapes and the set and batch properties the paper's networks must have."""
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import nnabla as nn
+import nnabla.functions as F
 import pytest
 
+import cpu_functions
 import models
 
 NGF, BLOCKS, SIZE = 8, 2, 32
@@ -164,3 +167,59 @@ def test_blas_and_nnabla_convolutions_give_the_same_networks():
     for nnabla_value, blas_value in zip(*results):
         scale = max(1.0, float(np.abs(nnabla_value).max()))
         np.testing.assert_allclose(blas_value, nnabla_value, rtol=1e-3, atol=1e-4 * scale)
+
+
+def function_counts(variable):
+    functions = []
+    variable.visit(functions.append)
+    return Counter(function.info.type_name for function in functions)
+
+
+def test_cpu_functions_give_the_same_networks():
+    """--cpu-conv blas changes how the convolutions and normalisations run, not what they
+    compute: the graph cpu_functions.accelerate makes of the built one gives the same outputs,
+    spectral-norm vectors and gradients."""
+    images, masks = random_inputs(2, 2, empty={(1, 1)})
+    nn.seed(0)
+    image_var, mask_var = nn.Variable.from_numpy_array(images), nn.Variable.from_numpy_array(masks)
+    with nn.parameter_scope('generator'):
+        image_out, masks_out = models.generator(image_var, mask_var, NGF, BLOCKS)
+    with nn.parameter_scope('discriminator'):
+        scores = models.discriminator(image_out, masks_out, ndf=NGF)
+    loss = F.mean(scores) + F.mean(image_out)
+    parameters = nn.get_parameters(grad_only=False)
+    start = {name: parameter.d.copy() for name, parameter in parameters.items()}
+
+    def outputs_and_gradients():
+        for name, parameter in parameters.items():
+            parameter.d = start[name]  # spectral norm moves u on every forward
+            parameter.grad.zero()
+        loss.forward()
+        loss.backward()
+        return [image_out.d.copy(), masks_out.d.copy(), scores.d.copy()] + \
+            [parameters[name].d.copy() for name in sorted(parameters)] + \
+            [parameters[name].g.copy() for name in sorted(parameters)]
+
+    nnabla_results = outputs_and_gradients()
+    nnabla_functions = function_counts(loss)
+    cpu_functions.accelerate(loss)
+    blas_functions = function_counts(loss)
+    # Every convolution, normalisation and reflection padding moved.
+    assert [blas_functions[k] for k in ['BlasConvolution', 'BlasDeconvolution',
+                                        'NumpySpectralNorm', 'NumpyInstanceNormalization']] == \
+        [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
+    assert not {'Convolution', 'Deconvolution', 'SpectralNorm', 'Pad', 'Div2'} & set(blas_functions)
+    for nnabla_value, blas_value in zip(nnabla_results, outputs_and_gradients()):
+        scale = max(1.0, float(np.abs(nnabla_value).max()))
+        np.testing.assert_allclose(blas_value, nnabla_value, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_a_graph_is_accelerated_once():
+    """A second call would make nnabla set up its numpy functions again, which crashes it."""
+    image, masks = random_inputs(1, 1)
+    with nn.parameter_scope('generator'):
+        image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
+                                        nn.Variable.from_numpy_array(masks), NGF, BLOCKS)
+    cpu_functions.accelerate(image_out)
+    with pytest.raises(ValueError, match='accelerate each graph once'):
+        cpu_functions.accelerate(image_out)
