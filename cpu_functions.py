@@ -1,41 +1,28 @@
-"""Convolution, transposed convolution and instance normalisation for CPU training, on
-every core through numpy.
+"""Convolutions and normalisations through numpy on every core, for training on a CPU.
 
-NNabla's CPU convolution kernels are single-threaded and reach only about
-15-25 GFLOP/s, which makes training InstaGAN on a CPU impractically slow.
-`convolution` and `deconvolution` below are drop-in replacements for
-`F.convolution` / `F.deconvolution` (NCHW, group 1, no dilation) that lower
-every pass to float32 GEMMs, which numpy hands to its multithreaded BLAS.
+Why: NNabla's CPU kernels run on one thread, its convolutions at about 15-25 GFLOP/s, which
+makes training InstaGAN on a CPU impractically slow; numpy's BLAS uses every core. When:
+train.set_context picks it for --context cpu with --cpu-conv blas (the default on a CPU), and
+`accelerate(outputs)` then swaps, in place, the F.convolution (with the reflection padding
+before it), F.deconvolution, F.spectral_norm and models.instance_norm of the graphs built by
+models.py for the PythonFunctions below. The graph stays an NNabla graph with the same
+parameters; GPU graphs never meet this module.
 
-Memory: a full im2col matrix can be huge (7x7 kernel, 192 channels, 300x200:
-2.2 GB), so it is only ever built a few output rows at a time, in a buffer
-of at most `_CHUNK_FLOATS` floats.
-
-Stride-1 layers that shrink the channel count (e.g. the generator's last
-7x7 conv, 192 -> 1) lower to a much smaller matrix when computed as the
-equivalent transposed convolution with a rotated kernel (the "dual" form),
-so each pass picks whichever of the two forms has the smaller matrix.
+How: every pass of a (transposed) convolution is lowered to float32 GEMMs over an im2col
+matrix, built a few output rows at a time in a buffer of at most `_CHUNK_FLOATS` floats (a full
+one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 layers that shrink
+the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
+as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
+picks whichever form has the smaller matrix.
 """
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import nnabla
-import nnabla_ext.cpu
 import nnabla.function as nnabla_function
 import nnabla.functions as F
 import numpy as np
 from nnabla.function import PythonFunction
-
-# nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
-# times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
-# absolute ones. The relative names do not exist and Python does not remember a failed import,
-# so every try searched the disk: 0.1 s of a 0.5 s small training step. Registering them as the
-# modules the absolute imports give makes the first try succeed at once; None for the parent
-# makes it fail at once for the other backends (nnabla_ext.cuda, ...).
-sys.modules.setdefault('nnabla.nnabla', nnabla)
-sys.modules.setdefault('nnabla.nnabla_ext', None)
-sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
 
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
@@ -554,6 +541,21 @@ def spectral_norm(weight, u, eps=1e-12):
     return _SpectralNorm(eps)(weight, u)
 
 
+# nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
+# times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
+# absolute ones. The relative names do not exist and Python does not remember a failed import,
+# so every try searched the disk: 0.1 s of a 0.5 s small training step. Registering them as the
+# modules the absolute imports give makes the first try succeed at once; None for the parent
+# makes it fail at once for the other backends (nnabla_ext.cuda, ...). Done by `accelerate`
+# only, so that a run without this module keeps Python's import state as it is.
+def _register_nnabla_relative_imports():
+    import nnabla
+    import nnabla_ext.cpu
+    sys.modules.setdefault('nnabla.nnabla', nnabla)
+    sys.modules.setdefault('nnabla.nnabla_ext', None)
+    sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
+
+
 def _made_by(variable, type_name, **args):
     """The function of `type_name`, called with these arguments, that computes `variable`; None
     if another function does or `variable` is None."""
@@ -638,6 +640,7 @@ def accelerate(*outputs):
     All other functions are made anew as well, in the order they run: nnabla 1.39 sets up
     again every function downstream of a variable given a new parent (rewire_on), and
     crashes when it sets up a PythonFunction again."""
+    _register_nnabla_relative_imports()
     functions = []
     F.sink(*outputs).visit(functions.append)
     for function in functions[:-1]:  # the last is the sink

@@ -30,6 +30,7 @@ from nnabla.monitor import Monitor, MonitorSeries, MonitorTimeElapsed
 from PIL import Image
 from tqdm import tqdm
 
+import cpu_functions
 import models
 from args import get_args
 from data import DataError, MaskedImageIterator, count_max_instances
@@ -197,6 +198,12 @@ class Trainer:
         graph.loss.persistent = True
         return graph
 
+    def graph_outputs(self):
+        """The variables whose graphs hold every function the iteration runs."""
+        return [loss for graph in self.directions.values()
+                for loss in (graph.identity_loss, graph.translation_loss)] + \
+            [graph.loss for graph in self.discriminators.values()]
+
     def set_epoch(self, epoch):
         for scope, solver in self.solvers.items():
             solver.set_learning_rate(learning_rate(
@@ -279,8 +286,9 @@ def cuda_installed():
 
 
 def set_context(args):
-    """Make the default context the one --context names (resolving its default) and, on the
-    CPU with --cpu-conv blas, build graphs with the numpy functions of cpu_functions.py."""
+    """Make the default context the one --context names (resolving its default). Returns what to
+    apply, once, to the outputs of the graphs then built: on the CPU with --cpu-conv blas,
+    cpu_functions.accelerate, which moves their convolutions and normalisations onto numpy."""
     if args.context is None:
         args.context = 'cudnn' if cuda_installed() else 'cpu'
         logger.info('context: {} (from what is installed; choose with --context)'.format(
@@ -290,7 +298,9 @@ def set_context(args):
                           '(pip install -r requirements-cuda.txt)')
     nn.set_default_context(get_extension_context(args.context, device_id=args.device_id,
                                                  type_config=args.type_config))
-    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
+    if args.context == 'cpu' and args.cpu_conv == 'blas':
+        return cpu_functions.accelerate
+    return lambda *outputs: None  # NNabla's own kernels, as built
 
 
 def check_sizes(args):
@@ -485,7 +495,7 @@ def make_loaders(args):
 
 def train(args):
     check_sizes(args)
-    set_context(args)
+    accelerate = set_context(args)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     ins_max, loaders = make_loaders(args)  # checks the dataset before anything is written
@@ -493,6 +503,7 @@ def train(args):
     check_writable(args.model_save_path)
     iterations_per_epoch = math.ceil(max(l.size for l in loaders.values()) / args.batch_size)
     trainer = Trainer(args, ins_max)
+    accelerate(*trainer.graph_outputs())
     logger.info('instance slots per image: {}, translated in {} pass(es) of {}'.format(
         ins_max, trainer.passes, trainer.ins_per))
 

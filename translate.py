@@ -23,6 +23,7 @@ from nnabla.ext_utils import get_extension_context
 from PIL import Image
 from tqdm import tqdm
 
+import cpu_functions
 import models
 from data import DataError, list_images, load_resized, mask_areas, mask_paths
 from train import (checkpoint_paths, cuda_installed, image_panel, mask_panel, save_tile,
@@ -172,8 +173,9 @@ def main(argv=None):
             folder = os.path.join(args.dataroot, args.phase + args.direction[0])
             inputs = [(str(path), mask_paths(path)) for path in list_images(folder)]
         nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
-        models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
         translator = Translator(args)
+        if args.context == 'cpu' and args.cpu_conv == 'blas':  # as train.set_context
+            cpu_functions.accelerate(translator.image_out, translator.masks_out)
         os.makedirs(args.out, exist_ok=True)
     except (DataError, ImportError, OSError) as error:
         sys.exit('translate.py: {}'.format(error))

@@ -138,37 +138,6 @@ def test_parameter_names_and_shapes_are_those_checkpoints_have():
     assert built == recorded
 
 
-def test_blas_and_nnabla_convolutions_give_the_same_networks():
-    """--cpu-conv blas only changes how the convolutions and normalisations run, not what they
-    compute."""
-    images, masks = random_inputs(2, 2, empty={(1, 1)})
-    results = []
-    for blas in [False, True]:
-        models.use_cpu_functions(blas)
-        try:
-            nn.clear_parameters()
-            nn.seed(0)
-            image_var, mask_var = nn.Variable(images.shape), nn.Variable(masks.shape)
-            image_var.d, mask_var.d = images, masks
-            with nn.parameter_scope('generator'):
-                image_out, masks_out = models.generator(image_var, mask_var, NGF, BLOCKS)
-            with nn.parameter_scope('discriminator'):
-                scores = models.discriminator(image_out, masks_out, ndf=NGF)
-            loss = nn.functions.mean(scores) + nn.functions.mean(image_out)
-            parameters = nn.get_parameters()
-            for parameter in parameters.values():
-                parameter.grad.zero()
-            loss.forward()
-            loss.backward()
-            results.append([image_out.d.copy(), masks_out.d.copy(), scores.d.copy()] +
-                           [parameters[k].g.copy() for k in sorted(parameters)])
-        finally:
-            models.use_cpu_functions(False)
-    for nnabla_value, blas_value in zip(*results):
-        scale = max(1.0, float(np.abs(nnabla_value).max()))
-        np.testing.assert_allclose(blas_value, nnabla_value, rtol=1e-3, atol=1e-4 * scale)
-
-
 def function_counts(variable):
     functions = []
     variable.visit(functions.append)
