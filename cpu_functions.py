@@ -18,6 +18,7 @@ picks whichever form has the smaller matrix.
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import nnabla.function as nnabla_function
 import nnabla.functions as F
@@ -594,8 +595,9 @@ def _instance_norm_of(division):
     return x, epsilon.info.args['val']
 
 
-def _replacement(function):
-    """The output of this module's version of `function`, or None where there is none."""
+def _numpy_version(function):
+    """(inputs, make): make(*inputs) builds this module's version of `function`. None where
+    there is none."""
     kind, args, inputs = function.info.type_name, function.info.args, function.inputs
     plain = kind in ('Convolution', 'Deconvolution') and len(inputs[0].shape) == 4 and \
         (args['base_axis'], args['dilation'], args['group'], args['channel_last']) == \
@@ -606,47 +608,72 @@ def _replacement(function):
         widths = padding.info.args['pad_width'] if padding else []
         if len(widths) == 4 and widths[0] == widths[1] and widths[2] == widths[3]:
             x, reflect_pad = padding.inputs[0], (widths[0], widths[2])
-        return convolution(x, *inputs[1:], pad=args['pad'], stride=args['stride'],
-                           reflect_pad=reflect_pad)
+        return [x] + inputs[1:], partial(convolution, pad=args['pad'], stride=args['stride'],
+                                         reflect_pad=reflect_pad)
     if kind == 'Deconvolution' and plain:
-        return deconvolution(*inputs, pad=args['pad'], stride=args['stride'],
-                             output_padding=args['output_padding'])
+        return inputs, partial(deconvolution, pad=args['pad'], stride=args['stride'],
+                               output_padding=args['output_padding'])
     if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) \
             == (0, 1, False, False):
-        return spectral_norm(*inputs, eps=args['eps'])
-    if kind == 'Div2':
-        normalised = _instance_norm_of(function)
-        return instance_normalization(*normalised) if normalised else None
+        return inputs, partial(spectral_norm, eps=args['eps'])
+    normalised = _instance_norm_of(function) if kind == 'Div2' else None
+    if normalised:
+        x, eps = normalised
+        return [x], partial(instance_normalization, eps=eps)
     return None
 
 
 def _copy(function):
-    """The outputs of a new function like `function`, on the same inputs."""
+    """(inputs, make): make(*inputs) builds another nnabla function like `function`."""
     kind = getattr(nnabla_function, function.info.type_name, None)
     if kind is None:
         raise ValueError(f'{function.info.type_name} is not an nnabla function: accelerate each '
                          'graph once, with all its outputs')
-    outputs = kind(function.context, **function.info.args)(
-        *function.inputs, n_outputs=len(function.outputs), auto_forward=False)
-    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def make(*inputs):
+        return kind(function.context, **function.info.args)(
+            *inputs, n_outputs=len(function.outputs), auto_forward=False)
+    return function.inputs, make
 
 
 def accelerate(*outputs):
-    """Swap, in place, the functions of the graph that computes `outputs` for this module's:
+    """Rebuild the graph that computes `outputs` on this module's functions in place of
     F.convolution (taking in an F.pad(mode='reflect') before it), F.deconvolution,
-    F.spectral_norm and models.instance_norm. Every variable of the graph stays the same
-    object, so whoever holds one still holds the graph's. Call it once, with every output.
+    F.spectral_norm and models.instance_norm. The outputs and the graph's persistent variables,
+    the ones a caller reads, stay the same objects, now computed by the new graph; the other
+    variables stay with the old one. Call it once per graph, with all its outputs.
 
-    All other functions are made anew as well, in the order they run: nnabla 1.39 sets up
-    again every function downstream of a variable given a new parent (rewire_on), and
-    crashes when it sets up a PythonFunction again."""
+    The graph is built anew rather than patched because nnabla 1.39 mishandles a variable
+    given a new parent (rewire_on): it sets up again every function downstream, which crashes
+    on a PythonFunction, and it no longer frees the inputs of the new parent."""
     _register_nnabla_relative_imports()
     functions = []
     F.sink(*outputs).visit(functions.append)
-    for function in functions[:-1]:  # the last is the sink
-        replacement = _replacement(function)
-        new_outputs = _copy(function) if replacement is None else (replacement,)
+    functions.pop()  # the sink
+    plans = {function: _numpy_version(function) or _copy(function) for function in functions}
+    needed, unvisited = set(), list(outputs)
+    while unvisited:
+        function = unvisited.pop().parent
+        if function is not None and function not in needed:
+            needed.add(function)
+            unvisited += plans[function][0]
+    kept = set(outputs)
+    current = {}  # a variable of the old graph -> the one standing for it in the new graph
+    for function in functions:
+        if function not in needed:
+            continue
+        inputs, make = plans[function]
+        new_outputs = make(*[current.get(v, v) for v in inputs])
+        if not isinstance(new_outputs, tuple):
+            new_outputs = (new_outputs,)
         for old, new in zip(function.outputs, new_outputs):
-            need_grad = old.need_grad  # may have been set by hand (models.instance_exists)
-            old.rewire_on(new)
-            old.need_grad = need_grad
+            need_grad = old.need_grad
+            if old.persistent or old in kept:
+                old.rewire_on(new)
+                new = old
+            if new.need_grad != need_grad:  # set by hand (models.instance_exists)
+                new.need_grad = need_grad
+            current[old] = new
+    # visit's closure is a reference cycle that holds `functions`, and with it the old graph,
+    # until Python's cyclic collector runs.
+    functions.clear()
