@@ -12,6 +12,8 @@ import nnabla.functions as F
 
 import cpu_functions
 import models
+import train
+from args import get_args
 from conftest import ROOT
 
 # (in_ch, out_ch, kernel, pad, stride, output_padding, (h, w)), as used by the models.
@@ -282,6 +284,17 @@ def test_import_names_are_registered_by_accelerate_only():
     run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ['False', 'True']
+
+
+@pytest.mark.parametrize("flags, convolution", [([], "BlasConvolution"),
+                                                 (["--cpu-conv", "nnabla"], "Convolution")])
+def test_set_context_chooses_the_engine(flags, convolution):
+    """The one place that decides: the numpy functions on the CPU unless --cpu-conv nnabla
+    (or a GPU) asks for the graph as models.py builds it."""
+    accelerate = train.set_context(get_args(["--context", "cpu"] + flags))
+    y = F.convolution(nn.Variable((1, 1, 4, 4)), nn.Variable((1, 1, 3, 3)))
+    accelerate(y)
+    assert y.parent.info.type_name == convolution
 
 
 @pytest.mark.parametrize("shape,pad", [((3, 5, 4), (1, 1)), ((2, 7, 9), (3, 3)), ((1, 4, 7), (3, 2)),
