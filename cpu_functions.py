@@ -651,6 +651,8 @@ def accelerate(*outputs):
     F.sink(*outputs).visit(functions.append)
     functions.pop()  # the sink
     plans = {function: _numpy_version(function) or _copy(function) for function in functions}
+    # Not built: what only the replaced functions read (a folded pad, the instance norm's
+    # parts). nnabla would keep every input of such a left-over function, never run.
     needed, unvisited = set(), list(outputs)
     while unvisited:
         function = unvisited.pop().parent
