@@ -199,7 +199,8 @@ class Trainer:
         return graph
 
     def graph_outputs(self):
-        """The variables whose graphs hold every function the iteration runs."""
+        """The variables whose graphs hold every function the iteration runs. What it reads
+        besides them is persistent, so cpu_functions.accelerate keeps it too."""
         return [loss for graph in self.directions.values()
                 for loss in (graph.identity_loss, graph.translation_loss)] + \
             [graph.loss for graph in self.discriminators.values()]
