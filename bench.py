@@ -70,15 +70,13 @@ def summary(seconds):
 
 
 def bench_train(args, warmup, iterations):
-    train.set_context(args)
+    accelerate = train.set_context(args)
     nn.seed(args.seed)
     ins_max, loaders = train.make_loaders(args)
     trainer = train.Trainer(args, ins_max)
+    accelerate(*trainer.graph_outputs())
     trainer.set_epoch(0)
-    roots = [loss for graph in trainer.directions.values()
-             for loss in (graph.identity_loss, graph.translation_loss)] + \
-        [graph.loss for graph in trainer.discriminators.values()]
-    flops = trainer.passes * sum(convolution_flops(root) for root in roots)
+    flops = trainer.passes * sum(convolution_flops(root) for root in trainer.graph_outputs())
     seconds = []
     for i in range(warmup + iterations):
         images, masks = train.next_batches(loaders)
@@ -113,7 +111,7 @@ def bench_data(args, warmup, iterations):
 def bench_translate(args, warmup, iterations):
     """Images per second of translate.py's Translator on trainA of --dataroot, random weights."""
     import translate
-    train.set_context(args)
+    accelerate = train.set_context(args)
     nn.seed(args.seed)
     params = os.path.join(args.model_save_path, 'bench_parameters.h5')
     os.makedirs(args.model_save_path, exist_ok=True)
@@ -124,6 +122,7 @@ def bench_translate(args, warmup, iterations):
     translator = translate.Translator(SimpleNamespace(
         params=params, direction='AtoB', ngf=args.ngf, n_blocks=args.n_blocks,
         ins_per=args.ins_per, fineSizeH=args.fineSizeH, fineSizeW=args.fineSizeW))
+    accelerate(translator.image_out, translator.masks_out)
     os.makedirs(args.monitor_path, exist_ok=True)
     inputs = [(path, mask_paths(path)) for path in
               list_images(os.path.join(args.dataroot, 'trainA'))]

@@ -1,39 +1,29 @@
-"""Convolution, transposed convolution and instance normalisation for CPU training, on
-every core through numpy.
+"""Convolutions and normalisations through numpy on every core, for training on a CPU.
 
-NNabla's CPU convolution kernels are single-threaded and reach only about
-15-25 GFLOP/s, which makes training InstaGAN on a CPU impractically slow.
-`convolution` and `deconvolution` below are drop-in replacements for
-`F.convolution` / `F.deconvolution` (NCHW, group 1, no dilation) that lower
-every pass to float32 GEMMs, which numpy hands to its multithreaded BLAS.
+Why: NNabla's CPU kernels run on one thread, its convolutions at about 15-25 GFLOP/s, which
+makes training InstaGAN on a CPU impractically slow; numpy's BLAS uses every core. When:
+train.set_context picks it for --context cpu with --cpu-conv blas (the default on a CPU), and
+`accelerate(outputs)` then swaps, in place, the F.convolution (with the reflection padding
+before it), F.deconvolution, F.spectral_norm and models.instance_norm of the graphs built by
+models.py for the PythonFunctions below. The graph stays an NNabla graph with the same
+parameters; GPU graphs never meet this module.
 
-Memory: a full im2col matrix can be huge (7x7 kernel, 192 channels, 300x200:
-2.2 GB), so it is only ever built a few output rows at a time, in a buffer
-of at most `_CHUNK_FLOATS` floats.
-
-Stride-1 layers that shrink the channel count (e.g. the generator's last
-7x7 conv, 192 -> 1) lower to a much smaller matrix when computed as the
-equivalent transposed convolution with a rotated kernel (the "dual" form),
-so each pass picks whichever of the two forms has the smaller matrix.
+How: every pass of a (transposed) convolution is lowered to float32 GEMMs over an im2col
+matrix, built a few output rows at a time in a buffer of at most `_CHUNK_FLOATS` floats (a full
+one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 layers that shrink
+the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
+as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
+picks whichever form has the smaller matrix.
 """
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
-import nnabla
-import nnabla_ext.cpu
+import nnabla.function as nnabla_function
+import nnabla.functions as F
 import numpy as np
 from nnabla.function import PythonFunction
-
-# nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
-# times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
-# absolute ones. The relative names do not exist and Python does not remember a failed import,
-# so every try searched the disk: 0.1 s of a 0.5 s small training step. Registering them as the
-# modules the absolute imports give makes the first try succeed at once; None for the parent
-# makes it fail at once for the other backends (nnabla_ext.cuda, ...).
-sys.modules.setdefault('nnabla.nnabla', nnabla)
-sys.modules.setdefault('nnabla.nnabla_ext', None)
-sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
 
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
@@ -550,3 +540,142 @@ class _SpectralNorm(_ShapePreserving):
 def spectral_norm(weight, u, eps=1e-12):
     """Like F.spectral_norm(weight, u, dim=0, itr=1, eps=eps) in training mode."""
     return _SpectralNorm(eps)(weight, u)
+
+
+# nnabla 1.39's compiled modules first try implicit relative imports, 'nnabla.nnabla' several
+# times per PythonFunction call and 'nnabla.nnabla_ext.cpu' on every NdArray.data, and then the
+# absolute ones. The relative names do not exist and Python does not remember a failed import,
+# so every try searched the disk: 0.1 s of a 0.5 s small training step. Registering them as the
+# modules the absolute imports give makes the first try succeed at once; None for the parent
+# makes it fail at once for the other backends (nnabla_ext.cuda, ...). Done by `accelerate`
+# only, so that a run without this module keeps Python's import state as it is.
+def _register_nnabla_relative_imports():
+    import nnabla
+    import nnabla_ext.cpu
+    sys.modules.setdefault('nnabla.nnabla', nnabla)
+    sys.modules.setdefault('nnabla.nnabla_ext', None)
+    sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
+
+
+def _made_by(variable, type_name, **args):
+    """The function of `type_name`, called with these arguments, that computes `variable`; None
+    if another function does or `variable` is None."""
+    function = None if variable is None else variable.parent
+    if function is None or function.info.type_name != type_name:
+        return None
+    if any(function.info.args[name] != value for name, value in args.items()):
+        return None
+    return function
+
+
+def _first_input(function):
+    return None if function is None else function.inputs[0]
+
+
+def _spatial_mean_of(mean):
+    """v, if `mean` is models.instance_norm's mean of v over H and W; else None."""
+    over_rows = _made_by(mean, 'Mean', axes=[2], keep_dims=True)
+    return _first_input(_made_by(_first_input(over_rows), 'Mean', axes=[3], keep_dims=True))
+
+
+def _instance_norm_of(division):
+    """(x, eps), if the F.div2 `division` ends models.instance_norm(x, eps). That is a composite
+    of nine F.* functions, matched here whole:
+    centred = x - mean(x); centred / pow_scalar(mean(centred * centred) + eps, 0.5)."""
+    centred, deviation = division.inputs
+    subtraction = _made_by(centred, 'Sub2')
+    epsilon = _made_by(_first_input(_made_by(deviation, 'PowScalar', val=0.5)), 'AddScalar')
+    square = _made_by(_spatial_mean_of(_first_input(epsilon)), 'Mul2')
+    if subtraction is None or square is None:
+        return None
+    x, mean = subtraction.inputs
+    mean_of = _spatial_mean_of(mean)
+    if mean_of is None or not mean_of == x or not all(v == centred for v in square.inputs):
+        return None
+    return x, epsilon.info.args['val']
+
+
+def _numpy_version(function):
+    """(inputs, make): make(*inputs) builds this module's version of `function`. None where
+    there is none."""
+    kind, args, inputs = function.info.type_name, function.info.args, function.inputs
+    plain = kind in ('Convolution', 'Deconvolution') and len(inputs[0].shape) == 4 and \
+        (args['base_axis'], args['dilation'], args['group'], args['channel_last']) == \
+        (1, [1, 1], 1, False)
+    if kind == 'Convolution' and plain:
+        x, reflect_pad = inputs[0], (0, 0)
+        padding = _made_by(x, 'Pad', mode='reflect')
+        widths = padding.info.args['pad_width'] if padding else []
+        if len(widths) == 4 and widths[0] == widths[1] and widths[2] == widths[3]:
+            x, reflect_pad = padding.inputs[0], (widths[0], widths[2])
+        return [x] + inputs[1:], partial(convolution, pad=args['pad'], stride=args['stride'],
+                                         reflect_pad=reflect_pad)
+    if kind == 'Deconvolution' and plain:
+        return inputs, partial(deconvolution, pad=args['pad'], stride=args['stride'],
+                               output_padding=args['output_padding'])
+    if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) \
+            == (0, 1, False, False):
+        return inputs, partial(spectral_norm, eps=args['eps'])
+    normalised = _instance_norm_of(function) if kind == 'Div2' else None
+    if normalised:
+        x, eps = normalised
+        return [x], partial(instance_normalization, eps=eps)
+    return None
+
+
+def _copy(function):
+    """(inputs, make): make(*inputs) builds another nnabla function like `function`."""
+    kind = getattr(nnabla_function, function.info.type_name, None)
+    if kind is None:
+        raise ValueError(f'{function.info.type_name} is not an nnabla function: accelerate each '
+                         'graph once, with all its outputs')
+
+    def make(*inputs):
+        return kind(function.context, **function.info.args)(
+            *inputs, n_outputs=len(function.outputs), auto_forward=False)
+    return function.inputs, make
+
+
+def accelerate(*outputs):
+    """Rebuild the graph that computes `outputs` on this module's functions in place of
+    F.convolution (taking in an F.pad(mode='reflect') before it), F.deconvolution,
+    F.spectral_norm and models.instance_norm. The outputs and the graph's persistent variables,
+    the ones a caller reads, stay the same objects, now computed by the new graph; the other
+    variables stay with the old one. Call it once per graph, with all its outputs.
+
+    The graph is built anew rather than patched because nnabla 1.39 mishandles a variable
+    given a new parent (rewire_on): it sets up again every function downstream, which crashes
+    on a PythonFunction, and it no longer frees the inputs of the new parent."""
+    _register_nnabla_relative_imports()
+    functions = []
+    F.sink(*outputs).visit(functions.append)
+    functions.pop()  # the sink
+    plans = {function: _numpy_version(function) or _copy(function) for function in functions}
+    # Not built: what only the replaced functions read (a folded pad, the instance norm's
+    # parts). nnabla would keep every input of such a left-over function, never run.
+    needed, unvisited = set(), list(outputs)
+    while unvisited:
+        function = unvisited.pop().parent
+        if function is not None and function not in needed:
+            needed.add(function)
+            unvisited += plans[function][0]
+    kept = set(outputs)
+    current = {}  # a variable of the old graph -> the one standing for it in the new graph
+    for function in functions:
+        if function not in needed:
+            continue
+        inputs, make = plans[function]
+        new_outputs = make(*[current.get(v, v) for v in inputs])
+        if not isinstance(new_outputs, tuple):
+            new_outputs = (new_outputs,)
+        for old, new in zip(function.outputs, new_outputs):
+            need_grad = old.need_grad
+            if old.persistent or old in kept:
+                old.rewire_on(new)
+                new = old
+            if new.need_grad != need_grad:  # set by hand (models.instance_exists)
+                new.need_grad = need_grad
+            current[old] = new
+    # visit's closure is a reference cycle that holds `functions`, and with it the old graph,
+    # until Python's cyclic collector runs.
+    functions.clear()

@@ -57,7 +57,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from tqdm import tqdm
 
-import models
+import cpu_functions
 from data import DataError, list_images, load_image, load_mask, load_resized, mask_areas, mask_paths
 from train import cuda_installed, image_panel, mask_panel, save_tile
 from translate import SAVED_FLAGS, Translator, load_config
@@ -373,8 +373,10 @@ def main(argv=None):
     out = args.out or os.path.join('results', 'evaluate', args.phase)
     try:
         nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
-        models.use_cpu_functions(args.context == 'cpu')
         config, generators = load_generators(args.model_save_path)
+        if args.context == 'cpu':  # numpy's BLAS on every core, as train.py's default
+            for translator in generators.values():
+                cpu_functions.accelerate(translator.image_out, translator.masks_out)
         size = (config.fineSizeH, config.fineSizeW)
         phase = {d: load_phase(args.dataroot, args.phase, d, size) for d in 'AB'}
         train_features = {d: mask_features(s.masks for s in load_phase(

@@ -7,26 +7,23 @@ encoder, and the set feature of a sample is the sum over its non-empty instances
 of the slots does not matter and the samples of a batch never mix (the PyTorch original sums
 over the batch axis and so only works with batch size 1).
 
-Use every function under `nn.parameter_scope(...)`: the scope names the network.
+Use every function under `nn.parameter_scope(...)`: the scope names the network. The graphs
+are plain NNabla on every device; on the CPU, cpu_functions.accelerate can move a built graph's
+convolutions and normalisations onto numpy afterwards, with the same parameters.
 """
 import math
 
 import nnabla as nn
 import nnabla.functions as F
 import nnabla.initializer as I
-
-import cpu_functions
-
-_cpu_functions = False
+import nnabla.parametric_functions as PF
 
 
-def use_cpu_functions(enabled):
-    """Run the convolutions, instance and spectral normalisations of graphs built from now on
-    through numpy (cpu_functions.py), on every core: NNabla's CPU kernels use one.
-    The parameters are the same either way, so checkpoints move freely between the two.
-    """
-    global _cpu_functions
-    _cpu_functions = enabled
+# PF.convolution and PF.deconvolution open a parameter scope of their own ('conv', 'deconv').
+# Their undecorated bodies, called under the layer's scope, keep the names this code's
+# checkpoints have always had: LAYER/W, LAYER/b and LAYER/spectral-norm/u.
+pf_convolution = PF.convolution.__parametric_function_api_base__
+pf_deconvolution = PF.deconvolution.__parametric_function_api_base__
 
 
 def generator_init():
@@ -43,44 +40,30 @@ def discriminator_init(fan_in):
     return I.UniformInitializer((-bound, bound))
 
 
-def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, spectral_norm=False,
-                fix_parameters=False, name='conv'):
-    """Convolution of x, zero-padded by `pad` or reflection-padded by `reflect` pixels."""
-    if spectral_norm:
-        weight_init = bias_init = discriminator_init(x.shape[1] * kernel * kernel)
-    else:
-        weight_init, bias_init = generator_init(), I.ConstantInitializer(0)
-    with nn.parameter_scope(name):
-        weight = nn.parameter.get_parameter_or_create(
-            'W', (outmaps, x.shape[1], kernel, kernel), weight_init)
-        bias = nn.parameter.get_parameter_or_create('b', (outmaps,), bias_init)
-        if fix_parameters:  # same values, but no gradient is computed for them
-            weight = weight.get_unlinked_variable(need_grad=False)
-            bias = bias.get_unlinked_variable(need_grad=False)
-        if spectral_norm:
-            with nn.parameter_scope('spectral-norm'):  # PF.spectral_norm's names
-                u = nn.parameter.get_parameter_or_create(
-                    'u', (outmaps,), I.NormalInitializer(), need_grad=False)
-            weight = (cpu_functions.spectral_norm if _cpu_functions else F.spectral_norm)(
-                weight, u)
-    if _cpu_functions:
-        return cpu_functions.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride),
-                                         reflect_pad=(reflect, reflect))
+def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, name='conv'):
+    """Generator convolution of x, zero-padded by `pad` or reflection-padded by `reflect` pixels."""
     if reflect:
         x = F.pad(x, (reflect,) * 4, mode='reflect')
-    return F.convolution(x, weight, bias, pad=(pad, pad), stride=(stride, stride))
+    with nn.parameter_scope(name):
+        return pf_convolution(x, outmaps, (kernel, kernel), pad=(pad, pad),
+                              stride=(stride, stride), w_init=generator_init())
 
 
 def upsample(x, outmaps, name='deconv'):
     """3x3 transposed convolution, stride 2, output padding 1: exactly doubles H and W."""
     with nn.parameter_scope(name):
-        weight = nn.parameter.get_parameter_or_create(
-            'W', (x.shape[1], outmaps, 3, 3), generator_init())
-        bias = nn.parameter.get_parameter_or_create('b', (outmaps,), I.ConstantInitializer(0))
-    if _cpu_functions:
-        return cpu_functions.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2),
-                                           output_padding=(1, 1))
-    return F.deconvolution(x, weight, bias, pad=(1, 1), stride=(2, 2), output_padding=(1, 1))
+        return pf_deconvolution(x, outmaps, (3, 3), pad=(1, 1), stride=(2, 2),
+                                output_padding=(1, 1), w_init=generator_init())
+
+
+def spectral_norm_convolution(x, outmaps, stride, fix_parameters, name='conv'):
+    """The discriminator's 4x4 convolution, zero-padded by 1 pixel, with a spectrally normalised
+    weight (Miyato et al. 2018)."""
+    init = discriminator_init(x.shape[1] * 4 * 4)
+    with nn.parameter_scope(name):
+        return pf_convolution(x, outmaps, (4, 4), pad=(1, 1), stride=(stride, stride),
+                              w_init=init, b_init=init, fix_parameters=fix_parameters,
+                              apply_w=PF.spectral_norm)
 
 
 def instance_norm(x, eps=1e-5):
@@ -91,9 +74,6 @@ def instance_norm(x, eps=1e-5):
     300x200). Here the mean comes first and the variance is the mean squared deviation, both
     summed a row at a time, so that no float32 sum runs over a whole map.
     """
-    if _cpu_functions:
-        return cpu_functions.instance_normalization(x, eps)
-
     def spatial_mean(values):
         return F.mean(F.mean(values, axis=3, keepdims=True), axis=2, keepdims=True)
 
@@ -186,8 +166,8 @@ def patch_features(x, ndf, n_layers, fix_parameters):
     """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
     h = x
     for n in range(n_layers):
-        h = convolution(h, ndf * min(2 ** n, 8), 4, stride=2, pad=1, spectral_norm=True,
-                        fix_parameters=fix_parameters, name='conv{}'.format(n))
+        h = spectral_norm_convolution(h, ndf * min(2 ** n, 8), 2, fix_parameters,
+                                      name='conv{}'.format(n))
         h = F.leaky_relu(instance_norm(h) if n else h, 0.2)
     return h
 
@@ -204,8 +184,7 @@ def discriminator(image, masks, ndf=64, n_layers=3, fix_parameters=False):
                                     lambda x: patch_features(x, ndf, n_layers, fix_parameters))
     with nn.parameter_scope('classifier'):
         h = F.concatenate(image_feature, set_feature, axis=1)
-        h = convolution(h, 2 * ndf * min(2 ** n_layers, 8), 4, pad=1, spectral_norm=True,
-                        fix_parameters=fix_parameters, name='conv0')
+        h = spectral_norm_convolution(h, 2 * ndf * min(2 ** n_layers, 8), 1, fix_parameters,
+                                      name='conv0')
         h = F.leaky_relu(instance_norm(h), 0.2)
-        return convolution(h, 1, 4, pad=1, spectral_norm=True, fix_parameters=fix_parameters,
-                           name='conv1')
+        return spectral_norm_convolution(h, 1, 1, fix_parameters, name='conv1')

@@ -45,6 +45,7 @@ from nnabla.logger import logger
 from PIL import Image
 from tqdm import tqdm
 
+import cpu_functions
 import models
 from args import FLAGS, get_args
 from checkpoints import (DamagedCheckpoint, FolderInUse, FolderLock, checkpoint_folders,
@@ -297,6 +298,13 @@ class Trainer:
         keep_values(loss)
         return DiscriminatorGraph(real, real_masks, fake, fake_masks, fake_weights, loss)
 
+    def graph_outputs(self):
+        """The variables whose graphs hold every function the iteration runs. What it reads
+        besides them is persistent, so cpu_functions.accelerate keeps it too."""
+        return [loss for graph in self.directions.values()
+                for loss in (graph.identity_loss, graph.translation_loss)] + \
+            [graph.loss for graph in self.discriminators.values()]
+
     def set_epoch(self, epoch):
         for scope, solver in self.solvers.items():
             solver.set_learning_rate(learning_rate(
@@ -384,8 +392,9 @@ def cuda_installed():
 
 
 def set_context(args):
-    """Make the default context the one --context names (resolving its default) and, on the
-    CPU with --cpu-conv blas, build graphs with the numpy functions of cpu_functions.py."""
+    """Make the default context the one --context names (resolving its default). Returns what to
+    apply, once, to the outputs of the graphs then built: on the CPU with --cpu-conv blas,
+    cpu_functions.accelerate, which moves their convolutions and normalisations onto numpy."""
     if args.context is None:
         args.context = 'cudnn' if cuda_installed() else 'cpu'
         logger.info('context: {} (from what is installed; choose with --context)'.format(
@@ -395,7 +404,9 @@ def set_context(args):
                           '(pip install -r requirements-cuda.txt)')
     nn.set_default_context(get_extension_context(args.context, device_id=args.device_id,
                                                  type_config=args.type_config))
-    models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
+    if args.context == 'cpu' and args.cpu_conv == 'blas':
+        return cpu_functions.accelerate
+    return lambda *outputs: None  # NNabla's own kernels, as built
 
 
 def check_sizes(args):
@@ -755,7 +766,7 @@ class Interrupts:
 
 def train(args):
     check_sizes(args)
-    set_context(args)
+    accelerate = set_context(args)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     interrupts = Interrupts()
@@ -776,6 +787,7 @@ def train(args):
         iterations_per_epoch = math.ceil(max(images_per_domain.values()) / args.batch_size)
         last_iteration = args.max_epoch * iterations_per_epoch
         trainer = Trainer(args, ins_max)
+        accelerate(*trainer.graph_outputs())
         logger.info(f'instance slots per image: {ins_max}, translated in {trainer.passes} '
                     f'pass(es) of {trainer.ins_per}')
         series = {name: MonitorSeriesFile(args.monitor_path, name, args.log_step)

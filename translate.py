@@ -43,6 +43,7 @@ from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cpu_functions  # noqa: E402
 import models  # noqa: E402
 from data import (DataError, list_images, load_with_masks, mask_areas, mask_paths,  # noqa: E402
                   resize_with_masks)
@@ -424,10 +425,11 @@ def main(argv=None):
                                              for path in [image] + masks])
         check_output_names(args, inputs)
         nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
-        models.use_cpu_functions(args.context == 'cpu' and args.cpu_conv == 'blas')
         # Slots beyond the most masks any input has would stay empty, which changes nothing.
         args.ins_per = min(args.ins_per, max(1, max(len(masks) for _, masks in inputs)))
         translator = Translator(args)
+        if args.context == 'cpu' and args.cpu_conv == 'blas':  # as train.set_context
+            cpu_functions.accelerate(translator.image_out, translator.masks_out)
         make_out_folder(args.out)
     except (DataError, ImportError, OSError) as error:
         sys.exit('translate.py: {}'.format(error))

@@ -1,6 +1,6 @@
 """cpu_functions must match F.convolution, F.deconvolution, F.instance_normalization and
 F.spectral_norm: output and all gradients."""
-import os
+import subprocess
 import sys
 from functools import partial
 
@@ -10,8 +10,11 @@ import pytest
 import nnabla as nn
 import nnabla.functions as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cpu_functions  # noqa: E402
+import cpu_functions
+import models
+import train
+from args import get_args
+from conftest import ROOT
 
 # (in_ch, out_ch, kernel, pad, stride, output_padding, (h, w)), as used by the models.
 CONV_CONFIGS = [
@@ -251,8 +254,8 @@ def test_spectral_norm_matches_nnabla(shape):
 
 def test_no_import_searches_while_running(monkeypatch):
     """nnabla's compiled code tries relative imports of modules that do not exist on every data
-    access and PythonFunction call; cpu_functions registers those names so none reaches the
-    import system's search (each search cost about 20 us of disk lookups)."""
+    access and PythonFunction call; accelerate registers those names so none reaches the import
+    system's search (each search cost about 20 us of disk lookups)."""
     searched = []
 
     class RecordingFinder:
@@ -261,12 +264,37 @@ def test_no_import_searches_while_running(monkeypatch):
 
     x = nn.Variable.from_numpy_array(np.ones((1, 2, 5, 5), np.float32), need_grad=True)
     w = nn.Variable.from_numpy_array(np.ones((3, 2, 3, 3), np.float32), need_grad=True)
-    loss = F.sum(cpu_functions.instance_normalization(cpu_functions.convolution(x, w)) ** 2)
+    loss = F.sum(models.instance_norm(F.convolution(x, w)) ** 2)
+    cpu_functions.accelerate(loss)
     monkeypatch.setattr(sys, 'meta_path', [RecordingFinder()] + sys.meta_path)
     loss.forward()
     loss.backward()
     assert x.d.sum() == 50 and np.isfinite(w.g).all()
     assert searched == []
+
+
+def test_import_names_are_registered_by_accelerate_only():
+    """Importing models or train (a GPU run, --cpu-conv nnabla) leaves Python's import state as
+    it is; the work-around comes with the numpy functions."""
+    code = ("import sys, nnabla as nn, nnabla.functions as F, models, train, cpu_functions\n"
+            "print('nnabla.nnabla' in sys.modules)\n"
+            "cpu_functions.accelerate(F.convolution(nn.Variable((1, 1, 4, 4)), "
+            "nn.Variable((1, 1, 3, 3))))\n"
+            "print(sys.modules.get('nnabla.nnabla') is nn)\n")
+    run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ['False', 'True']
+
+
+@pytest.mark.parametrize("flags, convolution", [([], "BlasConvolution"),
+                                                 (["--cpu-conv", "nnabla"], "Convolution")])
+def test_set_context_chooses_the_engine(flags, convolution):
+    """The one place that decides: the numpy functions on the CPU unless --cpu-conv nnabla
+    (or a GPU) asks for the graph as models.py builds it."""
+    accelerate = train.set_context(get_args(["--context", "cpu"] + flags))
+    y = F.convolution(nn.Variable((1, 1, 4, 4)), nn.Variable((1, 1, 3, 3)))
+    accelerate(y)
+    assert y.parent.info.type_name == convolution
 
 
 @pytest.mark.parametrize("shape,pad", [((3, 5, 4), (1, 1)), ((2, 7, 9), (3, 3)), ((1, 4, 7), (3, 2)),

@@ -1,8 +1,14 @@
 """Shapes and the set and batch properties the paper's networks must have."""
+import json
+import os
+from collections import Counter
+
 import numpy as np
 import nnabla as nn
+import nnabla.functions as F
 import pytest
 
+import cpu_functions
 import models
 
 NGF, BLOCKS, SIZE = 8, 2, 32
@@ -117,32 +123,95 @@ def test_instances_change_the_translation(networks):
     assert np.abs(other_image_out - image_out).max() > 1e-4
 
 
-def test_blas_and_nnabla_convolutions_give_the_same_networks():
-    """--cpu-conv blas only changes how the convolutions and normalisations run, not what they
-    compute."""
+def test_parameter_names_and_shapes_are_those_checkpoints_have():
+    """Names and shapes of a tiny build as recorded in parameter_shapes.json: parameters.h5
+    files load by name, so a change here would leave every existing checkpoint unloadable."""
+    with open(os.path.join(os.path.dirname(__file__), 'parameter_shapes.json')) as f:
+        recorded = json.load(f)
+    image, masks = nn.Variable((1, 3, 32, 24)), nn.Variable((1, 2, 32, 24))
+    with nn.parameter_scope('generator_x2y'):
+        models.generator(image, masks, ngf=4, n_blocks=1)
+    with nn.parameter_scope('discriminator_y'):
+        models.discriminator(image, masks, ndf=4, n_layers=3)
+    built = {name: list(parameter.shape)
+             for name, parameter in nn.get_parameters(grad_only=False).items()}
+    assert built == recorded
+
+
+def function_counts(variable):
+    functions = []
+    variable.visit(functions.append)
+    return Counter(function.info.type_name for function in functions)
+
+
+def test_cpu_functions_give_the_same_networks():
+    """--cpu-conv blas changes how the convolutions and normalisations run, not what they
+    compute: the graph cpu_functions.accelerate makes of the built one gives the same outputs,
+    spectral-norm vectors and gradients."""
     images, masks = random_inputs(2, 2, empty={(1, 1)})
-    results = []
-    for blas in [False, True]:
-        models.use_cpu_functions(blas)
-        try:
-            nn.clear_parameters()
-            nn.seed(0)
-            image_var, mask_var = nn.Variable(images.shape), nn.Variable(masks.shape)
-            image_var.d, mask_var.d = images, masks
-            with nn.parameter_scope('generator'):
-                image_out, masks_out = models.generator(image_var, mask_var, NGF, BLOCKS)
-            with nn.parameter_scope('discriminator'):
-                scores = models.discriminator(image_out, masks_out, ndf=NGF)
-            loss = nn.functions.mean(scores) + nn.functions.mean(image_out)
-            parameters = nn.get_parameters()
-            for parameter in parameters.values():
-                parameter.grad.zero()
-            loss.forward()
-            loss.backward()
-            results.append([image_out.d.copy(), masks_out.d.copy(), scores.d.copy()] +
-                           [parameters[k].g.copy() for k in sorted(parameters)])
-        finally:
-            models.use_cpu_functions(False)
-    for nnabla_value, blas_value in zip(*results):
+    nn.seed(0)
+    image_var, mask_var = nn.Variable.from_numpy_array(images), nn.Variable.from_numpy_array(masks)
+    with nn.parameter_scope('generator'):
+        image_out, masks_out = models.generator(image_var, mask_var, NGF, BLOCKS)
+    with nn.parameter_scope('discriminator'):
+        scores = models.discriminator(image_out, masks_out, ndf=NGF)
+    loss = F.mean(scores) + F.mean(image_out)
+    outputs = [image_out, masks_out, scores]
+    for output in outputs:  # what accelerate keeps for the caller, besides `loss`
+        output.persistent = True
+    parameters = nn.get_parameters(grad_only=False)
+    start = {name: parameter.d.copy() for name, parameter in parameters.items()}
+
+    def outputs_and_gradients():
+        for name, parameter in parameters.items():
+            parameter.d = start[name]  # spectral norm moves u on every forward
+            parameter.grad.zero()
+        for output in outputs:
+            output.data.fill(np.nan)  # so that a variable no longer computed shows
+        loss.forward()
+        loss.backward()
+        return [output.d.copy() for output in outputs] + \
+            [parameters[name].d.copy() for name in sorted(parameters)] + \
+            [parameters[name].g.copy() for name in sorted(parameters)]
+
+    nnabla_results = outputs_and_gradients()
+    nnabla_functions = function_counts(loss)
+    cpu_functions.accelerate(loss)
+    blas_functions = function_counts(loss)
+    # Every convolution, normalisation and reflection padding moved.
+    assert [blas_functions[k] for k in ['BlasConvolution', 'BlasDeconvolution',
+                                        'NumpySpectralNorm', 'NumpyInstanceNormalization']] == \
+        [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
+    assert not {'Convolution', 'Deconvolution', 'SpectralNorm', 'Pad', 'Div2'} & set(blas_functions)
+    for nnabla_value, blas_value in zip(nnabla_results, outputs_and_gradients()):
         scale = max(1.0, float(np.abs(nnabla_value).max()))
         np.testing.assert_allclose(blas_value, nnabla_value, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
+    """The numpy instance norm's gradient needs only its output, so a forward that clears what
+    no gradient needs frees the convolution output before it. nnabla keeps it when the graph is
+    patched with rewire_on, or while a left-over function of the old graph still reads it."""
+    image, masks = random_inputs(1, 1)
+    with nn.parameter_scope('generator'):
+        image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
+                                        nn.Variable.from_numpy_array(masks), NGF, BLOCKS)
+    cpu_functions.accelerate(image_out)
+    image_out.forward(clear_no_need_grad=True)
+    functions = []
+    image_out.visit(functions.append)
+    normalised = [function.inputs[0] for function in functions
+                  if function.info.type_name == 'NumpyInstanceNormalization']
+    assert len(normalised) == 2 * (3 + 2 * BLOCKS) + 2  # both encoders, the image decoder
+    assert all(x.data.clear_called for x in normalised)
+
+
+def test_a_graph_is_accelerated_once():
+    """A second call would make nnabla set up its numpy functions again, which crashes it."""
+    image, masks = random_inputs(1, 1)
+    with nn.parameter_scope('generator'):
+        image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
+                                        nn.Variable.from_numpy_array(masks), NGF, BLOCKS)
+    cpu_functions.accelerate(image_out)
+    with pytest.raises(ValueError, match='accelerate each graph once'):
+        cpu_functions.accelerate(image_out)

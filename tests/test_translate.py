@@ -23,9 +23,8 @@ PHOTO = (96, 72)  # (H, W): three times the network size
 
 
 @pytest.fixture(autouse=True)
-def restore_engine(monkeypatch):
-    """translate.main chooses the context and the CPU functions for the whole process."""
-    monkeypatch.setattr(models, '_cpu_functions', models._cpu_functions)
+def restore_context():
+    """translate.main sets the default context for the whole process."""
     context = nn.get_current_context()
     yield
     nn.set_default_context(context)
