@@ -19,7 +19,7 @@ import nnabla as nn
 
 import models
 import train
-from args import get_args
+from args import get_args, non_negative_int, positive_int
 from data import list_images, mask_paths
 
 CONFIGS = {
@@ -136,26 +136,13 @@ def bench_translate(args, warmup, iterations):
     return {'images_per_sec': 1 / float(np.median(seconds)), 'peak_rss_mb': peak_rss_mb()}
 
 
-def int_at_least(minimum):
-    """argparse type: an integer >= minimum."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'{text} must be at least {minimum}')
-        return value
-    return parse
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', choices=sorted(CONFIGS), default='small')
     parser.add_argument('--what', choices=['train', 'data', 'translate'], default='train')
-    parser.add_argument('--warmup', type=int_at_least(0), default=2,
+    parser.add_argument('--warmup', type=non_negative_int, default=2,
                         help='untimed iterations first')
-    parser.add_argument('--iters', type=int_at_least(1), default=5, help='timed iterations')
+    parser.add_argument('--iters', type=positive_int, default=5, help='timed iterations')
     parser.add_argument('--json', action='store_true', help='end with one line of JSON')
     options, train_flags = parser.parse_known_args()
     # Any train.py flag may follow, e.g. --dataroot, --cpu-conv nnabla, --batch-size 4.

@@ -45,52 +45,27 @@ from tqdm import tqdm  # noqa: E402
 
 import cpu_functions  # noqa: E402
 import models  # noqa: E402
+from args import checked, device_id, non_negative_int, path, positive_int  # noqa: E402
 from data import (DataError, list_images, load_with_masks, mask_areas, mask_paths,  # noqa: E402
                   resize_with_masks)
 from train import (checkpoint_paths, cuda_installed, image_panel, mask_panel,  # noqa: E402
                    save_tile, write_png)
 
 
-def integer(minimum, multiple=1):
-    """An argparse type: an integer, at least `minimum` and a multiple of `multiple`."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError('{!r} is not an integer'.format(text)) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError('{} is less than {}'.format(value, minimum))
-        if value % multiple:
-            raise argparse.ArgumentTypeError('{} is not a multiple of {}'.format(value, multiple))
-        return value
-    return parse
-
-
-def non_empty(text):
-    """An argparse type: a path or name, which '' is not."""
-    if not text:
-        raise argparse.ArgumentTypeError('must not be empty')
-    return text
-
-
 def h5_file(text):
-    if not non_empty(text).endswith('.h5'):
+    if not path(text).endswith('.h5'):
         raise argparse.ArgumentTypeError('{} is not a .h5 file'.format(text))
     return text
 
 
-def device_id(text):
-    return str(integer(0)(text))  # nnabla takes the id as a string
-
-
 # The generator's residual blocks reflect-pad their H/4 x W/4 maps by one pixel, which needs
 # two; the two stride-2 convolutions and their transposes need multiples of 4.
-FINE_SIZE = integer(8, multiple=4)
+FINE_SIZE = checked(int, lambda v: v >= 8 and v % 4 == 0, 'a multiple of 4, at least 8')
 # Flags that default to the value saved with the checkpoint: (type, help).
 SAVED_FLAGS = {
-    'ngf': (integer(1), 'generator width'),
-    'n_blocks': (integer(0), 'residual blocks per encoder'),
-    'ins_per': (integer(1), 'instances translated per pass'),
+    'ngf': (positive_int, 'generator width'),
+    'n_blocks': (non_negative_int, 'residual blocks per encoder'),
+    'ins_per': (positive_int, 'instances translated per pass'),
     'fineSizeH': (FINE_SIZE, 'network input height (a multiple of 4, at least 8)'),
     'fineSizeW': (FINE_SIZE, 'network input width (a multiple of 4, at least 8)'),
 }
@@ -100,19 +75,19 @@ def get_parser():
     parser = argparse.ArgumentParser(prog='translate.py', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument('--model-save-path', '-o', type=non_empty,
+    model.add_argument('--model-save-path', '-o', type=path,
                        help="a training run's checkpoint folder: its newest checkpoint is used")
     model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
     parser.add_argument('--direction', choices=['AtoB', 'BtoA'], default='AtoB')
-    parser.add_argument('--out', required=True, type=non_empty,
+    parser.add_argument('--out', required=True, type=path,
                         help='output folder: neither one holding an input nor a dataset folder')
     inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument('--dataroot', type=non_empty,
+    inputs.add_argument('--dataroot', type=path,
                         help='a dataset folder: translates {phase}A or {phase}B')
-    inputs.add_argument('--image', type=non_empty, help='one image, with --masks')
-    parser.add_argument('--phase', type=non_empty, help='with --dataroot: train, val, ... '
+    inputs.add_argument('--image', type=path, help='one image, with --masks')
+    parser.add_argument('--phase', type=path, help='with --dataroot: train, val, ... '
                                                         '(val when not given)')
-    parser.add_argument('--masks', nargs='+', type=non_empty,
+    parser.add_argument('--masks', nargs='+', type=path,
                         help='with --image: its instance masks')
     parser.add_argument('--no-full', dest='full', action='store_false',
                         help='do not write NAME_full.png, the translated region pasted into '

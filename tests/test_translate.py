@@ -334,11 +334,11 @@ def damage(kind, params):
     if kind == 'state without args':
         state.write_text('{"iteration": 3}')
         return state, ": unreadable or damaged (KeyError: 'args')"
-    values = {'state ngf 0': ('ngf', 0, ': damaged: args.ngf: 0 is less than 1'),
+    values = {'state ngf 0': ('ngf', 0, ": damaged: args.ngf: '0' is not a positive integer"),
               'state fineSizeH 30': ('fineSizeH', 30,
-                                     ': damaged: args.fineSizeH: 30 is not a multiple of 4'),
+                                     ": damaged: args.fineSizeH: '30' is not a multiple of 4, at least 8"),
               'state ins_per true': ('ins_per', True,
-                                     ": damaged: args.ins_per: 'True' is not an integer")}
+                                     ": damaged: args.ins_per: 'True' is not a positive integer")}
     name, value, words = values[kind]
     saved = json.loads(state.read_text())
     saved['args'][name] = value
