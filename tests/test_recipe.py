@@ -52,17 +52,24 @@ def test_generators_start_from_normal_002_with_zero_biases():
     assert all(np.all(v == 0) for k, v in generator.items() if k.endswith('/b'))
 
 
-@pytest.fixture
-def one_instance_trainer():
-    """Default --ins-max 4 --ins-per 2 on data with one instance per image, like CCP."""
-    args = get_args(TINY)
-    assert (args.ins_max, args.ins_per) == (4, 2)
-    trainer = train.Trainer(args, ins_max=1)
+def trainer_and_batches(flags, instances):
+    """A Trainer for TINY + flags and a batch of one image per domain with `instances`
+    instances."""
+    args = get_args(TINY + flags)
+    trainer = train.Trainer(args, ins_max=instances)
     trainer.set_epoch(0)
     images, masks = {}, {}
     for i, d in enumerate('xy'):
-        image, mask = random_inputs(1, 1, seed=i)
+        image, mask = random_inputs(1, instances, seed=i)
         images[d], masks[d] = image[:, :, :32, :24], mask[:, :, :32, :24]
+    return trainer, images, masks
+
+
+@pytest.fixture
+def one_instance_trainer():
+    """Default --ins-max 4 --ins-per 2 on data with one instance per image, like CCP."""
+    trainer, images, masks = trainer_and_batches([], instances=1)
+    assert (trainer.args.ins_max, trainer.args.ins_per) == (4, 2)
     return trainer, images, masks
 
 
@@ -94,13 +101,8 @@ def test_cycle_and_identity_weigh_as_the_official_code_on_one_instance_data(
 
 
 def test_discriminator_sees_every_real_instance_in_every_pass(monkeypatch):
-    args = get_args(TINY + ['--ins-max', '4', '--ins-per', '2'])
-    trainer = train.Trainer(args, ins_max=4)
-    trainer.set_epoch(0)
-    images, masks = {}, {}
-    for i, d in enumerate('xy'):
-        image, mask = random_inputs(1, 4, seed=i)
-        images[d], masks[d] = image[:, :, :32, :24], mask[:, :, :32, :24]
+    trainer, images, masks = trainer_and_batches(['--ins-max', '4', '--ins-per', '2'],
+                                                 instances=4)
     seen = []
     for domain, pool in trainer.pools.items():
         def query(*inputs, _domain=domain, _query=pool.query):

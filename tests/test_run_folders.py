@@ -18,6 +18,7 @@ from PIL import Image
 import train
 from conftest import ROOT
 from test_checkpoints import run_in, two_epochs, two_images  # noqa: F401 (fixtures)
+from test_errors import dataset  # noqa: F401 (fixture)
 from test_train import SAMPLE, TINY
 
 
@@ -104,14 +105,6 @@ def test_pictures_that_cannot_be_written_cost_nothing_else(tmp_path, two_images,
     assert not (tmp_path / 'monitor' / 'losses.png').exists()
 
 
-@pytest.fixture
-def sample_copy(tmp_path):
-    root = tmp_path / 'data'
-    for folder in ['trainA', 'trainA_seg', 'trainB', 'trainB_seg']:
-        shutil.copytree(os.path.join(SAMPLE, folder), root / folder)
-    return root
-
-
 def test_a_domain_whose_masks_are_all_empty_is_refused(tmp_path, two_images):
     data = tmp_path / 'data'
     shutil.copytree(two_images, data)
@@ -124,11 +117,11 @@ def test_a_domain_whose_masks_are_all_empty_is_refused(tmp_path, two_images):
 
 
 def test_a_corrupt_image_deep_in_the_epoch_stops_the_run_before_anything_is_written(
-        tmp_path, sample_copy):
-    images = sorted((sample_copy / 'trainB').iterdir())
+        tmp_path, dataset):
+    images = sorted((dataset / 'trainB').iterdir())
     last = images[np.random.RandomState(1).permutation(len(images))[-1]]  # y reads with seed 1
     last.write_bytes(last.read_bytes()[:300])
-    message = exit_message(tmp_path, sample_copy, '--max-epoch', '1')
+    message = exit_message(tmp_path, dataset, '--max-epoch', '1')
     assert message.startswith(f'train.py: {last}: unreadable image (')
     assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
 
