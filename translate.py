@@ -165,12 +165,12 @@ def load_config(args):
 def list_inputs(args):
     """[(image path, [mask paths])] to translate."""
     if args.image:
-        for path in [args.image] + args.masks:
-            if not os.path.isfile(path):
-                raise DataError('{}: file not found'.format(path))
+        for file in [args.image] + args.masks:
+            if not os.path.isfile(file):
+                raise DataError('{}: file not found'.format(file))
         return [(args.image, args.masks)]
     folder = os.path.join(args.dataroot, args.phase + args.direction[0])
-    return [(str(path), mask_paths(path)) for path in list_images(folder)]
+    return [(str(image), mask_paths(image)) for image in list_images(folder)]
 
 
 def output_names(image_path, mask_count, full):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train
 from conftest import ROOT
 from test_checkpoints import run_in, two_epochs, two_images  # noqa: F401 (fixtures)
 from test_errors import dataset  # noqa: F401 (fixture)
-from test_train import SAMPLE, TINY
+from test_train import TINY
 
 
 def exit_message(*args, **kwargs):
