@@ -347,6 +347,8 @@ def main():
                           args.test_fraction, args.split_seed)
     except (DatasetError, OSError) as error:  # OSError: a full disk, a read-only folder, ...
         sys.exit(f'generate_ccp_dataset.py: {error}')
+    except KeyboardInterrupt:  # the staging folder is gone by now, as on any error
+        sys.exit('generate_ccp_dataset.py: stopped by Ctrl-C; nothing was written')
     print(f'{args.save_root}:', ', '.join(f'{folder} {count}' for folder, count in counts.items()))
 
 

@@ -263,6 +263,21 @@ def test_os_error_is_one_line(ccp, tmp_path):
     assert names(tmp_path) == ['ccp']
 
 
+def test_ctrl_c_is_one_line_and_leaves_nothing(ccp, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate_ccp_dataset, 'run_export', interrupted)
+    monkeypatch.setattr(sys, 'argv', ['generate_ccp_dataset.py', '--data_root', str(ccp),
+                                      '--save_root', str(tmp_path / 'out')])
+    try:
+        with pytest.raises(SystemExit, match='^generate_ccp_dataset.py: stopped by Ctrl-C; '
+                                             'nothing was written$'):
+            generate_ccp_dataset.main()
+    except KeyboardInterrupt:  # would otherwise end the whole test session
+        pytest.fail('Ctrl-C left main() as a traceback')
+    assert names(tmp_path) == ['ccp']  # neither the output nor its staging folder
+
+
 @pytest.mark.parametrize('broken', ['photos', 'annotations/pixel-level', 'annotations/image-level',
                                     'label_list.mat'])
 def test_missing_ccp_part_is_named(ccp, tmp_path, broken):
