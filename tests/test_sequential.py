@@ -168,3 +168,17 @@ def test_translate_one_image_and_refuse_other_network_sizes(trained, tmp_path):
         assert stderr.strip().splitlines()[-1] == (
             'translate.py: {} was made with {}, not {}'.format(
                 os.path.join(checkpoint, 'parameters.h5'), made, ' '.join(flags)))
+
+
+def test_pretrained_generators_translate_the_bundled_sample(tmp_path):
+    """What `make translate` runs: the committed 64x44 model still fits the code."""
+    params = os.path.join(ROOT, 'pretrained', 'jeans2skirt_64x44', 'parameters.h5')
+    for direction, held_out in [('AtoB', '0056'), ('BtoA', '0018')]:
+        out = tmp_path / direction
+        code, stderr = translate('--params', params, '--direction', direction, '--dataroot',
+                                 os.path.join(ROOT, 'datasets', 'ccp_sample'), '--phase',
+                                 'train', '--out', str(out))
+        assert code == 0, stderr
+        assert len(list(out.glob('*_full.png'))) == 8
+        translated = np.asarray(Image.open(out / f'{held_out}.png'))
+        assert translated.shape == (330, 220, 3) and translated.std() > 10
