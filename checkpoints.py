@@ -99,20 +99,23 @@ def save_checkpoint(model_path, iteration, state, solvers, keep):
     return final
 
 
+def damaged(path, name, error):
+    """DamagedCheckpoint naming the file `name` of the checkpoint `path`, missing or unreadable
+    by `error`."""
+    if isinstance(error, FileNotFoundError):
+        reason = 'missing'
+        if name == ARRAYS and os.path.exists(os.path.join(path, 'trainer.pkl')):
+            reason += (' (an older version wrote trainer.pkl, which is never unpickled: '
+                       'unpickling can run code)')
+    else:
+        reason = f'unreadable ({type(error).__name__}: {error})'
+    return DamagedCheckpoint(f'{os.path.join(path, name)} is {reason}')
+
+
 def read_checkpoint(path, keys):
     """The state saved with the checkpoint `path`, its arrays back in place, read whole so that
     damage shows now. Raises DamagedCheckpoint naming the file if one is missing or
     unreadable, if state.json lacks one of `keys`, or if its iteration is not the folder's."""
-    def damaged(name, error):
-        if isinstance(error, FileNotFoundError):
-            reason = 'missing'
-            if name == ARRAYS and os.path.exists(os.path.join(path, 'trainer.pkl')):
-                reason += (' (an older version wrote trainer.pkl, which is never unpickled: '
-                           'unpickling can run code)')
-        else:
-            reason = f'unreadable ({type(error).__name__}: {error})'
-        return DamagedCheckpoint(f'{os.path.join(path, name)} is {reason}')
-
     try:
         with open(os.path.join(path, 'state.json')) as f:
             state = json.load(f)
@@ -122,13 +125,13 @@ def read_checkpoint(path, keys):
         if state['iteration'] != int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1)):
             raise ValueError(f'it says iteration {state["iteration"]}')
     except Exception as error:
-        raise damaged('state.json', error)
+        raise damaged(path, 'state.json', error)
     try:
         with np.load(os.path.join(path, ARRAYS), allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
         return join_arrays(state, arrays)
     except Exception as error:
-        raise damaged(ARRAYS, error)
+        raise damaged(path, ARRAYS, error)
 
 
 def load_parameters_and_solvers(path, solvers):
@@ -138,12 +141,12 @@ def load_parameters_and_solvers(path, solvers):
     files.update({f'{name}.h5': solver.load_states for name, solver in solvers.items()})
     for name, load in files.items():
         file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise DamagedCheckpoint(f'{file} is missing')
         try:
+            if not os.path.exists(file):  # nnabla's loaders say otherwise
+                raise FileNotFoundError(file)
             load(file)
         except Exception as error:
-            raise DamagedCheckpoint(f'{file} is unreadable ({type(error).__name__}: {error})')
+            raise damaged(path, name, error)
 
 
 def process_exists(pid):

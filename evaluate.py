@@ -46,7 +46,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -57,9 +56,9 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from tqdm import tqdm
 
-import cpu_functions
 from data import DataError, list_images, load_image, load_mask, load_resized, mask_areas, mask_paths
-from train import cuda_installed, image_panel, mask_panel, save_tile
+from train import (cuda_installed, graph_engine, image_panel, make_writable_folder,
+                   mask_panel, save_tile, write_text)
 from translate import SAVED_FLAGS, Translator, load_config
 
 FEATURE_SIZE = (32, 22)  # (H, W) of the masks the classifiers see: CCP photos are about 3:2
@@ -309,13 +308,11 @@ def write_page(out, results_by_direction, report):
                                                     result.target_probability, result.iou,
                                                     result.background, html.escape(tile)))
         sections.append('<h2>{}</h2>\n{}'.format(direction, '\n'.join(rows)))
-    partial = os.path.join(out, 'index.partial.html')
-    with open(partial, 'w') as f:
-        f.write('<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
-                '<p>input | masks | translation | translated masks, by the mask classifier\'s '
-                'probability of the target domain, best first</p>\n{}\n'.format(
-                    html.escape(format_table(report)), '\n'.join(sections)))
-    os.replace(partial, os.path.join(out, 'index.html'))
+    write_text(os.path.join(out, 'index.html'),
+               '<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
+               '<p>input | masks | translation | translated masks, by the mask classifier\'s '
+               'probability of the target domain, best first</p>\n{}\n'.format(
+                   html.escape(format_table(report)), '\n'.join(sections)))
 
 
 def format_table(report):
@@ -374,16 +371,14 @@ def main(argv=None):
     try:
         nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
         config, generators = load_generators(args.model_save_path)
-        if args.context == 'cpu':  # numpy's BLAS on every core, as train.py's default
-            for translator in generators.values():
-                cpu_functions.accelerate(translator.image_out, translator.masks_out)
+        accelerate = graph_engine(args.context)
+        for translator in generators.values():
+            accelerate(translator.image_out, translator.masks_out)
         size = (config.fineSizeH, config.fineSizeW)
         phase = {d: load_phase(args.dataroot, args.phase, d, size) for d in 'AB'}
         train_features = {d: mask_features(s.masks for s in load_phase(
             args.dataroot, 'train', d, size)) for d in 'AB'}
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # refuse an unwritable --out before any work
-            pass
+        make_writable_folder(out)  # refuse an unwritable --out before any work
     except (DataError, ImportError, OSError) as error:
         sys.exit('evaluate.py: {}'.format(error))
 

@@ -404,9 +404,15 @@ def set_context(args):
                           '(pip install -r requirements-cuda.txt)')
     nn.set_default_context(get_extension_context(args.context, device_id=args.device_id,
                                                  type_config=args.type_config))
-    if args.context == 'cpu' and args.cpu_conv == 'blas':
+    return graph_engine(args.context, args.cpu_conv)
+
+
+def graph_engine(context, cpu_conv='blas'):
+    """What to apply, once, to the outputs of graphs built for `context`: on the CPU with
+    --cpu-conv blas, cpu_functions.accelerate; else nothing (NNabla's own kernels, as built)."""
+    if context == 'cpu' and cpu_conv == 'blas':
         return cpu_functions.accelerate
-    return lambda *outputs: None  # NNabla's own kernels, as built
+    return lambda *outputs: None
 
 
 def check_sizes(args):
@@ -425,11 +431,17 @@ def check_sizes(args):
                           f'size {args.loadSizeH}x{args.loadSizeW}')
 
 
+def make_writable_folder(path):
+    """Create the folder `path` if need be and make sure a file can be made in it, before any
+    work; raises OSError otherwise."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
 def check_writable(path):
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        make_writable_folder(path)
     except OSError as error:
         raise ConfigError(f'{path} is not writable ({error.strerror})')
 
@@ -508,6 +520,12 @@ def write_png(path, array):
     """Write uint8 (H, W) or (H, W, 3) as `path`, atomically."""
     with replaced_atomically(path) as partial:
         Image.fromarray(array).save(partial)
+
+
+def write_text(path, text):
+    """Write `text` as `path`, atomically."""
+    with replaced_atomically(path) as partial, open(partial, 'w') as f:
+        f.write(text)
 
 
 def save_tile(path, rows):

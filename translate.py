@@ -34,7 +34,6 @@ import contextlib  # noqa: E402
 import html  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import nnabla as nn  # noqa: E402
@@ -43,13 +42,13 @@ from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cpu_functions  # noqa: E402
 import models  # noqa: E402
 from args import checked, device_id, non_negative_int, path, positive_int  # noqa: E402
 from data import (DataError, list_images, load_with_masks, mask_areas, mask_paths,  # noqa: E402
                   resize_with_masks)
-from train import (checkpoint_paths, cuda_installed, image_panel, mask_panel,  # noqa: E402
-                   save_tile, write_png)
+from train import (checkpoint_paths, cuda_installed, graph_engine,  # noqa: E402
+                   image_panel, make_writable_folder, mask_panel, save_tile, write_png,
+                   write_text)
 
 
 def h5_file(text):
@@ -206,9 +205,7 @@ def check_out_folder(args, files_read):
 
 def make_out_folder(out):
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
+        make_writable_folder(out)
     except OSError as error:
         raise DataError('--out {}: not a writable folder ({})'.format(out, error.strerror))
 
@@ -363,11 +360,9 @@ def translate_one(translator, image_path, masks, out, full=True):
 
 def write_index(out, tiles):
     rows = '\n'.join('<p>{0}<br><img src="{0}"></p>'.format(html.escape(t)) for t in tiles)
-    partial = os.path.join(out, 'index.partial.html')
-    with open(partial, 'w') as f:
-        f.write('<!doctype html>\n<title>InstaGAN translations</title>\n'
-                '<p>input | masks | output | output masks</p>\n{}\n'.format(rows))
-    os.replace(partial, os.path.join(out, 'index.html'))
+    write_text(os.path.join(out, 'index.html'),
+               '<!doctype html>\n<title>InstaGAN translations</title>\n'
+               '<p>input | masks | output | output masks</p>\n{}\n'.format(rows))
 
 
 @contextlib.contextmanager
@@ -403,8 +398,7 @@ def main(argv=None):
         # Slots beyond the most masks any input has would stay empty, which changes nothing.
         args.ins_per = min(args.ins_per, max(1, max(len(masks) for _, masks in inputs)))
         translator = Translator(args)
-        if args.context == 'cpu' and args.cpu_conv == 'blas':  # as train.set_context
-            cpu_functions.accelerate(translator.image_out, translator.masks_out)
+        graph_engine(args.context, args.cpu_conv)(translator.image_out, translator.masks_out)
         make_out_folder(args.out)
     except (DataError, ImportError, OSError) as error:
         sys.exit('translate.py: {}'.format(error))
