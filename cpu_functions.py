@@ -13,12 +13,20 @@ matrix, built a few output rows at a time in a buffer of at most `_CHUNK_FLOATS`
 one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 layers that shrink
 the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
 as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
-picks whichever form has the smaller matrix.
+picks whichever form has the smaller matrix. The copies around the products (im2col, col2im,
+reflection padding, instance normalisation) are the C loops of cpu_kernels.c, which this module
+compiles with the system's C compiler the first time it is used.
 """
+import ctypes
+import hashlib
 import os
+import platform
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
+from pathlib import Path
 
 import nnabla.function as nnabla_function
 import nnabla.functions as F
@@ -29,23 +37,93 @@ from nnabla.function import PythonFunction
 # far below the training step's memory budget.
 _CHUNK_FLOATS = 1 << 22
 
+_KERNELS_SOURCE = Path(__file__).with_name('cpu_kernels.c')
+_KERNELS_FOLDER = Path(__file__).with_name('build')
+# -march=native: the library is built on the machine that runs it (and named after its CPU).
+# The reassociation flags let the compiler vectorise the sums; NaNs still propagate.
+_COMPILE = ['-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros',
+            '-fassociative-math', '-std=c99', '-shared', '-fPIC']
+_SIGNATURES = {
+    'im2col': [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p],
+    'col2im': [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p],
+    'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
+    'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
+                                                                       ctypes.c_void_p],
+    'instance_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double,
+                              ctypes.c_void_p, ctypes.c_void_p],
+    'instance_norm_backward': [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_long,
+                                                       ctypes.c_int, ctypes.c_void_p],
+}
 
-# np.pad takes 15-25 us even for small images, several times the copy itself, so the pads
-# here write the interior and the borders with slices.
 
-def _embedded(image, pad, new_array=np.zeros):
-    """`image` (C, H, W) in the middle of a new (C, H + 2ph, W + 2pw) array."""
-    ph, pw = pad
-    channels, height, width = image.shape
-    out = new_array((channels, height + 2 * ph, width + 2 * pw), image.dtype)
-    out[:, ph:ph + height, pw:pw + width] = image
-    return out
+class KernelsUnavailable(RuntimeError):
+    """cpu_kernels.c could not be compiled or loaded."""
 
 
-def _padded(image, pad):
-    if pad[0] == pad[1] == 0:
-        return image
-    return _embedded(image, pad)
+def _cpu_signature():
+    """What -march=native compiles for: the CPU model and its instruction sets."""
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(('model name', 'flags'))]
+        return ''.join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    """cpu_kernels.c as a loaded library, compiled into build/ unless it already is there for
+    this source, these flags and this CPU. Compiled under a temporary name and renamed, so
+    that a build interrupted or run by two processes at once never leaves half a library."""
+    source = _KERNELS_SOURCE.read_bytes()
+    compiler = os.environ.get('CC', 'cc')
+    key = hashlib.sha256(b'\0'.join([source, ' '.join([compiler] + _COMPILE).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    library = _KERNELS_FOLDER / f'cpu_kernels-{key}.so'
+    if not library.exists():
+        try:
+            _KERNELS_FOLDER.mkdir(exist_ok=True)
+            handle, partial_path = tempfile.mkstemp(suffix='.so.partial', dir=_KERNELS_FOLDER)
+            os.close(handle)
+            try:
+                subprocess.run([compiler] + _COMPILE + [str(_KERNELS_SOURCE), '-o', partial_path],
+                               check=True, capture_output=True, text=True)
+                os.replace(partial_path, library)
+            finally:
+                if os.path.exists(partial_path):
+                    os.remove(partial_path)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, 'stderr', None) or str(error)
+            raise KernelsUnavailable(
+                f'cannot compile {_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with {compiler} '
+                f'({detail.strip().splitlines()[-1] if detail.strip() else error}): install a C '
+                'compiler (or set CC), or use --cpu-conv nnabla') from None
+    lib = ctypes.CDLL(str(library))
+    for name, arguments in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, None
+    return lib
+
+
+def _address(array, offset=0):
+    """The address of element `offset` of the C-contiguous float32 `array`."""
+    return array.ctypes.data + 4 * offset
+
+
+# The C loops release the GIL, so threads split a call's channels or rows between cores.
+_threads = ThreadPoolExecutor(max_workers=os.cpu_count())
+# Arrays smaller than this go in one piece: handing them out costs more than it saves.
+_SPLIT_ELEMENTS = 1 << 20
+
+
+def _in_row_chunks(function, rows, size):
+    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all."""
+    if size < _SPLIT_ELEMENTS or rows < 2:
+        function(0, rows)
+        return
+    bounds = np.linspace(0, rows, _threads._max_workers + 1).astype(int).tolist()
+    for job in [_threads.submit(function, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        job.result()
 
 
 def _conv_out_hw(in_hw, kernel_hw, pad, stride):
@@ -53,134 +131,73 @@ def _conv_out_hw(in_hw, kernel_hw, pad, stride):
                  for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
 
 
-# The im2col matrix has one row per (channel, i, j) of the kernel and one column per output
-# pixel, in row-major order with output rows `pitch` columns apart. On narrow maps a stride-1
-# convolution uses the padded input's width as the pitch: column (r, q) then reads input pixel
-# (r + i, q + j), so each row of the matrix is one contiguous run of the flattened input, and
-# im2col and col2im move whole runs instead of one short piece per output row. The kw - 1
-# columns past each output row are not outputs: dropped going out, zero coming in. Otherwise
-# the pitch is the output width.
-# Measured on the training step: the runs take 6% off at 64x64 (16-pixel residual maps) but
-# add 6% at 300x200 (50-pixel ones), where the pieces are long and the padded copies cost more.
-_MAX_RUNS_WIDTH = 32
+def _im2col_or_col2im(name, image, col, kernel_hw, pad, stride, out_w, rows):
+    """im2col: col = the im2col matrix of `image` (C, H, W) for output rows `rows`, shaped
+    (C * kh * kw, len(rows) * out_w). col2im: add col back into image, the adjoint."""
+    channels, height, width = image.shape
+    per_channel = col.size // channels
+    kernel = getattr(_kernels(), name)
+
+    def run(lo, hi):
+        kernel(_address(image, lo * height * width), hi - lo, height, width, *kernel_hw, *pad,
+               *stride, out_w, rows.start, rows.stop - rows.start, _address(col, lo * per_channel))
+
+    _in_row_chunks(run, channels, col.size)
 
 
-def _uses_runs(stride, out_width):
-    return stride == (1, 1) and out_width <= _MAX_RUNS_WIDTH
-
-
-def _pitch(padded_width, out_width, stride):
-    return padded_width if _uses_runs(stride, out_width) else out_width
-
-
-def _columns(rows, out_width, pitch):
-    return (rows - 1) * pitch + out_width
-
-
-def _view(array, shape, strides, offset=0):
-    """A strided view into the contiguous `array`. Unlike as_strided, numpy checks that it stays
-    inside the array, and it costs a tenth as much."""
-    return np.ndarray(shape, array.dtype, array, offset, strides)
-
-
-def _windows(xpad, kernel_hw, stride, rows, out_width):
-    """View of the padded image (C, H, W) as the im2col matrix of output rows `rows`, shaped
-    (C, kh, kw, columns) in runs and (C, kh, kw, rows, out_width) otherwise."""
-    channel_step, row_step, step = xpad.strides
-    if _uses_runs(stride, out_width):
-        columns_shape = (_columns(rows.stop - rows.start, out_width, xpad.shape[2]),)
-        columns_strides = (step,)
-    else:
-        columns_shape = (rows.stop - rows.start, out_width)
-        columns_strides = (stride[0] * row_step, stride[1] * step)
-    return _view(xpad, (xpad.shape[0], *kernel_hw) + columns_shape,
-                 (channel_step, row_step, step) + columns_strides, rows.start * stride[0] * row_step)
-
-
-def _as_columns(dy, pitch):
-    """(C, H, W) output values -> (C, H * pitch): rows `pitch` apart, zero in between."""
-    channels, height, width = dy.shape
-    if pitch == width:
-        return dy.reshape(channels, -1)
-    matrix = np.zeros((channels, height, pitch), dy.dtype)
-    matrix[:, :, :width] = dy
-    return matrix.reshape(channels, -1)
-
-
-def _chunk_columns(matrix, rows, out_width, pitch):
-    """The columns of output rows `rows` in a (C, H * pitch) matrix."""
-    start = rows.start * pitch
-    return matrix[:, start:start + _columns(rows.stop - rows.start, out_width, pitch)]
-
-
-def _row_chunks(col_rows, out_h, pitch):
+def _row_chunks(col_rows, out_h, out_w):
     """Split output rows into chunks whose im2col matrix fits in _CHUNK_FLOATS.
 
     Returns [slice of rows, ...] and a flat buffer big enough for any chunk.
     """
-    step = max(1, _CHUNK_FLOATS // (col_rows * pitch))
+    step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
     chunks = [slice(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
-    return chunks, np.empty(col_rows * min(step, out_h) * pitch, np.float32)
+    return chunks, np.empty(col_rows * min(step, out_h) * out_w, np.float32)
 
 
-def _im2col_chunks(xpad, kernel_hw, stride, out_hw):
-    """Yield (rows, col): col is the (C*kh*kw, columns) im2col matrix of output rows `rows`.
-    col lives in a buffer reused by the next chunk."""
-    col_rows = xpad.shape[0] * kernel_hw[0] * kernel_hw[1]
-    pitch = _pitch(xpad.shape[2], out_hw[1], stride)
-    chunks, buf = _row_chunks(col_rows, out_hw[0], pitch)
+def _chunk_matrices(channels, kernel_hw, out_hw):
+    """Yield (rows, col, columns): output rows `rows`, a (C * kh * kw, len(rows) * out_w)
+    matrix for their im2col matrix in a buffer reused by the next chunk, and the slice of
+    their columns in a (., out_h * out_w) matrix."""
+    col_rows = channels * kernel_hw[0] * kernel_hw[1]
+    chunks, buf = _row_chunks(col_rows, *out_hw)
     for rows in chunks:
-        win = _windows(xpad, kernel_hw, stride, rows, out_hw[1])
-        col = buf[:win.size].reshape(win.shape)
-        np.copyto(col, win)
-        yield rows, col.reshape(col_rows, -1)
+        columns = slice(rows.start * out_hw[1], rows.stop * out_hw[1])
+        yield rows, buf[:col_rows * (columns.stop - columns.start)].reshape(col_rows, -1), columns
 
 
-def _im2col_conv(x, w, pad, stride):
+def _im2col_conv(x, w, pad, stride, out, accumulate=False):
+    """out (Cout, H', W') = (or += with accumulate) conv(x, w): x (C, H, W) zero-padded."""
     out_ch = w.shape[0]
-    out_h, out_w = _conv_out_hw(x.shape[1:], w.shape[2:], pad, stride)
-    xpad = _padded(x, pad)
-    pitch = _pitch(xpad.shape[2], out_w, stride)
-    y = np.empty((out_ch, out_h * pitch), np.float32)
-    w_mat = w.reshape(out_ch, -1)
-    for rows, col in _im2col_chunks(xpad, w.shape[2:], stride, (out_h, out_w)):
-        np.matmul(w_mat, col, out=_chunk_columns(y, rows, out_w, pitch))
-    return y.reshape(out_ch, out_h, pitch)[:, :, :out_w]
+    out_hw = out.shape[1:]
+    y = np.empty_like(out) if accumulate else out
+    y_mat, w_mat = y.reshape(out_ch, -1), w.reshape(out_ch, -1)
+    for rows, col, columns in _chunk_matrices(x.shape[0], w.shape[2:], out_hw):
+        _im2col_or_col2im('im2col', x, col, w.shape[2:], pad, stride, out_hw[1], rows)
+        np.matmul(w_mat, col, out=y_mat[:, columns])
+    if accumulate:
+        out += y
 
 
 def _im2col_weight_grad(x, dy, kernel_hw, pad, stride):
-    out_ch, out_h, out_w = dy.shape
-    xpad = _padded(x, pad)
-    pitch = _pitch(xpad.shape[2], out_w, stride)
-    dy_cols = _as_columns(dy, pitch)
+    out_ch = dy.shape[0]
+    dy_mat = dy.reshape(out_ch, -1)
     dw = np.zeros((out_ch, x.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
-    for rows, col in _im2col_chunks(xpad, kernel_hw, stride, (out_h, out_w)):
-        dw += _chunk_columns(dy_cols, rows, out_w, pitch) @ col.T
+    for rows, col, columns in _chunk_matrices(x.shape[0], kernel_hw, dy.shape[1:]):
+        _im2col_or_col2im('im2col', x, col, kernel_hw, pad, stride, dy.shape[2], rows)
+        dw += dy_mat[:, columns] @ col.T
     return dw.reshape(out_ch, x.shape[0], *kernel_hw)
 
 
-def _col2im_input_grad(dy, w, pad, stride, x_hw):
-    out_ch, in_ch, kh, kw = w.shape
-    out_h, out_w = dy.shape[1:]
-    (h, wd), (ph, pw) = x_hw, pad
-    dxpad = np.zeros((in_ch, h + 2 * ph, wd + 2 * pw), np.float32)
-    pitch = _pitch(dxpad.shape[2], out_w, stride)
-    w_mat_t = w.reshape(out_ch, -1).T
-    col_rows = in_ch * kh * kw
-    dy_cols = _as_columns(dy, pitch)
-    chunks, buf = _row_chunks(col_rows, out_h, pitch)
-    for rows in chunks:
-        dy_chunk = _chunk_columns(dy_cols, rows, out_w, pitch)
-        dcol = buf[:col_rows * dy_chunk.shape[1]].reshape(col_rows, -1)
-        np.matmul(w_mat_t, dy_chunk, out=dcol)
-        # Writing through a window view is safe for one fixed (i, j): it hits each pixel at
-        # most once. Different (i, j) overlap, hence the loop.
-        win = _windows(dxpad, (kh, kw), stride, rows, out_w)
-        dcol = dcol.reshape(win.shape)
-        for i in range(kh):
-            for j in range(kw):
-                win[:, i, j] += dcol[:, i, j]
-    return dxpad[:, ph:ph + h, pw:pw + wd]
+def _col2im_input_grad(dy, w, pad, stride, out, accumulate=False):
+    """out (C, H, W) = (or += with accumulate) the gradient of conv(x, w) for dy."""
+    out_ch = w.shape[0]
+    if not accumulate:
+        out[...] = 0
+    dy_mat, w_mat_t = dy.reshape(out_ch, -1), w.reshape(out_ch, -1).T
+    for rows, dcol, columns in _chunk_matrices(out.shape[0], w.shape[2:], dy.shape[1:]):
+        np.matmul(w_mat_t, dy_mat[:, columns], out=dcol)
+        _im2col_or_col2im('col2im', out, dcol, w.shape[2:], pad, stride, dy.shape[2], rows)
 
 
 # A stride-1 conv with weight w and pad p equals the transposed conv with
@@ -203,17 +220,20 @@ def _use_dual(w_shape, x_hw, pad, stride):
             and out_ch * x_hw[0] * x_hw[1] < in_ch * y_hw[0] * y_hw[1])
 
 
-def _conv(x, w, pad, stride):
+def _conv(x, w, pad, stride, out, accumulate=False):
+    """out (Cout, H', W') = (or +=) conv(x, w) of one image x (C, H, W)."""
     if _use_dual(w.shape, x.shape[1:], pad, stride):
-        y_hw = _conv_out_hw(x.shape[1:], w.shape[2:], pad, stride)
-        return _col2im_input_grad(x, _rotated(w), _dual_pad(w.shape[2:], pad), stride, y_hw)
-    return _im2col_conv(x, w, pad, stride)
+        _col2im_input_grad(x, _rotated(w), _dual_pad(w.shape[2:], pad), stride, out, accumulate)
+    else:
+        _im2col_conv(x, w, pad, stride, out, accumulate)
 
 
-def _conv_input_grad(dy, w, pad, stride, x_hw):
-    if _use_dual(w.shape, x_hw, pad, stride):
-        return _im2col_conv(dy, _rotated(w), _dual_pad(w.shape[2:], pad), stride)
-    return _col2im_input_grad(dy, w, pad, stride, x_hw)
+def _conv_input_grad(dy, w, pad, stride, out, accumulate=False):
+    """out (C, H, W) = (or +=) the gradient of conv(x, w) with respect to x, for dy."""
+    if _use_dual(w.shape, out.shape[1:], pad, stride):
+        _im2col_conv(dy, _rotated(w), _dual_pad(w.shape[2:], pad), stride, out, accumulate)
+    else:
+        _col2im_input_grad(dy, w, pad, stride, out, accumulate)
 
 
 def _conv_weight_grad(x, dy, kernel_hw, pad, stride):
@@ -225,33 +245,18 @@ def _conv_weight_grad(x, dy, kernel_hw, pad, stride):
 
 def _reflect_pad(image, pad):
     """np.pad(image, ((0, 0), (ph, ph), (pw, pw)), mode='reflect') for pads smaller than H, W."""
-    ph, pw = pad
-    height, width = image.shape[1:]
-    out = _embedded(image, pad, np.empty)
-    # Padded row k < ph holds image row ph - k, row ph + H + j image row H - 2 - j; the columns
-    # then mirror whole padded rows, which fills the corners too.
-    out[:, :ph, pw:pw + width] = image[:, 1:ph + 1][:, ::-1]
-    out[:, ph + height:, pw:pw + width] = image[:, height - 1 - ph:height - 1][:, ::-1]
-    out[:, :, :pw] = out[:, :, pw + 1:2 * pw + 1][:, :, ::-1]
-    out[:, :, pw + width:] = out[:, :, width - 1:pw + width - 1][:, :, ::-1]
+    channels, height, width = image.shape
+    out = np.empty((channels, height + 2 * pad[0], width + 2 * pad[1]), np.float32)
+    _kernels().reflect_pad(_address(image), channels, height, width, *pad, _address(out))
     return out
 
 
-def _reflect_pad_adjoint(grad, pad):
-    """Gradient of _reflect_pad: fold every border row and column of `grad` (C, H+2ph, W+2pw)
-    onto the pixel it mirrors and return the (C, H, W) interior."""
-    ph, pw = pad
-    grad = grad.copy()
-    height, width = grad.shape[1] - 2 * ph, grad.shape[2] - 2 * pw
-    # Padded index k < p mirrors 2p - k; index p + n + j mirrors p + n - 2 - j. Folding the
-    # rows first, whole, carries the corners along to the column fold.
-    for k in range(ph):
-        grad[:, 2 * ph - k] += grad[:, k]
-        grad[:, ph + height - 2 - k] += grad[:, ph + height + k]
-    for k in range(pw):
-        grad[:, :, 2 * pw - k] += grad[:, :, k]
-        grad[:, :, pw + width - 2 - k] += grad[:, :, pw + width + k]
-    return grad[:, ph:ph + height, pw:pw + width]
+def _reflect_pad_adjoint(grad, pad, out, accumulate):
+    """out (C, H, W) = (or +=) the gradient of _reflect_pad for `grad` (C, H+2ph, W+2pw):
+    every border pixel folded onto the pixel it mirrors."""
+    channels, height, width = out.shape
+    _kernels().reflect_pad_adjoint(_address(grad), channels, height, width, *pad,
+                                   int(accumulate), _address(out))
 
 
 def _store(dst, value, accum):
@@ -273,6 +278,7 @@ class _BlasConvolution(PythonFunction):
 
     def __init__(self, pad, stride, transposed, output_padding=(0, 0), reflect_pad=(0, 0)):
         super().__init__()
+        _kernels()  # compiled now, before the graph runs, or refused with its reason
         self._pad = tuple(pad)
         self._stride = tuple(stride)
         self._transposed = transposed
@@ -304,15 +310,17 @@ class _BlasConvolution(PythonFunction):
             out_ch = w_shape[0]
         outputs[0].reset_shape((batch, out_ch) + out_hw, True)
 
-    def _image_forward(self, x, w, y_hw):
+    def _image_forward(self, x, w, out):
         if self._transposed:
-            return _conv_input_grad(x, w, self._pad, self._stride, y_hw)
-        return _conv(x, w, self._pad, self._stride)
+            _conv_input_grad(x, w, self._pad, self._stride, out)
+        else:
+            _conv(x, w, self._pad, self._stride, out)
 
-    def _image_input_grad(self, dy, w, x_hw):
+    def _image_input_grad(self, dy, w, out, accumulate):
         if self._transposed:
-            return _conv(dy, w, self._pad, self._stride)
-        return _conv_input_grad(dy, w, self._pad, self._stride, x_hw)
+            _conv(dy, w, self._pad, self._stride, out, accumulate)
+        else:
+            _conv_input_grad(dy, w, self._pad, self._stride, out, accumulate)
 
     def _image_weight_grad(self, x, dy, kernel_hw):
         if self._transposed:
@@ -322,20 +330,23 @@ class _BlasConvolution(PythonFunction):
     def forward_impl(self, inputs, outputs):
         x, w = inputs[0].data.data, inputs[1].data.data
         y = outputs[0].data.data
-        bias = inputs[2].data.data.reshape(-1, 1, 1) if len(inputs) == 3 else 0
         for x_img, y_img in zip(x, y):
-            np.add(self._image_forward(self._seen(x_img), w, y.shape[2:]), bias, out=y_img)
+            self._image_forward(self._seen(x_img), w, y_img)
+        if len(inputs) == 3:
+            y += inputs[2].data.data.reshape(-1, 1, 1)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         dy = outputs[0].grad.data
         if propagate_down[0]:
             w, dx = inputs[1].data.data, inputs[0].grad.data
-            (ph, pw), (h, wd) = self._reflect_pad, dx.shape[2:]
+            (ph, pw), (channels, h, wd) = self._reflect_pad, dx.shape[1:]
             for dy_img, dx_img in zip(dy, dx):
-                grad = self._image_input_grad(dy_img, w, (h + 2 * ph, wd + 2 * pw))
                 if ph or pw:
-                    grad = _reflect_pad_adjoint(grad, self._reflect_pad)
-                _store(dx_img, grad, accum[0])
+                    grad = np.empty((channels, h + 2 * ph, wd + 2 * pw), np.float32)
+                    self._image_input_grad(dy_img, w, grad, accumulate=False)
+                    _reflect_pad_adjoint(grad, self._reflect_pad, dx_img, accum[0])
+                else:
+                    self._image_input_grad(dy_img, w, dx_img, accum[0])
         if propagate_down[1]:
             x, kernel_hw = inputs[0].data.data, inputs[1].shape[2:]
             dw = sum(self._image_weight_grad(self._seen(x_img), dy_img, kernel_hw)
@@ -399,21 +410,6 @@ def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_paddin
     return _BlasConvolution(pad, stride, transposed=True, output_padding=output_padding)(*inputs)
 
 
-# numpy releases the GIL inside its array loops, so threads split the rows between cores.
-_threads = ThreadPoolExecutor(max_workers=os.cpu_count())
-
-
-def _in_row_chunks(function, rows, size):
-    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all; arrays
-    of under a million elements in one piece, as handing them out costs more than it saves."""
-    if size < 1 << 20:
-        function(0, rows)
-        return
-    bounds = np.linspace(0, rows, _threads._max_workers + 1).astype(int)
-    for job in [_threads.submit(function, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-        job.result()
-
-
 class _ShapePreserving(PythonFunction):
     """A function of one output shaped like its first input."""
 
@@ -433,6 +429,7 @@ class _InstanceNormalization(_ShapePreserving):
 
     def __init__(self, eps):
         super().__init__()
+        _kernels()
         self._eps = eps
         self._inverse_std = None
 
@@ -441,39 +438,30 @@ class _InstanceNormalization(_ShapePreserving):
         return "NumpyInstanceNormalization"
 
     def forward_impl(self, inputs, outputs):
-        x = inputs[0].data.data
+        x, y = inputs[0].data.data, outputs[0].data.data
         rows = x.shape[0] * x.shape[1]
-        x, y = x.reshape(rows, -1), outputs[0].data.data.reshape(rows, -1)
-        self._inverse_std = np.empty((rows, 1), np.float32)
-        size = x.shape[1]
+        size = x.size // rows
+        self._inverse_std = np.empty(rows, np.float32)
 
         def normalise(lo, hi):
-            centred = y[lo:hi]
-            np.subtract(x[lo:hi], np.add.reduce(x[lo:hi], axis=1, keepdims=True) / size,
-                        out=centred)
-            variance = np.einsum('ij,ij->i', centred, centred)[:, None] / size
-            self._inverse_std[lo:hi] = 1 / np.sqrt(variance + self._eps)
-            centred *= self._inverse_std[lo:hi]
+            _kernels().instance_norm_forward(
+                _address(x, lo * size), hi - lo, size, self._eps, _address(y, lo * size),
+                _address(self._inverse_std, lo))
 
         _in_row_chunks(normalise, rows, x.size)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        shape = outputs[0].shape
-        rows = shape[0] * shape[1]
-        y = outputs[0].data.data.reshape(rows, -1)
-        dy = outputs[0].grad.data.reshape(rows, -1)
-        dx = inputs[0].grad.data.reshape(rows, -1)
-        size = y.shape[1]
+        y, dy, dx = outputs[0].data.data, outputs[0].grad.data, inputs[0].grad.data
+        rows = y.shape[0] * y.shape[1]
+        size = y.size // rows
 
         def gradient(lo, hi):
-            y_rows, dy_rows = y[lo:hi], dy[lo:hi]
-            grad = y_rows * (np.einsum('ij,ij->i', dy_rows, y_rows)[:, None] / size)
-            grad += np.add.reduce(dy_rows, axis=1, keepdims=True) / size
-            np.subtract(dy_rows, grad, out=grad)
-            grad *= self._inverse_std[lo:hi]
-            _store(dx[lo:hi], grad, accum[0])
+            _kernels().instance_norm_backward(
+                _address(y, lo * size), _address(dy, lo * size),
+                _address(self._inverse_std, lo), hi - lo, size, int(accum[0]),
+                _address(dx, lo * size))
 
         _in_row_chunks(gradient, rows, y.size)
 

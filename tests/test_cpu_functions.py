@@ -90,10 +90,10 @@ def test_matches_nnabla(config, batch):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_nnabla_in_both_layouts(config, monkeypatch):
-    """Stride-1 layers lay the im2col matrix out in runs only on narrow maps; without runs they
-    must give the same results."""
-    monkeypatch.setattr(cpu_functions, "_MAX_RUNS_WIDTH", 0)
+def test_matches_nnabla_split_between_threads(config, monkeypatch):
+    """Big arrays are split by channel (im2col, col2im) or row (instance norm) between
+    threads; every array split must give the same results."""
+    monkeypatch.setattr(cpu_functions, "_SPLIT_ELEMENTS", 0)
     _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
 
 

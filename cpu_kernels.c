@@ -1,0 +1,172 @@
+/* The memory-bound loops of cpu_functions.py: im2col and col2im, reflection padding and
+ * instance normalisation. numpy's BLAS does the products; these replace the dozens of numpy
+ * slicing calls each of them took, whose per-call cost dominated the small training step.
+ *
+ * Every function works on a range of channels (or rows) that the caller hands it, so that
+ * Python threads can split one call between cores: ctypes releases the GIL while C runs.
+ * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file
+ * the first time it is needed and loads it with ctypes.
+ */
+#include <math.h>
+#include <string.h>
+
+/* The output columns q in [*first, *last) whose input column q * stride + offset lies in
+ * [0, width). */
+static void inside(long offset, long stride, long width, long out_w, long *first, long *last)
+{
+    long lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    long hi = offset < width ? (width - 1 - offset) / stride + 1 : 0;
+    *first = lo < out_w ? lo : out_w;
+    *last = hi < out_w ? hi : out_w;
+    if (*last < *first)
+        *last = *first;
+}
+
+/* The im2col matrix of output rows [row0, row0 + rows): row (c, i, j), column (r, q) holds
+ * input pixel (row0 + r) * sh - ph + i, q * sw - pw + j of channel c, or 0 in the padding. */
+void im2col(const float *x, long channels, long height, long width, long kh, long kw,
+            long ph, long pw, long sh, long sw, long out_w, long row0, long rows, float *col)
+{
+    long n = rows * out_w;
+    for (long c = 0; c < channels; ++c)
+        for (long i = 0; i < kh; ++i)
+            for (long j = 0; j < kw; ++j) {
+                float *dst = col + ((c * kh + i) * kw + j) * n;
+                long first, last, offset = j - pw;
+                inside(offset, sw, width, out_w, &first, &last);
+                for (long r = 0; r < rows; ++r, dst += out_w) {
+                    long y = (row0 + r) * sh - ph + i;
+                    if (y < 0 || y >= height) {
+                        memset(dst, 0, out_w * sizeof(float));
+                        continue;
+                    }
+                    const float *src = x + (c * height + y) * width + offset;
+                    memset(dst, 0, first * sizeof(float));
+                    if (sw == 1)
+                        memcpy(dst + first, src + first, (last - first) * sizeof(float));
+                    else
+                        for (long q = first; q < last; ++q)
+                            dst[q] = src[q * sw];
+                    memset(dst + last, 0, (out_w - last) * sizeof(float));
+                }
+            }
+}
+
+/* The adjoint of im2col: adds every entry of `col` to the pixel of x it was read from. The
+ * same arguments in the same order as im2col. */
+void col2im(float *x, long channels, long height, long width, long kh, long kw,
+            long ph, long pw, long sh, long sw, long out_w, long row0, long rows,
+            const float *col)
+{
+    long n = rows * out_w;
+    for (long c = 0; c < channels; ++c)
+        for (long i = 0; i < kh; ++i)
+            for (long j = 0; j < kw; ++j) {
+                const float *src = col + ((c * kh + i) * kw + j) * n;
+                long first, last, offset = j - pw;
+                inside(offset, sw, width, out_w, &first, &last);
+                for (long r = 0; r < rows; ++r, src += out_w) {
+                    long y = (row0 + r) * sh - ph + i;
+                    if (y < 0 || y >= height)
+                        continue;
+                    float *dst = x + (c * height + y) * width + offset;
+                    if (sw == 1)
+                        for (long q = first; q < last; ++q)
+                            dst[q] += src[q];
+                    else
+                        for (long q = first; q < last; ++q)
+                            dst[q * sw] += src[q];
+                }
+            }
+}
+
+/* Index k of a reflection-padded axis of n pixels, padded by p, in the unpadded axis. */
+static long mirrored(long k, long p, long n)
+{
+    k -= p;
+    if (k < 0)
+        return -k;
+    return k < n ? k : 2 * (n - 1) - k;
+}
+
+/* out (C, H + 2ph, W + 2pw) = x (C, H, W) reflection-padded; pads smaller than H and W. */
+void reflect_pad(const float *x, long channels, long height, long width, long ph, long pw,
+                 float *out)
+{
+    long out_w = width + 2 * pw;
+    for (long c = 0; c < channels; ++c)
+        for (long y = 0; y < height + 2 * ph; ++y) {
+            const float *src = x + (c * height + mirrored(y, ph, height)) * width;
+            float *dst = out + (c * (height + 2 * ph) + y) * out_w;
+            for (long k = 0; k < pw; ++k) {
+                dst[k] = src[pw - k];
+                dst[pw + width + k] = src[width - 2 - k];
+            }
+            memcpy(dst + pw, src, width * sizeof(float));
+        }
+}
+
+/* The adjoint of reflect_pad: dx (C, H, W) = (or +=, with accumulate) the sum of the entries
+ * of grad (C, H + 2ph, W + 2pw) over the padded pixels that mirror each pixel. */
+void reflect_pad_adjoint(const float *grad, long channels, long height, long width, long ph,
+                         long pw, int accumulate, float *dx)
+{
+    long grad_w = width + 2 * pw;
+    if (!accumulate)
+        memset(dx, 0, channels * height * width * sizeof(float));
+    for (long c = 0; c < channels; ++c)
+        for (long y = 0; y < height + 2 * ph; ++y) {
+            const float *src = grad + (c * (height + 2 * ph) + y) * grad_w;
+            float *dst = dx + (c * height + mirrored(y, ph, height)) * width;
+            for (long k = 0; k < width; ++k)
+                dst[k] += src[pw + k];
+            for (long k = 0; k < pw; ++k) {
+                dst[pw - k] += src[k];
+                dst[width - 2 - k] += src[pw + width + k];
+            }
+        }
+}
+
+/* Instance normalisation of `rows` rows of `size` values: y = (x - mean) * inverse_std, with
+ * inverse_std = 1 / sqrt(mean squared deviation + eps). Sums run in double: a float32 sum
+ * over a whole 300x200 map loses digits on the near two-level maps of mask features. */
+void instance_norm_forward(const float *x, long rows, long size, double eps, float *y,
+                           float *inverse_std)
+{
+    for (long r = 0; r < rows; ++r, x += size, y += size) {
+        double sum = 0;
+        for (long k = 0; k < size; ++k)
+            sum += x[k];
+        float mean = (float)(sum / size);
+        double squares = 0;
+        for (long k = 0; k < size; ++k) {
+            float centred = x[k] - mean;
+            y[k] = centred;
+            squares += (double)centred * centred;
+        }
+        float scale = (float)(1 / sqrt(squares / size + eps));
+        inverse_std[r] = scale;
+        for (long k = 0; k < size; ++k)
+            y[k] *= scale;
+    }
+}
+
+/* Its gradient from the output y alone: dx = (dy - mean(dy) - y mean(dy y)) * inverse_std;
+ * written to dx, or added with accumulate. */
+void instance_norm_backward(const float *y, const float *dy, const float *inverse_std,
+                            long rows, long size, int accumulate, float *dx)
+{
+    for (long r = 0; r < rows; ++r, y += size, dy += size, dx += size) {
+        double sum = 0, product = 0;
+        for (long k = 0; k < size; ++k) {
+            sum += dy[k];
+            product += (double)dy[k] * y[k];
+        }
+        float mean = (float)(sum / size), correlation = (float)(product / size);
+        float scale = inverse_std[r];
+        for (long k = 0; k < size; ++k) {
+            float grad = (dy[k] - mean - y[k] * correlation) * scale;
+            dx[k] = accumulate ? dx[k] + grad : grad;
+        }
+    }
+}
