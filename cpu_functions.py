@@ -50,9 +50,10 @@ _SIGNATURES = {
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
     'instance_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double,
-                              ctypes.c_void_p, ctypes.c_void_p],
-    'instance_norm_backward': [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_long,
-                                                       ctypes.c_int, ctypes.c_void_p],
+                              ctypes.c_float] + [ctypes.c_void_p] * 3,
+    'instance_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
+                                                       ctypes.c_float, ctypes.c_int,
+                                                       ctypes.c_void_p],
 }
 
 
@@ -131,18 +132,35 @@ def _conv_out_hw(in_hw, kernel_hw, pad, stride):
                  for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
 
 
-def _im2col_or_col2im(name, image, col, kernel_hw, pad, stride, out_w, rows):
+def _im2col_or_col2im(name, image, col, kernel_hw, pad, stride, out_w, rows, clear=False):
     """im2col: col = the im2col matrix of `image` (C, H, W) for output rows `rows`, shaped
-    (C * kh * kw, len(rows) * out_w). col2im: add col back into image, the adjoint."""
+    (C * kh * kw, len(rows) * out_w). col2im: add col back into image (zeroed first with
+    `clear`), the adjoint."""
     channels, height, width = image.shape
     per_channel = col.size // channels
     kernel = getattr(_kernels(), name)
 
     def run(lo, hi):
+        if clear:
+            image[lo:hi] = 0
         kernel(_address(image, lo * height * width), hi - lo, height, width, *kernel_hw, *pad,
                *stride, out_w, rows.start, rows.stop - rows.start, _address(col, lo * per_channel))
 
     _in_row_chunks(run, channels, col.size)
+
+
+# Buffers kept from call to call: a new one of a few MB would cost more in page faults than
+# the loop that fills it. Every use ends before the function that made it returns, and the
+# graph runs one function at a time.
+_buffers = {}
+
+
+def _buffer(name, shape):
+    """An uninitialised float32 array of `shape` in the kept buffer `name`."""
+    size = int(np.prod(shape))
+    if name not in _buffers or _buffers[name].size < size:
+        _buffers[name] = np.empty(size, np.float32)
+    return _buffers[name][:size].reshape(shape)
 
 
 def _row_chunks(col_rows, out_h, out_w):
@@ -151,8 +169,9 @@ def _row_chunks(col_rows, out_h, out_w):
     Returns [slice of rows, ...] and a flat buffer big enough for any chunk.
     """
     step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
+    step = -(-out_h // -(-out_h // step))  # the same number of chunks, evened out
     chunks = [slice(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
-    return chunks, np.empty(col_rows * min(step, out_h) * out_w, np.float32)
+    return chunks, _buffer('columns', col_rows * min(step, out_h) * out_w)
 
 
 def _chunk_matrices(channels, kernel_hw, out_hw):
@@ -170,7 +189,7 @@ def _im2col_conv(x, w, pad, stride, out, accumulate=False):
     """out (Cout, H', W') = (or += with accumulate) conv(x, w): x (C, H, W) zero-padded."""
     out_ch = w.shape[0]
     out_hw = out.shape[1:]
-    y = np.empty_like(out) if accumulate else out
+    y = _buffer('product', out.shape) if accumulate else out
     y_mat, w_mat = y.reshape(out_ch, -1), w.reshape(out_ch, -1)
     for rows, col, columns in _chunk_matrices(x.shape[0], w.shape[2:], out_hw):
         _im2col_or_col2im('im2col', x, col, w.shape[2:], pad, stride, out_hw[1], rows)
@@ -179,25 +198,27 @@ def _im2col_conv(x, w, pad, stride, out, accumulate=False):
         out += y
 
 
-def _im2col_weight_grad(x, dy, kernel_hw, pad, stride):
-    out_ch = dy.shape[0]
-    dy_mat = dy.reshape(out_ch, -1)
-    dw = np.zeros((out_ch, x.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
+def _im2col_weight_grad(x, dy, kernel_hw, pad, stride, out, accumulate=False):
+    """out (Cout, C * kh * kw) = (or += with accumulate) the gradient of conv(x, w) with
+    respect to w, for dy."""
+    dy_mat = dy.reshape(dy.shape[0], -1)
     for rows, col, columns in _chunk_matrices(x.shape[0], kernel_hw, dy.shape[1:]):
         _im2col_or_col2im('im2col', x, col, kernel_hw, pad, stride, dy.shape[2], rows)
-        dw += dy_mat[:, columns] @ col.T
-    return dw.reshape(out_ch, x.shape[0], *kernel_hw)
+        if accumulate:
+            out += np.matmul(dy_mat[:, columns], col.T, out=_buffer('product', out.shape))
+        else:
+            np.matmul(dy_mat[:, columns], col.T, out=out)
+            accumulate = True
 
 
 def _col2im_input_grad(dy, w, pad, stride, out, accumulate=False):
     """out (C, H, W) = (or += with accumulate) the gradient of conv(x, w) for dy."""
     out_ch = w.shape[0]
-    if not accumulate:
-        out[...] = 0
     dy_mat, w_mat_t = dy.reshape(out_ch, -1), w.reshape(out_ch, -1).T
     for rows, dcol, columns in _chunk_matrices(out.shape[0], w.shape[2:], dy.shape[1:]):
         np.matmul(w_mat_t, dy_mat[:, columns], out=dcol)
-        _im2col_or_col2im('col2im', out, dcol, w.shape[2:], pad, stride, dy.shape[2], rows)
+        _im2col_or_col2im('col2im', out, dcol, w.shape[2:], pad, stride, dy.shape[2], rows,
+                          clear=not accumulate and rows.start == 0)
 
 
 # A stride-1 conv with weight w and pad p equals the transposed conv with
@@ -236,17 +257,22 @@ def _conv_input_grad(dy, w, pad, stride, out, accumulate=False):
         _col2im_input_grad(dy, w, pad, stride, out, accumulate)
 
 
-def _conv_weight_grad(x, dy, kernel_hw, pad, stride):
-    w_shape = (dy.shape[0], x.shape[0]) + tuple(kernel_hw)
-    if _use_dual(w_shape, x.shape[1:], pad, stride):
-        return _rotated(_im2col_weight_grad(dy, x, kernel_hw, _dual_pad(kernel_hw, pad), stride))
-    return _im2col_weight_grad(x, dy, kernel_hw, pad, stride)
+def _conv_weight_grad(x, dy, kernel_hw, pad, stride, out, accumulate=False):
+    """out (Cout, C, kh, kw) = (or +=) the gradient of conv(x, w) with respect to w, for dy."""
+    if _use_dual(out.shape, x.shape[1:], pad, stride):
+        grad = np.empty((out.shape[1], out.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
+        _im2col_weight_grad(dy, x, kernel_hw, _dual_pad(kernel_hw, pad), stride, grad)
+        _store(out, _rotated(grad.reshape(out.shape[1], out.shape[0], *kernel_hw)), accumulate)
+    else:
+        _im2col_weight_grad(x, dy, kernel_hw, pad, stride, out.reshape(out.shape[0], -1),
+                            accumulate)
 
 
 def _reflect_pad(image, pad):
-    """np.pad(image, ((0, 0), (ph, ph), (pw, pw)), mode='reflect') for pads smaller than H, W."""
+    """np.pad(image, ((0, 0), (ph, ph), (pw, pw)), mode='reflect') for pads smaller than H, W,
+    in the kept buffer 'padded'."""
     channels, height, width = image.shape
-    out = np.empty((channels, height + 2 * pad[0], width + 2 * pad[1]), np.float32)
+    out = _buffer('padded', (channels, height + 2 * pad[0], width + 2 * pad[1]))
     _kernels().reflect_pad(_address(image), channels, height, width, *pad, _address(out))
     return out
 
@@ -322,10 +348,11 @@ class _BlasConvolution(PythonFunction):
         else:
             _conv_input_grad(dy, w, self._pad, self._stride, out, accumulate)
 
-    def _image_weight_grad(self, x, dy, kernel_hw):
+    def _image_weight_grad(self, x, dy, out, accumulate):
         if self._transposed:
-            return _conv_weight_grad(dy, x, kernel_hw, self._pad, self._stride)
-        return _conv_weight_grad(x, dy, kernel_hw, self._pad, self._stride)
+            _conv_weight_grad(dy, x, out.shape[2:], self._pad, self._stride, out, accumulate)
+        else:
+            _conv_weight_grad(x, dy, out.shape[2:], self._pad, self._stride, out, accumulate)
 
     def forward_impl(self, inputs, outputs):
         x, w = inputs[0].data.data, inputs[1].data.data
@@ -342,16 +369,15 @@ class _BlasConvolution(PythonFunction):
             (ph, pw), (channels, h, wd) = self._reflect_pad, dx.shape[1:]
             for dy_img, dx_img in zip(dy, dx):
                 if ph or pw:
-                    grad = np.empty((channels, h + 2 * ph, wd + 2 * pw), np.float32)
+                    grad = _buffer('padded gradient', (channels, h + 2 * ph, wd + 2 * pw))
                     self._image_input_grad(dy_img, w, grad, accumulate=False)
                     _reflect_pad_adjoint(grad, self._reflect_pad, dx_img, accum[0])
                 else:
                     self._image_input_grad(dy_img, w, dx_img, accum[0])
         if propagate_down[1]:
-            x, kernel_hw = inputs[0].data.data, inputs[1].shape[2:]
-            dw = sum(self._image_weight_grad(self._seen(x_img), dy_img, kernel_hw)
-                     for x_img, dy_img in zip(x, dy))
-            _store(inputs[1].grad.data, dw, accum[1])
+            x, dw = inputs[0].data.data, inputs[1].grad.data
+            for n, (x_img, dy_img) in enumerate(zip(x, dy)):
+                self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
         if len(inputs) == 3 and propagate_down[2]:
             _store(inputs[2].grad.data, dy.sum(axis=(0, 2, 3)), accum[2])
 
@@ -421,62 +447,64 @@ class _ShapePreserving(PythonFunction):
 
 
 class _InstanceNormalization(_ShapePreserving):
-    """(x - mean) / sqrt(var + eps) over H, W of every sample and channel, without affine.
+    """(x - mean) / sqrt(var + eps) over H, W of every sample and channel, without affine, and
+    then a leaky ReLU of `slope` (1: none, 0: ReLU), in one pass over the data.
 
-    The backward needs only the output y and 1 / sqrt(var + eps), so the input can be freed
-    after the forward: dx = (dy - mean(dy) - y mean(dy y)) / sqrt(var + eps).
+    The backward recomputes the normalised values from x, so the function keeps x and nothing
+    the size of its output; the activation then costs neither a call nor a buffer of its own.
     """
 
-    def __init__(self, eps):
+    def __init__(self, eps, slope):
         super().__init__()
         _kernels()
-        self._eps = eps
-        self._inverse_std = None
+        self._eps, self._slope = eps, slope
+        self._mean = self._inverse_std = None
 
     @property
     def name(self):
         return "NumpyInstanceNormalization"
 
     def forward_impl(self, inputs, outputs):
-        x, y = inputs[0].data.data, outputs[0].data.data
+        x, z = inputs[0].data.data, outputs[0].data.data
         rows = x.shape[0] * x.shape[1]
         size = x.size // rows
-        self._inverse_std = np.empty(rows, np.float32)
+        self._mean, self._inverse_std = np.empty(rows, np.float32), np.empty(rows, np.float32)
 
         def normalise(lo, hi):
             _kernels().instance_norm_forward(
-                _address(x, lo * size), hi - lo, size, self._eps, _address(y, lo * size),
-                _address(self._inverse_std, lo))
+                _address(x, lo * size), hi - lo, size, self._eps, self._slope,
+                _address(z, lo * size), _address(self._mean, lo), _address(self._inverse_std, lo))
 
         _in_row_chunks(normalise, rows, x.size)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        y, dy, dx = outputs[0].data.data, outputs[0].grad.data, inputs[0].grad.data
-        rows = y.shape[0] * y.shape[1]
-        size = y.size // rows
+        x, dz, dx = inputs[0].data.data, outputs[0].grad.data, inputs[0].grad.data
+        rows = x.shape[0] * x.shape[1]
+        size = x.size // rows
 
         def gradient(lo, hi):
             _kernels().instance_norm_backward(
-                _address(y, lo * size), _address(dy, lo * size),
-                _address(self._inverse_std, lo), hi - lo, size, int(accum[0]),
+                _address(x, lo * size), _address(dz, lo * size), _address(self._mean, lo),
+                _address(self._inverse_std, lo), hi - lo, size, self._slope, int(accum[0]),
                 _address(dx, lo * size))
 
-        _in_row_chunks(gradient, rows, y.size)
+        _in_row_chunks(gradient, rows, x.size)
 
     def grad_depends_output_data(self, i, o):
-        return True
-
-    def grad_depends_input_data(self, i, j):
         return False
 
+    def grad_depends_input_data(self, i, j):
+        return True
 
-def instance_normalization(x, eps=1e-5):
-    """Same as F.instance_normalization(x, None, None, channel_axis=1, batch_axis=0, eps=eps)."""
+
+def instance_normalization(x, eps=1e-5, slope=1.0):
+    """Same as F.instance_normalization(x, None, None, channel_axis=1, batch_axis=0, eps=eps),
+    followed by F.leaky_relu(alpha=slope) unless slope is 1 (slope 0: F.relu)."""
     if len(x.shape) < 3:
         raise ValueError(f"instance normalisation needs (B, C, ...) inputs, got {x.shape}")
-    return _InstanceNormalization(eps)(x)
+    return _InstanceNormalization(eps, slope)(x)
 
 
 class _SpectralNorm(_ShapePreserving):
@@ -604,10 +632,18 @@ def _numpy_version(function):
     if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) \
             == (0, 1, False, False):
         return inputs, partial(spectral_norm, eps=args['eps'])
-    normalised = _instance_norm_of(function) if kind == 'Div2' else None
+    normalised, slope = None, 1.0
+    if kind == 'Div2':
+        normalised = _instance_norm_of(function)
+    elif kind in ('ReLU', 'LeakyReLU') and not args['inplace']:
+        # A (leaky) ReLU of an instance norm takes the norm in; the norm alone is then not built
+        # unless something else reads it.
+        division = _made_by(inputs[0], 'Div2')
+        normalised = division and _instance_norm_of(division)
+        slope = args.get('alpha', 0.0)
     if normalised:
         x, eps = normalised
-        return [x], partial(instance_normalization, eps=eps)
+        return [x], partial(instance_normalization, eps=eps, slope=slope)
     return None
 
 

@@ -127,45 +127,55 @@ void reflect_pad_adjoint(const float *grad, long channels, long height, long wid
         }
 }
 
-/* Instance normalisation of `rows` rows of `size` values: y = (x - mean) * inverse_std, with
- * inverse_std = 1 / sqrt(mean squared deviation + eps). Sums run in double: a float32 sum
+/* Instance normalisation of `rows` rows of `size` values followed by a leaky ReLU of
+ * `slope`: y = (x - mean) * inverse_std, with inverse_std = 1 / sqrt(mean squared deviation
+ * + eps), and z = y where y > 0, slope * y elsewhere (slope 1: no activation, 0: ReLU).
+ * Keeps each row's mean and inverse_std for the backward. Sums run in double: a float32 sum
  * over a whole 300x200 map loses digits on the near two-level maps of mask features. */
-void instance_norm_forward(const float *x, long rows, long size, double eps, float *y,
-                           float *inverse_std)
+void instance_norm_forward(const float *x, long rows, long size, double eps, float slope,
+                           float *z, float *mean, float *inverse_std)
 {
-    for (long r = 0; r < rows; ++r, x += size, y += size) {
+    for (long r = 0; r < rows; ++r, x += size, z += size) {
         double sum = 0;
         for (long k = 0; k < size; ++k)
             sum += x[k];
-        float mean = (float)(sum / size);
+        float centre = (float)(sum / size);
         double squares = 0;
         for (long k = 0; k < size; ++k) {
-            float centred = x[k] - mean;
-            y[k] = centred;
+            float centred = x[k] - centre;
             squares += (double)centred * centred;
         }
         float scale = (float)(1 / sqrt(squares / size + eps));
+        for (long k = 0; k < size; ++k) {
+            float y = (x[k] - centre) * scale;
+            z[k] = y > 0 ? y : slope * y;
+        }
+        mean[r] = centre;
         inverse_std[r] = scale;
-        for (long k = 0; k < size; ++k)
-            y[k] *= scale;
     }
 }
 
-/* Its gradient from the output y alone: dx = (dy - mean(dy) - y mean(dy y)) * inverse_std;
- * written to dx, or added with accumulate. */
-void instance_norm_backward(const float *y, const float *dy, const float *inverse_std,
-                            long rows, long size, int accumulate, float *dx)
+/* Its gradient, from the input x (y is recomputed, bit for bit): with g = dz where y > 0 and
+ * slope * dz elsewhere, dx = (g - mean(g) - y mean(g y)) * inverse_std; written to dx, or added
+ * with accumulate. */
+void instance_norm_backward(const float *x, const float *dz, const float *mean,
+                            const float *inverse_std, long rows, long size, float slope,
+                            int accumulate, float *dx)
 {
-    for (long r = 0; r < rows; ++r, y += size, dy += size, dx += size) {
+    for (long r = 0; r < rows; ++r, x += size, dz += size, dx += size) {
+        float centre = mean[r], scale = inverse_std[r];
         double sum = 0, product = 0;
         for (long k = 0; k < size; ++k) {
-            sum += dy[k];
-            product += (double)dy[k] * y[k];
+            float y = (x[k] - centre) * scale;
+            float g = y > 0 ? dz[k] : slope * dz[k];
+            sum += g;
+            product += (double)g * y;
         }
-        float mean = (float)(sum / size), correlation = (float)(product / size);
-        float scale = inverse_std[r];
+        float g_mean = (float)(sum / size), correlation = (float)(product / size);
         for (long k = 0; k < size; ++k) {
-            float grad = (dy[k] - mean - y[k] * correlation) * scale;
+            float y = (x[k] - centre) * scale;
+            float g = y > 0 ? dz[k] : slope * dz[k];
+            float grad = (g - g_mean - y * correlation) * scale;
             dx[k] = accumulate ? dx[k] + grad : grad;
         }
     }

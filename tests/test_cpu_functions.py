@@ -210,6 +210,50 @@ def test_instance_normalization_matches_nnabla(shape, accumulate):
                   _outputs_and_grads(ours, x, None, None, accumulate))
 
 
+@pytest.mark.parametrize("activation, slope", [(F.relu, 0.0),
+                                               (partial(F.leaky_relu, alpha=0.2), 0.2)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_instance_normalization_with_activation_matches_nnabla(activation, slope, accumulate):
+    """The activation folded into the normalisation (slope 0: ReLU; 0.2: the discriminator's
+    leaky ReLU), values and gradients."""
+    x = np.random.RandomState(1).randn(2, 5, 6, 7).astype(np.float32) * 2 - 0.5
+
+    def reference(x, w, b):
+        return activation(F.instance_normalization(x, None, None))
+
+    def ours(x, w, b):
+        return cpu_functions.instance_normalization(x, slope=slope)
+
+    _assert_close(_outputs_and_grads(reference, x, None, None, accumulate),
+                  _outputs_and_grads(ours, x, None, None, accumulate))
+
+
+@pytest.mark.parametrize("activation", [F.relu, partial(F.leaky_relu, alpha=0.2),
+                                        lambda h: h])
+def test_accelerate_folds_activations_into_instance_norm(activation):
+    """accelerate builds one function for activation(models.instance_norm(.)), and the graph
+    computes what the F.* graph does."""
+    rng = np.random.RandomState(2)
+    x = nn.Variable.from_numpy_array(rng.randn(2, 3, 6, 5).astype(np.float32), need_grad=True)
+    w = nn.Variable.from_numpy_array(rng.randn(4, 3, 3, 3).astype(np.float32), need_grad=True)
+    losses = [F.sum(activation(models.instance_norm(F.convolution(x, w, pad=(1, 1)))) ** 2)
+              for _ in range(2)]
+    cpu_functions.accelerate(losses[1])
+    kinds = []
+    losses[1].visit(lambda function: kinds.append(function.info.type_name))
+    assert kinds.count('NumpyInstanceNormalization') == 1
+    assert not {'ReLU', 'LeakyReLU', 'Div2'} & set(kinds)
+    results = []
+    for loss in losses:
+        x.grad.zero()
+        w.grad.zero()
+        loss.forward()
+        loss.backward()
+        results.append((loss.d.copy(), x.g.copy(), w.g.copy()))
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (5.0, 0.1), (1.0, 1e-3)])
 def test_instance_normalization_is_accurate_for_offset_inputs(mean, std):
     """Against float64: NNabla's own kernel loses most digits when the mean is large

@@ -189,9 +189,10 @@ def test_cpu_functions_give_the_same_networks():
 
 
 def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
-    """The numpy instance norm's gradient needs only its output, so a forward that clears what
-    no gradient needs frees the convolution output before it. nnabla keeps it when the graph is
-    patched with rewire_on, or while a left-over function of the old graph still reads it."""
+    """The numpy instance norm's gradient needs only its input, so a forward that clears what
+    no gradient needs frees the output of the residual blocks' second norm, which only an
+    addition reads. nnabla keeps it when the graph is patched with rewire_on, or while a
+    left-over function of the old graph still reads it."""
     image, masks = random_inputs(1, 1)
     with nn.parameter_scope('generator'):
         image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
@@ -200,10 +201,16 @@ def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
     image_out.forward(clear_no_need_grad=True)
     functions = []
     image_out.visit(functions.append)
-    normalised = [function.inputs[0] for function in functions
+    readers = {}
+    for function in functions:
+        for variable in function.inputs:
+            readers.setdefault(variable, []).append(function.info.type_name)
+    normalised = [function.outputs[0] for function in functions
                   if function.info.type_name == 'NumpyInstanceNormalization']
     assert len(normalised) == 2 * (3 + 2 * BLOCKS) + 2  # both encoders, the image decoder
-    assert all(x.data.clear_called for x in normalised)
+    added = [y for y in normalised if readers[y] == ['Add2']]
+    assert len(added) == 2 * BLOCKS
+    assert all(y.data.clear_called for y in added)
 
 
 def test_a_graph_is_accelerated_once():
