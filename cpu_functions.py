@@ -19,6 +19,7 @@ compiles with the system's C compiler the first time it is used.
 """
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -108,7 +109,7 @@ def _kernels():
 
 def _address(array, offset=0):
     """The address of element `offset` of the C-contiguous float32 `array`."""
-    return array.ctypes.data + 4 * offset
+    return array.__array_interface__['data'][0] + 4 * offset
 
 
 # The C loops release the GIL, so threads split a call's channels or rows between cores.
@@ -157,7 +158,7 @@ _buffers = {}
 
 def _buffer(name, shape):
     """An uninitialised float32 array of `shape` in the kept buffer `name`."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if name not in _buffers or _buffers[name].size < size:
         _buffers[name] = np.empty(size, np.float32)
     return _buffers[name][:size].reshape(shape)
@@ -171,7 +172,7 @@ def _row_chunks(col_rows, out_h, out_w):
     step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
     step = -(-out_h // -(-out_h // step))  # the same number of chunks, evened out
     chunks = [slice(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
-    return chunks, _buffer('columns', col_rows * min(step, out_h) * out_w)
+    return chunks, _buffer('columns', (col_rows * min(step, out_h) * out_w,))
 
 
 def _chunk_matrices(channels, kernel_hw, out_hw):
@@ -379,7 +380,8 @@ class _BlasConvolution(PythonFunction):
             for n, (x_img, dy_img) in enumerate(zip(x, dy)):
                 self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
         if len(inputs) == 3 and propagate_down[2]:
-            _store(inputs[2].grad.data, dy.sum(axis=(0, 2, 3)), accum[2])
+            per_channel = np.add.reduce(dy.reshape(dy.shape[0], dy.shape[1], -1), axis=2)
+            _store(inputs[2].grad.data, np.add.reduce(per_channel, axis=0), accum[2])
 
     def grad_depends_output_data(self, i, o):
         return False

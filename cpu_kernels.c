@@ -36,18 +36,23 @@ void im2col(const float *x, long channels, long height, long width, long kh, lon
                 inside(offset, sw, width, out_w, &first, &last);
                 for (long r = 0; r < rows; ++r, dst += out_w) {
                     long y = (row0 + r) * sh - ph + i;
+                    /* Plain loops, not memcpy and memset: rows are often only 16 floats. */
                     if (y < 0 || y >= height) {
-                        memset(dst, 0, out_w * sizeof(float));
+                        for (long q = 0; q < out_w; ++q)
+                            dst[q] = 0;
                         continue;
                     }
                     const float *src = x + (c * height + y) * width + offset;
-                    memset(dst, 0, first * sizeof(float));
+                    for (long q = 0; q < first; ++q)
+                        dst[q] = 0;
                     if (sw == 1)
-                        memcpy(dst + first, src + first, (last - first) * sizeof(float));
+                        for (long q = first; q < last; ++q)
+                            dst[q] = src[q];
                     else
                         for (long q = first; q < last; ++q)
                             dst[q] = src[q * sw];
-                    memset(dst + last, 0, (out_w - last) * sizeof(float));
+                    for (long q = last; q < out_w; ++q)
+                        dst[q] = 0;
                 }
             }
 }
