@@ -58,7 +58,7 @@ _SIGNATURES = {
 }
 
 
-class KernelsUnavailable(RuntimeError):
+class KernelsUnavailable(OSError):
     """cpu_kernels.c could not be compiled or loaded."""
 
 
@@ -72,35 +72,47 @@ def _cpu_signature():
         return platform.processor()
 
 
+def _compile(compiler, library):
+    """Compile cpu_kernels.c into `library`, under a temporary name and then renamed, so that a
+    build interrupted or run by two processes at once never leaves half a library."""
+    try:
+        _KERNELS_FOLDER.mkdir(exist_ok=True)
+        handle, partial_path = tempfile.mkstemp(suffix='.so.partial', dir=_KERNELS_FOLDER)
+        os.close(handle)
+        try:
+            subprocess.run([compiler] + _COMPILE + [str(_KERNELS_SOURCE), '-o', partial_path],
+                           check=True, capture_output=True, text=True)
+            os.replace(partial_path, library)
+        finally:
+            if os.path.exists(partial_path):
+                os.remove(partial_path)
+    except subprocess.CalledProcessError as error:
+        reason = (error.stderr.strip().splitlines() or [f'exit status {error.returncode}'])[-1]
+    except OSError as error:
+        reason = str(error)
+    else:
+        return
+    raise KernelsUnavailable(f'cannot compile {_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
+                             f'{compiler} ({reason}): install a C compiler (or name one in CC), '
+                             'or use --cpu-conv nnabla')
+
+
 @lru_cache(maxsize=None)
-def _kernels():
+def kernels():
     """cpu_kernels.c as a loaded library, compiled into build/ unless it already is there for
-    this source, these flags and this CPU. Compiled under a temporary name and renamed, so
-    that a build interrupted or run by two processes at once never leaves half a library."""
-    source = _KERNELS_SOURCE.read_bytes()
+    this source, this compiler and flags and this CPU."""
     compiler = os.environ.get('CC', 'cc')
-    key = hashlib.sha256(b'\0'.join([source, ' '.join([compiler] + _COMPILE).encode(),
+    key = hashlib.sha256(b'\0'.join([_KERNELS_SOURCE.read_bytes(),
+                                     ' '.join([compiler] + _COMPILE).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     library = _KERNELS_FOLDER / f'cpu_kernels-{key}.so'
     if not library.exists():
-        try:
-            _KERNELS_FOLDER.mkdir(exist_ok=True)
-            handle, partial_path = tempfile.mkstemp(suffix='.so.partial', dir=_KERNELS_FOLDER)
-            os.close(handle)
-            try:
-                subprocess.run([compiler] + _COMPILE + [str(_KERNELS_SOURCE), '-o', partial_path],
-                               check=True, capture_output=True, text=True)
-                os.replace(partial_path, library)
-            finally:
-                if os.path.exists(partial_path):
-                    os.remove(partial_path)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, 'stderr', None) or str(error)
-            raise KernelsUnavailable(
-                f'cannot compile {_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with {compiler} '
-                f'({detail.strip().splitlines()[-1] if detail.strip() else error}): install a C '
-                'compiler (or set CC), or use --cpu-conv nnabla') from None
-    lib = ctypes.CDLL(str(library))
+        _compile(compiler, library)
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as error:
+        raise KernelsUnavailable(f'cannot load {library} ({error}): delete it to have it built '
+                                 'again, or use --cpu-conv nnabla') from None
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, None
@@ -139,7 +151,7 @@ def _im2col_or_col2im(name, image, col, kernel_hw, pad, stride, out_w, rows, cle
     `clear`), the adjoint."""
     channels, height, width = image.shape
     per_channel = col.size // channels
-    kernel = getattr(_kernels(), name)
+    kernel = getattr(kernels(), name)
 
     def run(lo, hi):
         if clear:
@@ -274,7 +286,7 @@ def _reflect_pad(image, pad):
     in the kept buffer 'padded'."""
     channels, height, width = image.shape
     out = _buffer('padded', (channels, height + 2 * pad[0], width + 2 * pad[1]))
-    _kernels().reflect_pad(_address(image), channels, height, width, *pad, _address(out))
+    kernels().reflect_pad(_address(image), channels, height, width, *pad, _address(out))
     return out
 
 
@@ -282,7 +294,7 @@ def _reflect_pad_adjoint(grad, pad, out, accumulate):
     """out (C, H, W) = (or +=) the gradient of _reflect_pad for `grad` (C, H+2ph, W+2pw):
     every border pixel folded onto the pixel it mirrors."""
     channels, height, width = out.shape
-    _kernels().reflect_pad_adjoint(_address(grad), channels, height, width, *pad,
+    kernels().reflect_pad_adjoint(_address(grad), channels, height, width, *pad,
                                    int(accumulate), _address(out))
 
 
@@ -305,7 +317,7 @@ class _BlasConvolution(PythonFunction):
 
     def __init__(self, pad, stride, transposed, output_padding=(0, 0), reflect_pad=(0, 0)):
         super().__init__()
-        _kernels()  # compiled now, before the graph runs, or refused with its reason
+        kernels()  # compiled now, before the graph runs, or refused with its reason
         self._pad = tuple(pad)
         self._stride = tuple(stride)
         self._transposed = transposed
@@ -458,7 +470,7 @@ class _InstanceNormalization(_ShapePreserving):
 
     def __init__(self, eps, slope):
         super().__init__()
-        _kernels()
+        kernels()
         self._eps, self._slope = eps, slope
         self._mean = self._inverse_std = None
 
@@ -473,7 +485,7 @@ class _InstanceNormalization(_ShapePreserving):
         self._mean, self._inverse_std = np.empty(rows, np.float32), np.empty(rows, np.float32)
 
         def normalise(lo, hi):
-            _kernels().instance_norm_forward(
+            kernels().instance_norm_forward(
                 _address(x, lo * size), hi - lo, size, self._eps, self._slope,
                 _address(z, lo * size), _address(self._mean, lo), _address(self._inverse_std, lo))
 
@@ -487,7 +499,7 @@ class _InstanceNormalization(_ShapePreserving):
         size = x.size // rows
 
         def gradient(lo, hi):
-            _kernels().instance_norm_backward(
+            kernels().instance_norm_backward(
                 _address(x, lo * size), _address(dz, lo * size), _address(self._mean, lo),
                 _address(self._inverse_std, lo), hi - lo, size, self._slope, int(accum[0]),
                 _address(dx, lo * size))

@@ -404,13 +404,19 @@ def set_context(args):
                           '(pip install -r requirements-cuda.txt)')
     nn.set_default_context(get_extension_context(args.context, device_id=args.device_id,
                                                  type_config=args.type_config))
-    return graph_engine(args.context, args.cpu_conv)
+    try:
+        return graph_engine(args.context, args.cpu_conv)
+    except cpu_functions.KernelsUnavailable as error:
+        raise ConfigError(error) from None
 
 
 def graph_engine(context, cpu_conv='blas'):
     """What to apply, once, to the outputs of graphs built for `context`: on the CPU with
-    --cpu-conv blas, cpu_functions.accelerate; else nothing (NNabla's own kernels, as built)."""
+    --cpu-conv blas, cpu_functions.accelerate; else nothing (NNabla's own kernels, as built).
+    Compiles cpu_functions' C loops first if need be: a missing compiler stops here, before any
+    work, with cpu_functions.KernelsUnavailable (an OSError)."""
     if context == 'cpu' and cpu_conv == 'blas':
+        cpu_functions.kernels()
         return cpu_functions.accelerate
     return lambda *outputs: None
 

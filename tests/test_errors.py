@@ -112,3 +112,25 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         'train.py: {}: dataset folder not found (datasets/generate_ccp_dataset.py makes one)'
         .format(tmp_path / 'none'))
+
+
+def test_missing_c_compiler_is_one_line_before_any_work(tmp_path):
+    """The CPU engine compiles cpu_kernels.c on first use; without a compiler train.py stops
+    before writing anything and names the way out, which then trains."""
+    build = os.path.join(ROOT, 'build')
+    before = set(os.listdir(build)) if os.path.isdir(build) else set()
+    env = dict(os.environ, CC=str(tmp_path / 'no-such-cc'))
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
+        '--max-epoch', '1', '--monitor-path', str(tmp_path / 'm'),
+        '--model-save-path', str(tmp_path / 'o'), '--context', 'cpu']
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith('train.py: cannot compile cpu_kernels.c into ')
+    assert line.endswith('install a C compiler (or name one in CC), or use --cpu-conv nnabla')
+    assert not (tmp_path / 'm').exists() and not (tmp_path / 'o').exists()
+    assert set(os.listdir(build)) == before  # no half-built library left behind
+    result = subprocess.run(command + ['--cpu-conv', 'nnabla'], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
