@@ -96,8 +96,9 @@ def build_parser():
     run.add_argument('--type-config', '-t', choices=['float', 'half', 'mixed_half'],
                      default='float')
     run.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas',
-                     help='on cpu, run convolutions and normalisations through numpy on all '
-                          'cores (blas) or through NNabla\'s one-thread kernels')
+                     help='on cpu, run convolutions and normalisations through BLAS and C loops '
+                          'on all cores (blas; needs a C compiler) or through NNabla\'s '
+                          'one-thread kernels')
     run.add_argument('--monitor-path', '-m', type=path, default='results/monitor',
                      help='loss curves, their plots and translated samples')
     run.add_argument('--model-save-path', '-o', type=path, default='results/models',

@@ -1,12 +1,13 @@
-"""Convolutions and normalisations through numpy on every core, for training on a CPU.
+"""Convolutions and normalisations on every core (numpy's BLAS and the C loops of
+cpu_kernels.c), for training on a CPU.
 
 Why: NNabla's CPU kernels run on one thread, its convolutions at about 15-25 GFLOP/s, which
 makes training InstaGAN on a CPU impractically slow; numpy's BLAS uses every core. When:
 train.set_context picks it for --context cpu with --cpu-conv blas (the default on a CPU), and
 `accelerate(outputs)` then swaps, in place, the F.convolution (with the reflection padding
-before it), F.deconvolution, F.spectral_norm and models.instance_norm of the graphs built by
-models.py for the PythonFunctions below. The graph stays an NNabla graph with the same
-parameters; GPU graphs never meet this module.
+before it), F.deconvolution, F.spectral_norm and models.instance_norm (with the ReLU or
+leaky ReLU after it) of the graphs built by models.py for the PythonFunctions below. The
+graph stays an NNabla graph with the same parameters; GPU graphs never meet this module.
 
 How: every pass of a (transposed) convolution is lowered to float32 GEMMs over an im2col
 matrix, built a few output rows at a time in a buffer of at most `_CHUNK_FLOATS` floats (a full
@@ -476,7 +477,7 @@ class _InstanceNormalization(_ShapePreserving):
 
     @property
     def name(self):
-        return "NumpyInstanceNormalization"
+        return "CpuInstanceNormalization"
 
     def forward_impl(self, inputs, outputs):
         x, z = inputs[0].data.data, outputs[0].data.data

@@ -394,7 +394,8 @@ def cuda_installed():
 def set_context(args):
     """Make the default context the one --context names (resolving its default). Returns what to
     apply, once, to the outputs of the graphs then built: on the CPU with --cpu-conv blas,
-    cpu_functions.accelerate, which moves their convolutions and normalisations onto numpy."""
+    cpu_functions.accelerate, which moves their convolutions and normalisations onto BLAS
+    and C loops."""
     if args.context is None:
         args.context = 'cudnn' if cuda_installed() else 'cpu'
         logger.info('context: {} (from what is installed; choose with --context)'.format(

@@ -241,7 +241,7 @@ def test_accelerate_folds_activations_into_instance_norm(activation):
     cpu_functions.accelerate(losses[1])
     kinds = []
     losses[1].visit(lambda function: kinds.append(function.info.type_name))
-    assert kinds.count('NumpyInstanceNormalization') == 1
+    assert kinds.count('CpuInstanceNormalization') == 1
     assert not {'ReLU', 'LeakyReLU', 'Div2'} & set(kinds)
     results = []
     for loss in losses:
@@ -319,7 +319,7 @@ def test_no_import_searches_while_running(monkeypatch):
 
 def test_import_names_are_registered_by_accelerate_only():
     """Importing models or train (a GPU run, --cpu-conv nnabla) leaves Python's import state as
-    it is; the work-around comes with the numpy functions."""
+    it is; the work-around comes with the CPU functions."""
     code = ("import sys, nnabla as nn, nnabla.functions as F, models, train, cpu_functions\n"
             "print('nnabla.nnabla' in sys.modules)\n"
             "cpu_functions.accelerate(F.convolution(nn.Variable((1, 1, 4, 4)), "
@@ -333,7 +333,7 @@ def test_import_names_are_registered_by_accelerate_only():
 @pytest.mark.parametrize("flags, convolution", [([], "BlasConvolution"),
                                                  (["--cpu-conv", "nnabla"], "Convolution")])
 def test_set_context_chooses_the_engine(flags, convolution):
-    """The one place that decides: the numpy functions on the CPU unless --cpu-conv nnabla
+    """The one place that decides: the CPU functions on the CPU unless --cpu-conv nnabla
     (or a GPU) asks for the graph as models.py builds it."""
     accelerate = train.set_context(get_args(["--context", "cpu"] + flags))
     y = F.convolution(nn.Variable((1, 1, 4, 4)), nn.Variable((1, 1, 3, 3)))

@@ -180,7 +180,7 @@ def test_cpu_functions_give_the_same_networks():
     blas_functions = function_counts(loss)
     # Every convolution, normalisation and reflection padding moved.
     assert [blas_functions[k] for k in ['BlasConvolution', 'BlasDeconvolution',
-                                        'NumpySpectralNorm', 'NumpyInstanceNormalization']] == \
+                                        'NumpySpectralNorm', 'CpuInstanceNormalization']] == \
         [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
     assert not {'Convolution', 'Deconvolution', 'SpectralNorm', 'Pad', 'Div2'} & set(blas_functions)
     for nnabla_value, blas_value in zip(nnabla_results, outputs_and_gradients()):
@@ -189,7 +189,7 @@ def test_cpu_functions_give_the_same_networks():
 
 
 def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
-    """The numpy instance norm's gradient needs only its input, so a forward that clears what
+    """The CPU instance norm's gradient needs only its input, so a forward that clears what
     no gradient needs frees the output of the residual blocks' second norm, which only an
     addition reads. nnabla keeps it when the graph is patched with rewire_on, or while a
     left-over function of the old graph still reads it."""
@@ -206,7 +206,7 @@ def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
         for variable in function.inputs:
             readers.setdefault(variable, []).append(function.info.type_name)
     normalised = [function.outputs[0] for function in functions
-                  if function.info.type_name == 'NumpyInstanceNormalization']
+                  if function.info.type_name == 'CpuInstanceNormalization']
     assert len(normalised) == 2 * (3 + 2 * BLOCKS) + 2  # both encoders, the image decoder
     added = [y for y in normalised if readers[y] == ['Add2']]
     assert len(added) == 2 * BLOCKS
@@ -214,7 +214,7 @@ def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
 
 
 def test_a_graph_is_accelerated_once():
-    """A second call would make nnabla set up its numpy functions again, which crashes it."""
+    """A second call would make nnabla set up its CPU functions again, which crashes it."""
     image, masks = random_inputs(1, 1)
     with nn.parameter_scope('generator'):
         image_out, _ = models.generator(nn.Variable.from_numpy_array(image),

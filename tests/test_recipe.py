@@ -137,7 +137,7 @@ def test_instance_norm_is_accurate_on_two_level_maps_at_the_paper_size(accelerat
     normalised = models.instance_norm(nn.Variable.from_numpy_array(maps))
     if accelerated:
         cpu_functions.accelerate(normalised)
-        assert normalised.parent.info.type_name == 'NumpyInstanceNormalization'
+        assert normalised.parent.info.type_name == 'CpuInstanceNormalization'
     normalised.forward()
     assert np.abs(normalised.d - exact).max() < tolerance
 
