@@ -45,9 +45,11 @@ _KERNELS_FOLDER = Path(__file__).with_name('build')
 # The reassociation flags let the compiler vectorise the sums; NaNs still propagate.
 _COMPILE = ['-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros',
             '-fassociative-math', '-std=c99', '-shared', '-fPIC']
+# im2col and col2im, adjoints, take the same arguments in the same order.
+_IM2COL_ARGUMENTS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p]
 _SIGNATURES = {
-    'im2col': [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p],
-    'col2im': [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p],
+    'im2col': _IM2COL_ARGUMENTS,
+    'col2im': _IM2COL_ARGUMENTS,
     'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
