@@ -301,6 +301,19 @@ def _reflect_pad_adjoint(grad, pad, out, accumulate):
                                    int(accumulate), _address(out))
 
 
+def _read(array):
+    """An nnabla NdArray's values as a float32 numpy array. nnabla holds an array in the dtype
+    it was last set in (float64 after `v.d = numpy float64 values`); asking for float32
+    converts it where reading `.data` would hand the float64 array to float32 code."""
+    return array.get_data('r', np.float32)
+
+
+def _writable(array, accumulate=False):
+    """An nnabla NdArray as a float32 numpy array to overwrite whole or, with `accumulate`, to
+    add to."""
+    return array.get_data('rw' if accumulate else 'w', np.float32)
+
+
 def _store(dst, value, accum):
     if accum:
         dst += value
@@ -371,17 +384,17 @@ class _BlasConvolution(PythonFunction):
             _conv_weight_grad(x, dy, out.shape[2:], self._pad, self._stride, out, accumulate)
 
     def forward_impl(self, inputs, outputs):
-        x, w = inputs[0].data.data, inputs[1].data.data
-        y = outputs[0].data.data
+        x, w = _read(inputs[0].data), _read(inputs[1].data)
+        y = _writable(outputs[0].data)
         for x_img, y_img in zip(x, y):
             self._image_forward(self._seen(x_img), w, y_img)
         if len(inputs) == 3:
-            y += inputs[2].data.data.reshape(-1, 1, 1)
+            y += _read(inputs[2].data).reshape(-1, 1, 1)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
-        dy = outputs[0].grad.data
+        dy = _read(outputs[0].grad)
         if propagate_down[0]:
-            w, dx = inputs[1].data.data, inputs[0].grad.data
+            w, dx = _read(inputs[1].data), _writable(inputs[0].grad, accum[0])
             (ph, pw), (channels, h, wd) = self._reflect_pad, dx.shape[1:]
             for dy_img, dx_img in zip(dy, dx):
                 if ph or pw:
@@ -391,12 +404,12 @@ class _BlasConvolution(PythonFunction):
                 else:
                     self._image_input_grad(dy_img, w, dx_img, accum[0])
         if propagate_down[1]:
-            x, dw = inputs[0].data.data, inputs[1].grad.data
+            x, dw = _read(inputs[0].data), _writable(inputs[1].grad, accum[1])
             for n, (x_img, dy_img) in enumerate(zip(x, dy)):
                 self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
         if len(inputs) == 3 and propagate_down[2]:
             per_channel = np.add.reduce(dy.reshape(dy.shape[0], dy.shape[1], -1), axis=2)
-            _store(inputs[2].grad.data, np.add.reduce(per_channel, axis=0), accum[2])
+            _store(_writable(inputs[2].grad, accum[2]), np.add.reduce(per_channel, axis=0), accum[2])
 
     def grad_depends_output_data(self, i, o):
         return False
@@ -482,7 +495,7 @@ class _InstanceNormalization(_ShapePreserving):
         return "CpuInstanceNormalization"
 
     def forward_impl(self, inputs, outputs):
-        x, z = inputs[0].data.data, outputs[0].data.data
+        x, z = _read(inputs[0].data), _writable(outputs[0].data)
         rows = x.shape[0] * x.shape[1]
         size = x.size // rows
         self._mean, self._inverse_std = np.empty(rows, np.float32), np.empty(rows, np.float32)
@@ -497,7 +510,8 @@ class _InstanceNormalization(_ShapePreserving):
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        x, dz, dx = inputs[0].data.data, outputs[0].grad.data, inputs[0].grad.data
+        x, dz = _read(inputs[0].data), _read(outputs[0].grad)
+        dx = _writable(inputs[0].grad, accum[0])
         rows = x.shape[0] * x.shape[1]
         size = x.size // rows
 
@@ -541,9 +555,9 @@ class _SpectralNorm(_ShapePreserving):
         return "NumpySpectralNorm"
 
     def forward_impl(self, inputs, outputs):
-        weight = inputs[0].data.data
+        weight = _read(inputs[0].data)
         matrix = weight.reshape(weight.shape[0], -1)
-        u = inputs[1].data.data
+        u = _writable(inputs[1].data, accumulate=True)  # read, then updated in place
         v = matrix.T @ u
         v /= np.sqrt(np.sum(v * v) + self._eps)
         u_new = matrix @ v
@@ -551,17 +565,17 @@ class _SpectralNorm(_ShapePreserving):
         u[...] = u_new
         self._u, self._v = u_new, v
         self._sigma = float(u_new @ (matrix @ v))
-        np.divide(weight, self._sigma, out=outputs[0].data.data)
+        np.divide(weight, self._sigma, out=_writable(outputs[0].data))
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        weight, dy = inputs[0].data.data, outputs[0].grad.data
+        weight, dy = _read(inputs[0].data), _read(outputs[0].grad)
         sigma = self._sigma
         grad = dy / sigma
         grad.reshape(weight.shape[0], -1)[...] -= (np.sum(dy * weight) / sigma ** 2) * \
             np.outer(self._u, self._v)
-        _store(inputs[0].grad.data, grad, accum[0])
+        _store(_writable(inputs[0].grad, accum[0]), grad, accum[0])
 
     def grad_depends_output_data(self, i, o):
         return False

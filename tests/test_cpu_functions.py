@@ -347,3 +347,36 @@ def test_reflect_pad_matches_numpy(shape, pad):
     image = np.random.RandomState(0).randn(*shape).astype(np.float32)
     expected = np.pad(image, ((0, 0), (pad[0],) * 2, (pad[1],) * 2), mode='reflect')
     np.testing.assert_array_equal(cpu_functions._reflect_pad(image, pad), expected)
+
+
+@pytest.mark.parametrize("make, shapes", [
+    (partial(F.convolution, pad=(1, 1)), [(2, 3, 6, 5), (4, 3, 3, 3), (4,)]),
+    (partial(F.deconvolution, pad=(1, 1), stride=(2, 2), output_padding=(1, 1)),
+     [(2, 3, 4, 5), (3, 4, 3, 3), (4,)]),
+    (models.instance_norm, [(2, 3, 6, 5)]),
+    (lambda x: F.leaky_relu(models.instance_norm(x), 0.2), [(2, 3, 6, 5)]),
+    (lambda w, u: F.spectral_norm(w, u), [(4, 3, 2, 2), (4,)]),
+])
+def test_arrays_held_in_float64_are_converted(make, shapes):
+    """nnabla keeps an array in the dtype it was last set in: data set from float64 numpy
+    arrays, gradients accumulated into float64 ones and a float64 output gradient must be read
+    and written as float32 values, as F.* does, not reinterpreted (which gave NaNs)."""
+    rng = np.random.RandomState(3)
+    values = [rng.randn(*shape) for shape in shapes]
+    start_grads = [rng.randn(*shape) for shape in shapes]
+    output_grad = None
+    results = []
+    for engine in ("nnabla", "blas"):
+        leaves = [nn.Variable(shape, need_grad=True) for shape in shapes]
+        for leaf, value, grad in zip(leaves, values, start_grads):
+            leaf.d, leaf.g = value, grad  # float64: nnabla holds them as float64
+        y = make(*leaves)
+        if engine == "blas":
+            cpu_functions.accelerate(y)
+        y.forward()
+        if output_grad is None:
+            output_grad = rng.randn(*y.shape)
+        y.backward(output_grad)
+        results.append([y.d.astype(np.float32)] + [leaf.g.astype(np.float32) for leaf in leaves])
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
