@@ -14,9 +14,10 @@ matrix, built a few output rows at a time in a buffer of at most `_CHUNK_FLOATS`
 one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 layers that shrink
 the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
 as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
-picks whichever form has the smaller matrix. The copies around the products (im2col, col2im,
-reflection padding, instance normalisation) are the C loops of cpu_kernels.c, which this module
-compiles with the system's C compiler the first time it is used.
+picks whichever form has the smaller matrix. A pass over an image is one call into
+cpu_kernels.c, which builds each chunk (im2col, or col2im after the product) and calls numpy's
+own cblas_sgemm on it; reflection padding and instance normalisation are C loops too. This
+module compiles cpu_kernels.c with the system's C compiler the first time it is used.
 """
 import ctypes
 import hashlib
@@ -45,11 +46,14 @@ _KERNELS_FOLDER = Path(__file__).with_name('build')
 # The reassociation flags let the compiler vectorise the sums; NaNs still propagate.
 _COMPILE = ['-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros',
             '-fassociative-math', '-std=c99', '-shared', '-fPIC']
-# im2col and col2im, adjoints, take the same arguments in the same order.
-_IM2COL_ARGUMENTS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p]
+# The three convolution passes share their arguments up to the im2col buffer.
+_CONV_PASS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p, ctypes.c_void_p,
+                                                         ctypes.c_long]
 _SIGNATURES = {
-    'im2col': _IM2COL_ARGUMENTS,
-    'col2im': _IM2COL_ARGUMENTS,
+    'use_sgemm': [ctypes.c_void_p, ctypes.c_int],
+    'conv_forward': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
+    'conv_weight_grad': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
+    'conv_input_grad': _CONV_PASS + [ctypes.c_void_p, ctypes.c_float],
     'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
@@ -100,6 +104,42 @@ def _compile(compiler, library):
                              'or use --cpu-conv nnabla')
 
 
+# cblas_sgemm's names, with the bytes of its integers: numpy's wheels bundle an OpenBLAS with
+# 64-bit integers and suffixed names; other builds (conda, distributions) mostly have 32-bit ones.
+_SGEMM_SYMBOLS = [('cblas_sgemm64_', 8), ('scipy_cblas_sgemm64_', 8), ('cblas_sgemm_64', 8),
+                  ('cblas_sgemm', 4)]
+
+
+def _blas_libraries():
+    """Paths of the libraries that may hold numpy's BLAS: those its wheel bundles first, then any
+    BLAS the process has loaded (numpy is imported, so its BLAS is)."""
+    numpy_folder = Path(np.__file__).parent
+    bundled = sorted(numpy_folder.parent.glob('numpy.libs/*blas*')) + \
+        sorted(numpy_folder.glob('.dylibs/*blas*'))
+    try:
+        with open('/proc/self/maps') as maps:
+            loaded = sorted({line.split()[-1] for line in maps if 'blas' in line or 'mkl' in line})
+    except OSError:
+        loaded = []
+    return bundled + loaded
+
+
+def numpy_sgemm():
+    """(address, integer bytes) of cblas_sgemm in numpy's BLAS, so that C calls the BLAS, and
+    with it the threads, that np.matmul uses."""
+    for path in _blas_libraries():
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for symbol, integer_bytes in _SGEMM_SYMBOLS:
+            if hasattr(library, symbol):
+                return ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value, integer_bytes
+    raise KernelsUnavailable("found no cblas_sgemm in numpy's BLAS (looked in "
+                             f"{', '.join(map(str, _blas_libraries())) or 'nothing loaded'}): "
+                             'use --cpu-conv nnabla')
+
+
 @lru_cache(maxsize=None)
 def kernels():
     """cpu_kernels.c as a loaded library, compiled into build/ unless it already is there for
@@ -119,6 +159,7 @@ def kernels():
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, None
+    lib.use_sgemm(*numpy_sgemm())
     return lib
 
 
@@ -148,23 +189,6 @@ def _conv_out_hw(in_hw, kernel_hw, pad, stride):
                  for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
 
 
-def _im2col_or_col2im(name, image, col, kernel_hw, pad, stride, out_w, rows, clear=False):
-    """im2col: col = the im2col matrix of `image` (C, H, W) for output rows `rows`, shaped
-    (C * kh * kw, len(rows) * out_w). col2im: add col back into image (zeroed first with
-    `clear`), the adjoint."""
-    channels, height, width = image.shape
-    per_channel = col.size // channels
-    kernel = getattr(kernels(), name)
-
-    def run(lo, hi):
-        if clear:
-            image[lo:hi] = 0
-        kernel(_address(image, lo * height * width), hi - lo, height, width, *kernel_hw, *pad,
-               *stride, out_w, rows.start, rows.stop - rows.start, _address(col, lo * per_channel))
-
-    _in_row_chunks(run, channels, col.size)
-
-
 # Buffers kept from call to call: a new one of a few MB would cost more in page faults than
 # the loop that fills it. Every use ends before the function that made it returns, and the
 # graph runs one function at a time.
@@ -179,62 +203,42 @@ def _buffer(name, shape):
     return _buffers[name][:size].reshape(shape)
 
 
-def _row_chunks(col_rows, out_h, out_w):
-    """Split output rows into chunks whose im2col matrix fits in _CHUNK_FLOATS.
-
-    Returns [slice of rows, ...] and a flat buffer big enough for any chunk.
-    """
-    step = max(1, _CHUNK_FLOATS // (col_rows * out_w))
-    step = -(-out_h // -(-out_h // step))  # the same number of chunks, evened out
-    chunks = [slice(r0, min(r0 + step, out_h)) for r0 in range(0, out_h, step)]
-    return chunks, _buffer('columns', (col_rows * min(step, out_h) * out_w,))
-
-
-def _chunk_matrices(channels, kernel_hw, out_hw):
-    """Yield (rows, col, columns): output rows `rows`, a (C * kh * kw, len(rows) * out_w)
-    matrix for their im2col matrix in a buffer reused by the next chunk, and the slice of
-    their columns in a (., out_h * out_w) matrix."""
+def _columns(channels, kernel_hw, out_hw):
+    """(rows, col): how many output rows a chunk of a pass takes so that their im2col matrix
+    fits in _CHUNK_FLOATS (evened out over the chunks), and a buffer for that matrix."""
     col_rows = channels * kernel_hw[0] * kernel_hw[1]
-    chunks, buf = _row_chunks(col_rows, *out_hw)
-    for rows in chunks:
-        columns = slice(rows.start * out_hw[1], rows.stop * out_hw[1])
-        yield rows, buf[:col_rows * (columns.stop - columns.start)].reshape(col_rows, -1), columns
+    out_h, out_w = out_hw
+    rows = max(1, _CHUNK_FLOATS // (col_rows * out_w))
+    rows = -(-out_h // -(-out_h // rows))  # the same number of chunks, evened out
+    return min(rows, out_h), _buffer('columns', (col_rows * min(rows, out_h) * out_w,))
+
+
+def _conv_pass(name, image, kernel_hw, pad, stride, out_hw, *rest):
+    """Run the C pass `name` over the C-contiguous float32 image (C, H, W) for output rows
+    out_hw; `rest`: its arrays and numbers after the im2col buffer."""
+    rows, col = _columns(image.shape[0], kernel_hw, out_hw)
+    getattr(kernels(), name)(
+        _address(image), *image.shape, *kernel_hw, *pad, *stride, *out_hw, rows, _address(col),
+        *[_address(value) if isinstance(value, np.ndarray) else value for value in rest])
 
 
 def _im2col_conv(x, w, pad, stride, out, accumulate=False):
     """out (Cout, H', W') = (or += with accumulate) conv(x, w): x (C, H, W) zero-padded."""
-    out_ch = w.shape[0]
-    out_hw = out.shape[1:]
-    y = _buffer('product', out.shape) if accumulate else out
-    y_mat, w_mat = y.reshape(out_ch, -1), w.reshape(out_ch, -1)
-    for rows, col, columns in _chunk_matrices(x.shape[0], w.shape[2:], out_hw):
-        _im2col_or_col2im('im2col', x, col, w.shape[2:], pad, stride, out_hw[1], rows)
-        np.matmul(w_mat, col, out=y_mat[:, columns])
-    if accumulate:
-        out += y
+    _conv_pass('conv_forward', x, w.shape[2:], pad, stride, out.shape[1:], w, w.shape[0],
+               float(accumulate), out)
 
 
 def _im2col_weight_grad(x, dy, kernel_hw, pad, stride, out, accumulate=False):
     """out (Cout, C * kh * kw) = (or += with accumulate) the gradient of conv(x, w) with
     respect to w, for dy."""
-    dy_mat = dy.reshape(dy.shape[0], -1)
-    for rows, col, columns in _chunk_matrices(x.shape[0], kernel_hw, dy.shape[1:]):
-        _im2col_or_col2im('im2col', x, col, kernel_hw, pad, stride, dy.shape[2], rows)
-        if accumulate:
-            out += np.matmul(dy_mat[:, columns], col.T, out=_buffer('product', out.shape))
-        else:
-            np.matmul(dy_mat[:, columns], col.T, out=out)
-            accumulate = True
+    _conv_pass('conv_weight_grad', x, kernel_hw, pad, stride, dy.shape[1:], dy, dy.shape[0],
+               float(accumulate), out)
 
 
 def _col2im_input_grad(dy, w, pad, stride, out, accumulate=False):
     """out (C, H, W) = (or += with accumulate) the gradient of conv(x, w) for dy."""
-    out_ch = w.shape[0]
-    dy_mat, w_mat_t = dy.reshape(out_ch, -1), w.reshape(out_ch, -1).T
-    for rows, dcol, columns in _chunk_matrices(out.shape[0], w.shape[2:], dy.shape[1:]):
-        np.matmul(w_mat_t, dy_mat[:, columns], out=dcol)
-        _im2col_or_col2im('col2im', out, dcol, w.shape[2:], pad, stride, dy.shape[2], rows,
-                          clear=not accumulate and rows.start == 0)
+    _conv_pass('conv_input_grad', out, w.shape[2:], pad, stride, dy.shape[1:], dy, w.shape[0],
+               w, float(accumulate))
 
 
 # A stride-1 conv with weight w and pad p equals the transposed conv with

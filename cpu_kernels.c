@@ -1,11 +1,11 @@
-/* The memory-bound loops of cpu_functions.py: im2col and col2im, reflection padding and
- * instance normalisation. numpy's BLAS does the products; these replace the dozens of numpy
- * slicing calls each of them took, whose per-call cost dominated the small training step.
+/* The loops of cpu_functions.py: the three passes of a convolution (im2col or col2im around
+ * numpy's own cblas_sgemm), reflection padding and instance normalisation. One call does a
+ * whole pass over an image, which replaces the dozens of Python and numpy calls each took,
+ * whose per-call cost dominated the small training step.
  *
- * Every function works on a range of channels (or rows) that the caller hands it, so that
- * Python threads can split one call between cores: ctypes releases the GIL while C runs.
- * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file
- * the first time it is needed and loads it with ctypes.
+ * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file the
+ * first time it is needed and loads it with ctypes, which releases the GIL while C runs: the
+ * instance normalisation's rows can be split between Python threads.
  */
 #include <math.h>
 #include <string.h>
@@ -24,7 +24,7 @@ static void inside(long offset, long stride, long width, long out_w, long *first
 
 /* The im2col matrix of output rows [row0, row0 + rows): row (c, i, j), column (r, q) holds
  * input pixel (row0 + r) * sh - ph + i, q * sw - pw + j of channel c, or 0 in the padding. */
-void im2col(const float *x, long channels, long height, long width, long kh, long kw,
+static void im2col(const float *x, long channels, long height, long width, long kh, long kw,
             long ph, long pw, long sh, long sw, long out_w, long row0, long rows, float *col)
 {
     long n = rows * out_w;
@@ -59,7 +59,7 @@ void im2col(const float *x, long channels, long height, long width, long kh, lon
 
 /* The adjoint of im2col: adds every entry of `col` to the pixel of x it was read from. The
  * same arguments in the same order as im2col. */
-void col2im(float *x, long channels, long height, long width, long kh, long kw,
+static void col2im(float *x, long channels, long height, long width, long kh, long kw,
             long ph, long pw, long sh, long sw, long out_w, long row0, long rows,
             const float *col)
 {
@@ -83,6 +83,85 @@ void col2im(float *x, long channels, long height, long width, long kh, long kw,
                             dst[q * sw] += src[q];
                 }
             }
+}
+
+/* numpy's BLAS, whose cblas_sgemm use_sgemm hands in: with 64-bit integers (the OpenBLAS
+ * that numpy's wheels bundle) or 32-bit ones (most other builds). */
+typedef void (*sgemm_64)(int, int, int, long, long, long, float, const float *, long,
+                         const float *, long, float, float *, long);
+typedef void (*sgemm_32)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+static void *sgemm;
+static int sgemm_integer_bytes;
+enum { ROW_MAJOR = 101, NO_TRANSPOSE = 111, TRANSPOSE = 112 };
+
+void use_sgemm(void *function, int integer_bytes)
+{
+    sgemm = function;
+    sgemm_integer_bytes = integer_bytes;
+}
+
+/* c (m, n; row stride ldc) = a b + beta c, a (m, k) and b (k, n) row-major, each transposed
+ * first with its flag. The sizes here stay far below 2^31 (a chunk of im2col holds at most
+ * _CHUNK_FLOATS floats). */
+static void gemm(int transpose_a, int transpose_b, long m, long n, long k, const float *a,
+                 long lda, const float *b, long ldb, float beta, float *c, long ldc)
+{
+    int ta = transpose_a ? TRANSPOSE : NO_TRANSPOSE, tb = transpose_b ? TRANSPOSE : NO_TRANSPOSE;
+    if (sgemm_integer_bytes == 8)
+        ((sgemm_64)sgemm)(ROW_MAJOR, ta, tb, m, n, k, 1, a, lda, b, ldb, beta, c, ldc);
+    else
+        ((sgemm_32)sgemm)(ROW_MAJOR, ta, tb, (int)m, (int)n, (int)k, 1, a, (int)lda, b, (int)ldb,
+                          beta, c, (int)ldc);
+}
+
+/* The three passes of y = conv(x, w) for one image x (C, H, W), w (Cout, C, kh, kw), y (Cout,
+ * out_h, out_w), over chunks of `chunk_rows` output rows whose im2col matrix (C kh kw,
+ * chunk_rows out_w) fits in `col`. The arguments from x to chunk_rows are the same for all
+ * three. */
+
+/* y = conv(x, w) + beta y. */
+void conv_forward(const float *x, long channels, long height, long width, long kh, long kw,
+                  long ph, long pw, long sh, long sw, long out_h, long out_w, long chunk_rows,
+                  float *col, const float *w, long out_channels, float beta, float *y)
+{
+    long k = channels * kh * kw;
+    for (long row0 = 0; row0 < out_h; row0 += chunk_rows) {
+        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
+        im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
+        gemm(0, 0, out_channels, n, k, w, k, col, n, beta, y + row0 * out_w, out_h * out_w);
+    }
+}
+
+/* dw (Cout, C kh kw) = the gradient of conv(x, w) with respect to w, for dy, + beta dw. */
+void conv_weight_grad(const float *x, long channels, long height, long width, long kh, long kw,
+                      long ph, long pw, long sh, long sw, long out_h, long out_w,
+                      long chunk_rows, float *col, const float *dy, long out_channels,
+                      float beta, float *dw)
+{
+    long k = channels * kh * kw;
+    for (long row0 = 0; row0 < out_h; row0 += chunk_rows, beta = 1) {
+        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
+        im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
+        gemm(0, 1, out_channels, k, n, dy + row0 * out_w, out_h * out_w, col, n, beta, dw, k);
+    }
+}
+
+/* dx (C, H, W) = the gradient of conv(x, w) with respect to x, for dy, + beta dx (beta 0 or
+ * 1). */
+void conv_input_grad(float *dx, long channels, long height, long width, long kh, long kw,
+                     long ph, long pw, long sh, long sw, long out_h, long out_w,
+                     long chunk_rows, float *col, const float *dy, long out_channels,
+                     const float *w, float beta)
+{
+    long k = channels * kh * kw;
+    if (beta == 0)
+        memset(dx, 0, channels * height * width * sizeof(float));
+    for (long row0 = 0; row0 < out_h; row0 += chunk_rows) {
+        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
+        gemm(1, 0, k, n, out_channels, w, k, dy + row0 * out_w, out_h * out_w, 0, col, n);
+        col2im(dx, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
+    }
 }
 
 /* Index k of a reflection-padded axis of n pixels, padded by p, in the unpadded axis. */

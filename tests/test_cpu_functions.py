@@ -1,11 +1,14 @@
 """cpu_functions must match F.convolution, F.deconvolution, F.instance_normalization and
 F.spectral_norm: output and all gradients."""
+import ctypes
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy
 
 import nnabla as nn
 import nnabla.functions as F
@@ -89,12 +92,23 @@ def test_matches_nnabla(config, batch):
     _assert_close(*_nnabla_and_blas(*config, batch=batch, use_bias=True, two_branches=False))
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_matches_nnabla_split_between_threads(config, monkeypatch):
-    """Big arrays are split by channel (im2col, col2im) or row (instance norm) between
-    threads; every array split must give the same results."""
-    monkeypatch.setattr(cpu_functions, "_SPLIT_ELEMENTS", 0)
-    _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
+@pytest.mark.parametrize("config", [CONV_CONFIGS[0], CONV_CONFIGS[1], DECONV_CONFIGS[0]])
+def test_matches_nnabla_with_32_bit_blas_integers(config):
+    """Most BLAS builds other than numpy's wheels take 32-bit integers; the C passes call such
+    a cblas_sgemm through its own signature (here scipy's bundled one)."""
+    library = next(Path(scipy.__file__).parent.parent.glob("scipy.libs/libscipy_openblas*.so"))
+    sgemm = ctypes.cast(ctypes.CDLL(str(library)).scipy_cblas_sgemm, ctypes.c_void_p).value
+    cpu_functions.kernels().use_sgemm(sgemm, 4)
+    try:
+        _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
+    finally:
+        cpu_functions.kernels().use_sgemm(*cpu_functions.numpy_sgemm())
+
+
+def test_no_blas_found_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_functions, "_blas_libraries", lambda: [])
+    with pytest.raises(cpu_functions.KernelsUnavailable, match="no cblas_sgemm .* --cpu-conv nnabla"):
+        cpu_functions.numpy_sgemm()
 
 
 @pytest.mark.parametrize("reflect, config", [
@@ -197,7 +211,11 @@ def test_rejects_unsupported_arguments(call):
 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 16, 9, 6), (3, 1, 4, 4)])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_instance_normalization_matches_nnabla(shape, accumulate):
+@pytest.mark.parametrize("split", [False, True])
+def test_instance_normalization_matches_nnabla(shape, accumulate, split, monkeypatch):
+    """With `split`, the rows are shared out between threads, as for big arrays."""
+    if split:
+        monkeypatch.setattr(cpu_functions, "_SPLIT_ELEMENTS", 0)
     x = np.random.RandomState(0).randn(*shape).astype(np.float32) * 3 + 1
 
     def reference(x, w, b):
