@@ -34,6 +34,7 @@ from pathlib import Path
 import nnabla.function as nnabla_function
 import nnabla.functions as F
 import numpy as np
+from nnabla.ext_utils import get_extension_context
 from nnabla.function import PythonFunction
 
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
@@ -312,6 +313,15 @@ def _read(array):
     return array.get_data('r', np.float32)
 
 
+_CPU = get_extension_context('cpu')
+
+
+def _pointer(array, overwrite=False):
+    """The address of an nnabla NdArray's values as float32, converted like _read's; with
+    `overwrite`, for a caller that writes them all (nothing is converted)."""
+    return array.data_ptr(np.float32, _CPU, overwrite)
+
+
 def _writable(array, accumulate=False):
     """An nnabla NdArray as a float32 numpy array to overwrite whole or, with `accumulate`, to
     add to."""
@@ -492,40 +502,43 @@ class _InstanceNormalization(_ShapePreserving):
         super().__init__()
         kernels()
         self._eps, self._slope = eps, slope
-        self._mean = self._inverse_std = None
 
     @property
     def name(self):
         return "CpuInstanceNormalization"
 
+    def setup_impl(self, inputs, outputs):
+        super().setup_impl(inputs, outputs)
+        shape = inputs[0].shape
+        self._rows, self._size = shape[0] * shape[1], math.prod(shape[2:])
+        # Each row's mean and inverse standard deviation, from the forward for the backward.
+        self._mean, self._inverse_std = np.empty((2, self._rows), np.float32)
+
+    # Addresses rather than numpy arrays: this function runs after every convolution, on maps
+    # small enough at the small sizes that the numpy views cost more than the loops.
     def forward_impl(self, inputs, outputs):
-        x, z = _read(inputs[0].data), _writable(outputs[0].data)
-        rows = x.shape[0] * x.shape[1]
-        size = x.size // rows
-        self._mean, self._inverse_std = np.empty(rows, np.float32), np.empty(rows, np.float32)
+        x, z, size = _pointer(inputs[0].data), _pointer(outputs[0].data, overwrite=True), self._size
 
         def normalise(lo, hi):
             kernels().instance_norm_forward(
-                _address(x, lo * size), hi - lo, size, self._eps, self._slope,
-                _address(z, lo * size), _address(self._mean, lo), _address(self._inverse_std, lo))
+                x + 4 * lo * size, hi - lo, size, self._eps, self._slope, z + 4 * lo * size,
+                _address(self._mean, lo), _address(self._inverse_std, lo))
 
-        _in_row_chunks(normalise, rows, x.size)
+        _in_row_chunks(normalise, self._rows, self._rows * size)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        x, dz = _read(inputs[0].data), _read(outputs[0].grad)
-        dx = _writable(inputs[0].grad, accum[0])
-        rows = x.shape[0] * x.shape[1]
-        size = x.size // rows
+        x, dz, size = _pointer(inputs[0].data), _pointer(outputs[0].grad), self._size
+        dx = _pointer(inputs[0].grad, overwrite=not accum[0])
 
         def gradient(lo, hi):
             kernels().instance_norm_backward(
-                _address(x, lo * size), _address(dz, lo * size), _address(self._mean, lo),
+                x + 4 * lo * size, dz + 4 * lo * size, _address(self._mean, lo),
                 _address(self._inverse_std, lo), hi - lo, size, self._slope, int(accum[0]),
-                _address(dx, lo * size))
+                dx + 4 * lo * size)
 
-        _in_row_chunks(gradient, rows, x.size)
+        _in_row_chunks(gradient, self._rows, self._rows * size)
 
     def grad_depends_output_data(self, i, o):
         return False
