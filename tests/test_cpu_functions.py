@@ -112,14 +112,19 @@ def test_no_blas_found_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("reflect, config", [
-    (3, (3, 8, 7, 0, 1, None, (15, 13))),   # generator stem and heads: 7x7 on a 3-pixel border
-    (3, (12, 3, 7, 0, 1, None, (10, 9))),   # (dual form)
-    (1, (9, 9, 3, 0, 1, None, (11, 9))),    # residual blocks
-    (2, (4, 6, 3, 1, 2, None, (7, 8))),     # reflection and zero padding together
+    ((3, 3), (3, 8, 7, 0, 1, None, (15, 13))),   # generator stem and heads: 7x7 on a 3-pixel border
+    ((3, 3), (12, 3, 7, 0, 1, None, (10, 9))),   # (dual form)
+    ((1, 1), (9, 9, 3, 0, 1, None, (11, 9))),    # residual blocks
+    ((2, 1), (5, 6, 3, 0, 2, None, (9, 8))),     # strided, different pads
+    ((2, 2), (4, 6, 3, 1, 2, None, (7, 8))),     # reflection and zero padding together
 ])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_reflect_pad_matches_f_pad(reflect, config, accumulate):
-    """convolution(reflect_pad=p) is F.convolution of F.pad(mode='reflect'), gradients too."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_reflect_pad_matches_f_pad(reflect, config, accumulate, chunked, monkeypatch):
+    """convolution(reflect_pad=p) is F.convolution of F.pad(mode='reflect'), gradients too,
+    also when the output rows come in chunks of one."""
+    if chunked:
+        monkeypatch.setattr(cpu_functions, "_CHUNK_FLOATS", 1)
     in_ch, out_ch, k, pad, stride, _, hw = config
     rng = np.random.RandomState(0)
     x = rng.randn(2, in_ch, *hw).astype(np.float32)
@@ -128,9 +133,10 @@ def test_reflect_pad_matches_f_pad(reflect, config, accumulate):
     kwargs = dict(pad=(pad, pad), stride=(stride, stride))
 
     def reference(x, w, b):
-        return F.convolution(F.pad(x, (reflect,) * 4, mode='reflect'), w, b, **kwargs)
+        return F.convolution(F.pad(x, (reflect[0],) * 2 + (reflect[1],) * 2, mode='reflect'), w,
+                             b, **kwargs)
 
-    ours = partial(cpu_functions.convolution, reflect_pad=(reflect, reflect), **kwargs)
+    ours = partial(cpu_functions.convolution, reflect_pad=reflect, **kwargs)
     _assert_close(_outputs_and_grads(reference, x, w, b, accumulate),
                   _outputs_and_grads(ours, x, w, b, accumulate))
 
