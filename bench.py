@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ import nnabla as nn
 import models
 import train
 from args import get_args, non_negative_int, positive_int
-from data import list_images, mask_paths
+from data import DataError, list_images, mask_paths
 
 CONFIGS = {
     'paper': ['--loadSizeH', '330', '--loadSizeW', '220', '--fineSizeH', '300',
@@ -150,7 +151,10 @@ def main():
     args = get_args(['--dataroot', 'datasets/ccp_sample', '--monitor-path', 'results/bench',
                      '--model-save-path', 'results/bench'] + CONFIGS[options.config] + train_flags)
     bench = {'train': bench_train, 'data': bench_data, 'translate': bench_translate}
-    result = bench[options.what](args, options.warmup, options.iters)
+    try:
+        result = bench[options.what](args, options.warmup, options.iters)
+    except (train.ConfigError, DataError, OSError) as error:
+        sys.exit(f'bench.py: {error}')
     result.update(config=options.config, what=options.what, batch_size=args.batch_size,
                   context=args.context, cpu_conv=args.cpu_conv)
     for key, value in result.items():
@@ -160,4 +164,8 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # nothing to keep: a benchmark stopped early only prints
+        print('bench.py: interrupted', file=sys.stderr)
+        sys.exit(130)

@@ -409,4 +409,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every tile and index.html is written whole or not at all
+        print('evaluate.py: interrupted', file=sys.stderr)
+        sys.exit(130)

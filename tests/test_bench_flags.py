@@ -1,5 +1,8 @@
-"""bench.py refuses bad values of its own flags at parse time, before any benchmark runs."""
+"""bench.py refuses bad values of its own flags at parse time, before any benchmark runs, and
+ends every other failure, Ctrl-C included, with one line."""
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +39,35 @@ def test_every_bad_flag_value_is_a_usage_error(tmp_path, flag, value):
     assert 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f'bench.py: error: argument {flag}')
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_dataset_and_missing_compiler_are_one_line(tmp_path):
+    command = [sys.executable, str(BENCH), '--iters', '1', '--monitor-path', tmp_path / 'm',
+               '--model-save-path', tmp_path / 'o']
+    result = subprocess.run(command + ['--dataroot', tmp_path / 'none'], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'bench.py: {tmp_path / "none"}: dataset folder not found '
+        '(datasets/generate_ccp_dataset.py makes one)')
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, CC=str(tmp_path / 'no-such-cc')))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'bench.py: cannot compile cpu_kernels.c')
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH), '--warmup', '0', '--iters', '1000', '--monitor-path',
+         tmp_path / 'm', '--model-save-path', tmp_path / 'o'], cwd=BENCH.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith('iteration 0')  # in the timed loop
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert 'Traceback' not in stderr
+    assert stderr.strip().splitlines()[-1] == 'bench.py: interrupted'

@@ -326,3 +326,20 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
         "argument --dataroot: {}: folder not found".format(tmp_path / 'nowhere'))
     code, _, stderr = run_evaluate(*base, '--phase', '../train')
     assert code == 2 and "'../train' is not a phase name" in stderr
+
+
+def test_ctrl_c_is_one_line(trained, tmp_path):
+    """A KeyboardInterrupt in the middle of the work (here from the translation engine's set-up)
+    ends with one line and the shell's code for SIGINT."""
+    script = ('import runpy, sys, train\n'
+              'def interrupted(*args):\n'
+              '    raise KeyboardInterrupt\n'
+              'train.graph_engine = interrupted\n'
+              f'sys.argv = ["evaluate.py", "--model-save-path", {str(trained)!r}, '
+              f'"--dataroot", {SAMPLE!r}, "--phase", "train", "--out", {str(tmp_path)!r}]\n'
+              'runpy.run_path("evaluate.py", run_name="__main__")\n')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 130
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted'
