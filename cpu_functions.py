@@ -423,7 +423,8 @@ class _BlasConvolution(PythonFunction):
                 self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
         if len(inputs) == 3 and propagate_down[2]:
             per_channel = np.add.reduce(dy.reshape(dy.shape[0], dy.shape[1], -1), axis=2)
-            _store(_writable(inputs[2].grad, accum[2]), np.add.reduce(per_channel, axis=0), accum[2])
+            _store(_writable(inputs[2].grad, accum[2]), np.add.reduce(per_channel, axis=0),
+                   accum[2])
 
     def grad_depends_output_data(self, i, o):
         return False
@@ -434,7 +435,8 @@ class _BlasConvolution(PythonFunction):
 
 
 def _pair(name, value, minimum):
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or any(not isinstance(v, (int, np.integer)) or v < minimum for v in value):
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
+            any(not isinstance(v, (int, np.integer)) or v < minimum for v in value):
         raise ValueError(f"{name} must be two integers >= {minimum}, got {value!r}")
     return tuple(value)
 
@@ -474,8 +476,10 @@ def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_paddin
     output_padding = _pair("output_padding", output_padding, 0)
     if any(op >= s for op, s in zip(output_padding, stride)):
         raise ValueError(f"output_padding {output_padding} must be smaller than stride {stride}")
-    if min(s * (n - 1) - 2 * p + k for n, k, p, s in zip(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
-        raise ValueError(f"pad {pad} is too large for input {x.shape} and kernel {weight.shape[2:]}")
+    if min(s * (n - 1) - 2 * p + k
+           for n, k, p, s in zip(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
+        raise ValueError(f"pad {pad} is too large for input {x.shape} and kernel "
+                         f"{weight.shape[2:]}")
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return _BlasConvolution(pad, stride, transposed=True, output_padding=output_padding)(*inputs)
 

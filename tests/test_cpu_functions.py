@@ -107,7 +107,8 @@ def test_matches_nnabla_with_32_bit_blas_integers(config):
 
 def test_no_blas_found_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_functions, "_blas_libraries", lambda: [])
-    with pytest.raises(cpu_functions.KernelsUnavailable, match="no cblas_sgemm .* --cpu-conv nnabla"):
+    with pytest.raises(cpu_functions.KernelsUnavailable,
+                       match="no cblas_sgemm .* --cpu-conv nnabla"):
         cpu_functions.numpy_sgemm()
 
 
