@@ -63,6 +63,9 @@ _SIGNATURES = {
     'instance_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
                                                        ctypes.c_float, ctypes.c_int,
                                                        ctypes.c_void_p],
+    'spectral_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
+                                                       ctypes.c_float, ctypes.c_int,
+                                                       ctypes.c_void_p],
 }
 
 
@@ -568,12 +571,13 @@ class _SpectralNorm(_ShapePreserving):
 
     def __init__(self, eps):
         super().__init__()
+        kernels()
         self._eps = eps
         self._sigma = self._u = self._v = None
 
     @property
     def name(self):
-        return "NumpySpectralNorm"
+        return "CpuSpectralNorm"
 
     def forward_impl(self, inputs, outputs):
         weight = _read(inputs[0].data)
@@ -581,22 +585,21 @@ class _SpectralNorm(_ShapePreserving):
         u = _writable(inputs[1].data, accumulate=True)  # read, then updated in place
         v = matrix.T @ u
         v /= np.sqrt(np.sum(v * v) + self._eps)
-        u_new = matrix @ v
-        u_new /= np.sqrt(np.sum(u_new * u_new) + self._eps)
+        product = matrix @ v
+        u_new = product / np.sqrt(np.sum(product * product) + self._eps)
         u[...] = u_new
         self._u, self._v = u_new, v
-        self._sigma = float(u_new @ (matrix @ v))
+        self._sigma = float(u_new @ product)
         np.divide(weight, self._sigma, out=_writable(outputs[0].data))
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        weight, dy = _read(inputs[0].data), _read(outputs[0].grad)
-        sigma = self._sigma
-        grad = dy / sigma
-        grad.reshape(weight.shape[0], -1)[...] -= (np.sum(dy * weight) / sigma ** 2) * \
-            np.outer(self._u, self._v)
-        _store(_writable(inputs[0].grad, accum[0]), grad, accum[0])
+        rows, columns = self._u.size, self._v.size
+        kernels().spectral_norm_backward(
+            _pointer(inputs[0].data), _pointer(outputs[0].grad), _address(self._u),
+            _address(self._v), rows, columns, self._sigma, int(accum[0]),
+            _pointer(inputs[0].grad, overwrite=not accum[0]))
 
     def grad_depends_output_data(self, i, o):
         return False

@@ -264,3 +264,22 @@ void instance_norm_backward(const float *x, const float *dz, const float *mean,
         }
     }
 }
+
+/* The gradient of y = w / sigma with the power iteration's u and v held constant: dw = dy /
+ * sigma - (sum(dy w) / sigma^2) u v^T, for w and dy (rows, cols); written to dw, or added with
+ * accumulate. Two passes over the data, no temporaries. */
+void spectral_norm_backward(const float *weight, const float *dy, const float *u, const float *v,
+                            long rows, long cols, float sigma, int accumulate, float *dw)
+{
+    double dot = 0;
+    for (long k = 0; k < rows * cols; ++k)
+        dot += (double)dy[k] * weight[k];
+    float coefficient = (float)(dot / ((double)sigma * sigma));
+    for (long r = 0; r < rows; ++r, dy += cols, dw += cols) {
+        float scaled_u = coefficient * u[r];
+        for (long c = 0; c < cols; ++c) {
+            float grad = dy[c] / sigma - scaled_u * v[c];
+            dw[c] = accumulate ? dw[c] + grad : grad;
+        }
+    }
+}

@@ -302,19 +302,27 @@ def test_instance_normalization_is_accurate_for_offset_inputs(mean, std):
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 4, 4), (1, 16, 4, 4), (8, 2, 3, 3)])
-def test_spectral_norm_matches_nnabla(shape):
-    """Same normalised weight, same update of u, same gradient of the weight."""
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_spectral_norm_matches_nnabla(shape, accumulate):
+    """Same normalised weight, same update of u, same gradient of the weight; with `accumulate`
+    the weight feeds a second normalisation (its own u), whose gradient adds to the first."""
     rng = np.random.RandomState(0)
     weight, u_start = rng.randn(*shape).astype(np.float32), rng.randn(shape[0]).astype(np.float32)
-    dy = rng.randn(*shape).astype(np.float32)
+    dy, dy_second = rng.randn(2, *shape).astype(np.float32)
     results = []
     for normalise in [F.spectral_norm, cpu_functions.spectral_norm]:
         w = nn.Variable.from_numpy_array(weight, need_grad=True)
         u = nn.Variable.from_numpy_array(u_start.copy())
-        y = normalise(w * 1.0, u)
+        x = w * 1.0
+        y = normalise(x, u)
+        y.persistent = True
+        loss = F.sum(y * nn.Variable.from_numpy_array(dy))
+        if accumulate:
+            second = normalise(x, nn.Variable.from_numpy_array(u_start[::-1].copy()))
+            loss += F.sum(second * nn.Variable.from_numpy_array(dy_second))
         w.grad.zero()
-        y.forward()
-        y.backward(dy)
+        loss.forward()
+        loss.backward()
         results.append((y.d.copy(), u.d.copy(), w.g.copy()))
     for expected, actual in zip(*results):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)

@@ -180,7 +180,7 @@ def test_cpu_functions_give_the_same_networks():
     blas_functions = function_counts(loss)
     # Every convolution, normalisation and reflection padding moved.
     assert [blas_functions[k] for k in ['BlasConvolution', 'BlasDeconvolution',
-                                        'NumpySpectralNorm', 'CpuInstanceNormalization']] == \
+                                        'CpuSpectralNorm', 'CpuInstanceNormalization']] == \
         [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
     assert not {'Convolution', 'Deconvolution', 'SpectralNorm', 'Pad', 'Div2'} & set(blas_functions)
     for nnabla_value, blas_value in zip(nnabla_results, outputs_and_gradients()):
