@@ -1,7 +1,7 @@
 /* The loops of cpu_functions.py: the three passes of a convolution (im2col or col2im around
- * numpy's own cblas_sgemm), reflection padding and instance normalisation. One call does a
- * whole pass over an image, which replaces the dozens of Python and numpy calls each took,
- * whose per-call cost dominated the small training step.
+ * numpy's own cblas_sgemm), reflection padding, instance normalisation and the spectral norm's
+ * gradient. One call does a whole pass over an image, which replaces the dozens of Python and
+ * numpy calls each took, whose per-call cost dominated the small training step.
  *
  * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file the
  * first time it is needed and loads it with ctypes, which releases the GIL while C runs: the
@@ -25,7 +25,8 @@ static void inside(long offset, long stride, long width, long out_w, long *first
 /* The im2col matrix of output rows [row0, row0 + rows): row (c, i, j), column (r, q) holds
  * input pixel (row0 + r) * sh - ph + i, q * sw - pw + j of channel c, or 0 in the padding. */
 static void im2col(const float *x, long channels, long height, long width, long kh, long kw,
-            long ph, long pw, long sh, long sw, long out_w, long row0, long rows, float *col)
+                   long ph, long pw, long sh, long sw, long out_w, long row0, long rows,
+                   float *col)
 {
     long n = rows * out_w;
     for (long c = 0; c < channels; ++c)
@@ -60,8 +61,8 @@ static void im2col(const float *x, long channels, long height, long width, long 
 /* The adjoint of im2col: adds every entry of `col` to the pixel of x it was read from. The
  * same arguments in the same order as im2col. */
 static void col2im(float *x, long channels, long height, long width, long kh, long kw,
-            long ph, long pw, long sh, long sw, long out_w, long row0, long rows,
-            const float *col)
+                   long ph, long pw, long sh, long sw, long out_w, long row0, long rows,
+                   const float *col)
 {
     long n = rows * out_w;
     for (long c = 0; c < channels; ++c)
