@@ -55,6 +55,8 @@ _SIGNATURES = {
     'conv_forward': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
     'conv_weight_grad': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
     'conv_input_grad': _CONV_PASS + [ctypes.c_void_p, ctypes.c_float],
+    'add_bias': [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p],
+    'bias_grad': [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_void_p],
     'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
@@ -406,7 +408,7 @@ class _BlasConvolution(PythonFunction):
         for x_img, y_img in zip(x, y):
             self._image_forward(self._seen(x_img), w, y_img)
         if len(inputs) == 3:
-            y += _read(inputs[2].data).reshape(-1, 1, 1)
+            kernels().add_bias(_address(y), *y.shape[:2], y[0, 0].size, _pointer(inputs[2].data))
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         dy = _read(outputs[0].grad)
@@ -425,9 +427,8 @@ class _BlasConvolution(PythonFunction):
             for n, (x_img, dy_img) in enumerate(zip(x, dy)):
                 self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
         if len(inputs) == 3 and propagate_down[2]:
-            per_channel = np.add.reduce(dy.reshape(dy.shape[0], dy.shape[1], -1), axis=2)
-            _store(_writable(inputs[2].grad, accum[2]), np.add.reduce(per_channel, axis=0),
-                   accum[2])
+            kernels().bias_grad(_address(dy), *dy.shape[:2], dy[0, 0].size, int(accum[2]),
+                                _pointer(inputs[2].grad, overwrite=not accum[2]))
 
     def grad_depends_output_data(self, i, o):
         return False

@@ -1,6 +1,6 @@
 /* The loops of cpu_functions.py: the three passes of a convolution (im2col or col2im around
- * numpy's own cblas_sgemm), reflection padding, instance normalisation and the spectral norm's
- * gradient. One call does a whole pass over an image, which replaces the dozens of Python and
+ * numpy's own cblas_sgemm) and its bias, reflection padding, instance normalisation and the
+ * spectral norm's gradient. One call does a whole pass over an image, which replaces the dozens of Python and
  * numpy calls each took, whose per-call cost dominated the small training step.
  *
  * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file the
@@ -162,6 +162,30 @@ void conv_input_grad(float *dx, long channels, long height, long width, long kh,
         long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
         gemm(1, 0, k, n, out_channels, w, k, dy + row0 * out_w, out_h * out_w, 0, col, n);
         col2im(dx, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
+    }
+}
+
+/* y (batch, channels, size) += bias (channels), each channel its own value. */
+void add_bias(float *y, long batch, long channels, long size, const float *bias)
+{
+    for (long n = 0; n < batch; ++n)
+        for (long c = 0; c < channels; ++c, y += size)
+            for (long k = 0; k < size; ++k)
+                y[k] += bias[c];
+}
+
+/* The bias's gradient: db (channels) = the sum of dy (batch, channels, size) over batch and
+ * size; written to db, or added with accumulate. */
+void bias_grad(const float *dy, long batch, long channels, long size, int accumulate, float *db)
+{
+    for (long c = 0; c < channels; ++c) {
+        double sum = 0;
+        for (long n = 0; n < batch; ++n) {
+            const float *row = dy + (n * channels + c) * size;
+            for (long k = 0; k < size; ++k)
+                sum += row[k];
+        }
+        db[c] = accumulate ? db[c] + (float)sum : (float)sum;
     }
 }
 
