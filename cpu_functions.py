@@ -16,8 +16,9 @@ the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much
 as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
 picks whichever form has the smaller matrix. A pass over an image is one call into
 cpu_kernels.c, which builds each chunk (im2col, or col2im after the product) and calls numpy's
-own cblas_sgemm on it; reflection padding and instance normalisation are C loops too. This
-module compiles cpu_kernels.c with the system's C compiler the first time it is used.
+own cblas_sgemm on it; the bias and its gradient, reflection padding, instance normalisation
+and the spectral norm's weight gradient are C loops too. This module compiles cpu_kernels.c
+with the system's C compiler the first time it is used.
 """
 import ctypes
 import hashlib
