@@ -7,21 +7,26 @@
 iterators) and compares the median with a floor: the convolution FLOPs of one iteration
 (forward, input gradient and weight gradient) at the matmul rate numpy reaches here.
 """
-import argparse
-import json
-import os
-import resource
-import sys
-import time
-from types import SimpleNamespace
+from args import exit_at_once_on_stop_signals
 
-import numpy as np
-import nnabla as nn
+if __name__ == '__main__':  # a benchmark has nothing to save; the imports below take a while
+    exit_at_once_on_stop_signals()
 
-import models
-import train
-from args import get_args, non_negative_int, positive_int
-from data import DataError, list_images, mask_paths
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import nnabla as nn  # noqa: E402
+
+import models  # noqa: E402
+import train  # noqa: E402
+from args import get_args, non_negative_int, positive_int  # noqa: E402
+from data import DataError, list_images, mask_paths  # noqa: E402
 
 CONFIGS = {
     'paper': ['--loadSizeH', '330', '--loadSizeW', '220', '--fineSizeH', '300',
@@ -164,8 +169,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:  # nothing to keep: a benchmark stopped early only prints
-        print('bench.py: interrupted', file=sys.stderr)
-        sys.exit(130)
+    main()

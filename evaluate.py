@@ -39,27 +39,35 @@ is reported once. Output: a table (or with --json one JSON line) on stdout, and
 OUT/index.html with a tile per photo (input | masks | translation | translated masks), sorted
 by the classifier's probability of the target domain, best first.
 """
-import argparse
-import html
-import json
-import math
-import os
-import re
-import sys
-from types import SimpleNamespace
+import signal
 
-import numpy as np
-import nnabla as nn
-from nnabla.ext_utils import get_extension_context
-from PIL import Image
-from scipy.optimize import minimize
-from scipy.special import expit
-from tqdm import tqdm
+from args import STOP_SIGNALS, exit_at_once_on_stop_signals
 
-from data import DataError, list_images, load_image, load_mask, load_resized, mask_areas, mask_paths
-from train import (cuda_installed, graph_engine, image_panel, make_writable_folder,
+if __name__ == '__main__':  # until the results are written, a stop has nothing to save
+    exit_at_once_on_stop_signals()
+
+import argparse  # noqa: E402
+import html  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import nnabla as nn  # noqa: E402
+from nnabla.ext_utils import get_extension_context  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+from scipy.special import expit  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data import (DataError, list_images, load_image, load_mask, load_resized,  # noqa: E402
+                  mask_areas, mask_paths)
+from train import (cuda_installed, graph_engine, image_panel, make_writable_folder,  # noqa: E402
                    mask_panel, save_tile, write_text)
-from translate import SAVED_FLAGS, Translator, load_config
+from translate import SAVED_FLAGS, Translator, load_config  # noqa: E402
 
 FEATURE_SIZE = (32, 22)  # (H, W) of the masks the classifiers see: CCP photos are about 3:2
 L2 = 1e-2  # the best of 1e-5 ... 1 in 5-fold cross-validation on the CCP train masks
@@ -401,6 +409,11 @@ def main(argv=None):
         report[direction], results[direction] = evaluate_direction(
             phase[source], generators[direction], generators[reverse], classifier, target,
             train_features[target])
+    # From here a stop raises KeyboardInterrupt, which removes the file being written rather
+    # than leave it half-written.
+    for stop_signal in STOP_SIGNALS:
+        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
+            signal.signal(stop_signal, signal.default_int_handler)
     try:
         write_page(out, results, report)
     except OSError as error:

@@ -15,19 +15,10 @@ import os
 import signal
 import sys
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def exit_at_once(signum, frame):
-    """End with one line. os._exit: no traceback, and no interpreter shutdown with nnabla
-    half imported or a forward pass half run (the issue saw such ends crash)."""
-    os.write(2, 'translate.py: stopped by {}\n'.format(signal.Signals(signum).name).encode())
-    os._exit(128 + signum)
-
+from args import STOP_SIGNALS, exit_at_once, exit_at_once_on_stop_signals
 
 if __name__ == '__main__':  # before the slow imports, so that a Ctrl-C during them ends alike
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, exit_at_once)
+    exit_at_once_on_stop_signals()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -70,4 +70,4 @@ def test_ctrl_c_is_one_line(tmp_path):
         process.kill()
     assert process.returncode == 130
     assert 'Traceback' not in stderr
-    assert stderr.strip().splitlines()[-1] == 'bench.py: interrupted'
+    assert stderr.strip().splitlines()[-1] == 'bench.py: stopped by SIGINT'
