@@ -58,6 +58,7 @@ _SIGNATURES = {
     'conv_input_grad': _CONV_PASS + [ctypes.c_void_p, ctypes.c_float],
     'add_bias': [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p],
     'bias_grad': [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_void_p],
+    'rotate_kernel': [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_void_p],
     'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
@@ -170,9 +171,9 @@ def kernels():
     return lib
 
 
-def _address(array, offset=0):
-    """The address of element `offset` of the C-contiguous float32 `array`."""
-    return array.__array_interface__['data'][0] + 4 * offset
+def _address(array):
+    """The address of the first element of a numpy array."""
+    return array.__array_interface__['data'][0]
 
 
 # The C loops release the GIL, so threads split a call's channels or rows between cores.
@@ -198,68 +199,33 @@ def _conv_out_hw(in_hw, kernel_hw, pad, stride):
 
 # Buffers kept from call to call: a new one of a few MB would cost more in page faults than
 # the loop that fills it. Every use ends before the function that made it returns, and the
-# graph runs one function at a time.
+# graph runs one function at a time. Functions size them when they are set up; a call reads
+# the address each time, since a later set-up may have grown them.
 _buffers = {}
+_buffer_addresses = {}
 
 
-def _buffer(name, shape):
-    """An uninitialised float32 array of `shape` in the kept buffer `name`."""
-    size = math.prod(shape)
+def _reserve(name, size):
+    """Make the kept buffer `name` hold at least `size` floats."""
     if name not in _buffers or _buffers[name].size < size:
         _buffers[name] = np.empty(size, np.float32)
-    return _buffers[name][:size].reshape(shape)
+        _buffer_addresses[name] = _address(_buffers[name])
 
 
-def _columns(channels, kernel_hw, out_hw):
-    """(rows, col): how many output rows a chunk of a pass takes so that their im2col matrix
-    fits in _CHUNK_FLOATS (evened out over the chunks), and a buffer for that matrix."""
+def _chunk_rows(channels, kernel_hw, out_hw):
+    """(rows, floats): how many output rows a chunk of a pass takes so that their im2col matrix
+    fits in _CHUNK_FLOATS (evened out over the chunks), and the size of that matrix."""
     col_rows = channels * kernel_hw[0] * kernel_hw[1]
     out_h, out_w = out_hw
     rows = max(1, _CHUNK_FLOATS // (col_rows * out_w))
-    rows = -(-out_h // -(-out_h // rows))  # the same number of chunks, evened out
-    return min(rows, out_h), _buffer('columns', (col_rows * min(rows, out_h) * out_w,))
-
-
-def _conv_pass(name, image, kernel_hw, pad, stride, out_hw, *rest):
-    """Run the C pass `name` over the C-contiguous float32 image (C, H, W) for output rows
-    out_hw; `rest`: its arrays and numbers after the im2col buffer."""
-    rows, col = _columns(image.shape[0], kernel_hw, out_hw)
-    getattr(kernels(), name)(
-        _address(image), *image.shape, *kernel_hw, *pad, *stride, *out_hw, rows, _address(col),
-        *[_address(value) if isinstance(value, np.ndarray) else value for value in rest])
-
-
-def _im2col_conv(x, w, pad, stride, out, accumulate=False):
-    """out (Cout, H', W') = (or += with accumulate) conv(x, w): x (C, H, W) zero-padded."""
-    _conv_pass('conv_forward', x, w.shape[2:], pad, stride, out.shape[1:], w, w.shape[0],
-               float(accumulate), out)
-
-
-def _im2col_weight_grad(x, dy, kernel_hw, pad, stride, out, accumulate=False):
-    """out (Cout, C * kh * kw) = (or += with accumulate) the gradient of conv(x, w) with
-    respect to w, for dy."""
-    _conv_pass('conv_weight_grad', x, kernel_hw, pad, stride, dy.shape[1:], dy, dy.shape[0],
-               float(accumulate), out)
-
-
-def _col2im_input_grad(dy, w, pad, stride, out, accumulate=False):
-    """out (C, H, W) = (or += with accumulate) the gradient of conv(x, w) for dy."""
-    _conv_pass('conv_input_grad', out, w.shape[2:], pad, stride, dy.shape[1:], dy, w.shape[0],
-               w, float(accumulate))
+    rows = min(out_h, -(-out_h // -(-out_h // rows)))  # the same number of chunks, evened out
+    return rows, col_rows * rows * out_w
 
 
 # A stride-1 conv with weight w and pad p equals the transposed conv with
-# weight _rotated(w) and pad k-1-p. Each pass of the direct form lowers to a
+# the rotated weight (_rotate) and pad k-1-p. Each pass of the direct form lowers to a
 # matrix of in_ch*kh*kw rows by |y| columns; in the dual form x and y swap
 # roles (out_ch*kh*kw by |x|), so the dual wins when out_ch*|x| < in_ch*|y|.
-
-def _rotated(w):
-    return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-
-
-def _dual_pad(kernel_hw, pad):
-    return tuple(k - 1 - p for k, p in zip(kernel_hw, pad))
-
 
 def _use_dual(w_shape, x_hw, pad, stride):
     out_ch, in_ch, kh, kw = w_shape
@@ -268,77 +234,92 @@ def _use_dual(w_shape, x_hw, pad, stride):
             and out_ch * x_hw[0] * x_hw[1] < in_ch * y_hw[0] * y_hw[1])
 
 
-def _conv(x, w, pad, stride, out, accumulate=False):
-    """out (Cout, H', W') = (or +=) conv(x, w) of one image x (C, H, W)."""
-    if _use_dual(w.shape, x.shape[1:], pad, stride):
-        _col2im_input_grad(x, _rotated(w), _dual_pad(w.shape[2:], pad), stride, out, accumulate)
-    else:
-        _im2col_conv(x, w, pad, stride, out, accumulate)
+def _rotate(weight, shape, beta, out):
+    """out (b, a, kh, kw) = weight (a, b, kh, kw) with its two first axes swapped and its kernel
+    turned by 180 degrees, + beta out (beta 0 or 1)."""
+    kernels().rotate_kernel(weight, *shape, beta, out)
 
 
-def _conv_input_grad(dy, w, pad, stride, out, accumulate=False):
-    """out (C, H, W) = (or +=) the gradient of conv(x, w) with respect to x, for dy."""
-    if _use_dual(w.shape, out.shape[1:], pad, stride):
-        _im2col_conv(dy, _rotated(w), _dual_pad(w.shape[2:], pad), stride, out, accumulate)
-    else:
-        _col2im_input_grad(dy, w, pad, stride, out, accumulate)
+class _Lowering:
+    """y = conv(x, w) of one image, x (C, H, W), w (Cout, C, kh, kw), y (Cout, H', W'), and
+    its two gradients as C passes, each with its fixed arguments worked out once. Every array
+    is an address.
 
+    The passes are those of a "source" image lowered to im2col and a "target" it maps to: x and
+    y in the direct form; in the dual form y and x, with the rotated kernel."""
 
-def _conv_weight_grad(x, dy, kernel_hw, pad, stride, out, accumulate=False):
-    """out (Cout, C, kh, kw) = (or +=) the gradient of conv(x, w) with respect to w, for dy."""
-    if _use_dual(out.shape, x.shape[1:], pad, stride):
-        grad = np.empty((out.shape[1], out.shape[0] * kernel_hw[0] * kernel_hw[1]), np.float32)
-        _im2col_weight_grad(dy, x, kernel_hw, _dual_pad(kernel_hw, pad), stride, grad)
-        _store(out, _rotated(grad.reshape(out.shape[1], out.shape[0], *kernel_hw)), accumulate)
-    else:
-        _im2col_weight_grad(x, dy, kernel_hw, pad, stride, out.reshape(out.shape[0], -1),
-                            accumulate)
+    def __init__(self, channels, in_hw, w_shape, pad, stride):
+        out_ch, _, kh, kw = w_shape
+        out_hw = _conv_out_hw(in_hw, (kh, kw), pad, stride)
+        self.dual = _use_dual(w_shape, in_hw, pad, stride)
+        if self.dual:
+            source, self._target_channels, target_hw = (out_ch, *out_hw), channels, in_hw
+            pad = tuple(k - 1 - p for k, p in zip((kh, kw), pad))
+            _reserve('rotated weight', math.prod(w_shape))
+            _reserve('dual weight gradient', math.prod(w_shape))
+        else:
+            source, self._target_channels, target_hw = (channels, *in_hw), out_ch, out_hw
+        rows, floats = _chunk_rows(source[0], (kh, kw), target_hw)
+        _reserve('columns', floats)
+        self._w_shape = tuple(w_shape)
+        self._fixed = (*source, kh, kw, *pad, *stride, *target_hw, rows)
 
+    def weight(self, w):
+        """The weight the passes take: w, or in the dual form w rotated."""
+        if not self.dual:
+            return w
+        rotated = _buffer_addresses['rotated weight']
+        _rotate(w, self._w_shape, 0, rotated)
+        return rotated
 
-def _reflect_pad(image, pad):
-    """np.pad(image, ((0, 0), (ph, ph), (pw, pw)), mode='reflect') for pads smaller than H, W,
-    in the kept buffer 'padded'."""
-    channels, height, width = image.shape
-    out = _buffer('padded', (channels, height + 2 * pad[0], width + 2 * pad[1]))
-    kernels().reflect_pad(_address(image), channels, height, width, *pad, _address(out))
-    return out
+    def _apply(self, source, w, target, beta):
+        kernels().conv_forward(source, *self._fixed, _buffer_addresses['columns'], w,
+                               self._target_channels, beta, target)
 
+    def _adjoint(self, target, w, source, beta):
+        kernels().conv_input_grad(source, *self._fixed, _buffer_addresses['columns'], target,
+                                  self._target_channels, w, beta)
 
-def _reflect_pad_adjoint(grad, pad, out, accumulate):
-    """out (C, H, W) = (or +=) the gradient of _reflect_pad for `grad` (C, H+2ph, W+2pw):
-    every border pixel folded onto the pixel it mirrors."""
-    channels, height, width = out.shape
-    kernels().reflect_pad_adjoint(_address(grad), channels, height, width, *pad,
-                                   int(accumulate), _address(out))
+    def forward(self, x, w, y, beta=0.0):
+        """y = conv(x, w) + beta y, w from weight()."""
+        (self._adjoint if self.dual else self._apply)(x, w, y, beta)
 
+    def input_grad(self, dy, w, dx, beta=0.0):
+        """dx = the gradient for dy with respect to x + beta dx, w from weight()."""
+        (self._apply if self.dual else self._adjoint)(dy, w, dx, beta)
 
-def _read(array):
-    """An nnabla NdArray's values as a float32 numpy array. nnabla holds an array in the dtype
-    it was last set in (float64 after `v.d = numpy float64 values`); asking for float32
-    converts it where reading `.data` would hand the float64 array to float32 code."""
-    return array.get_data('r', np.float32)
+    def weight_grad(self, x, dy, dw, beta=0.0):
+        """dw (Cout, C, kh, kw) = the gradient for dy with respect to w + beta dw."""
+        columns = _buffer_addresses['columns']
+        if not self.dual:
+            kernels().conv_weight_grad(x, *self._fixed, columns, dy, self._target_channels,
+                                       beta, dw)
+            return
+        grad = _buffer_addresses['dual weight gradient']
+        kernels().conv_weight_grad(dy, *self._fixed, columns, x, self._target_channels, 0, grad)
+        _rotate(grad, self._w_shape[1::-1] + self._w_shape[2:], beta, dw)
 
 
 _CPU = get_extension_context('cpu')
 
 
 def _pointer(array, overwrite=False):
-    """The address of an nnabla NdArray's values as float32, converted like _read's; with
-    `overwrite`, for a caller that writes them all (nothing is converted)."""
+    """The address of an nnabla NdArray's values as float32. nnabla holds an array in the dtype
+    it was last set in (float64 after `v.d = numpy float64 values`); asking for float32 converts
+    it where reading `.data` would hand the float64 values to float32 code. With `overwrite`,
+    for a caller that writes them all (nothing is converted)."""
     return array.data_ptr(np.float32, _CPU, overwrite)
+
+
+def _read(array):
+    """An nnabla NdArray's values as a float32 numpy array, converted like _pointer's."""
+    return array.get_data('r', np.float32)
 
 
 def _writable(array, accumulate=False):
     """An nnabla NdArray as a float32 numpy array to overwrite whole or, with `accumulate`, to
     add to."""
     return array.get_data('rw' if accumulate else 'w', np.float32)
-
-
-def _store(dst, value, accum):
-    if accum:
-        dst += value
-    else:
-        dst[...] = value
 
 
 class _BlasConvolution(PythonFunction):
@@ -368,67 +349,80 @@ class _BlasConvolution(PythonFunction):
     def min_outputs(self):
         return 1
 
-    def _seen(self, x_img):
-        """The image the convolution sees: with its reflection padding, if any."""
-        return _reflect_pad(x_img, self._reflect_pad) if any(self._reflect_pad) else x_img
-
     def setup_impl(self, inputs, outputs):
-        batch, _, h, w = inputs[0].shape
-        h, w = h + 2 * self._reflect_pad[0], w + 2 * self._reflect_pad[1]
+        batch, channels, h, w = inputs[0].shape
+        seen_hw = h + 2 * self._reflect_pad[0], w + 2 * self._reflect_pad[1]
         w_shape = inputs[1].shape
         if self._transposed:
             out_hw = tuple(s * (n - 1) - 2 * p + k + op for n, k, p, s, op in zip(
-                (h, w), w_shape[2:], self._pad, self._stride, self._output_padding))
+                seen_hw, w_shape[2:], self._pad, self._stride, self._output_padding))
             out_ch = w_shape[1]
+            # The convolution this is the adjoint of maps the output to the input.
+            self._lowering = _Lowering(out_ch, out_hw, w_shape, self._pad, self._stride)
         else:
-            out_hw = _conv_out_hw((h, w), w_shape[2:], self._pad, self._stride)
+            out_hw = _conv_out_hw(seen_hw, w_shape[2:], self._pad, self._stride)
             out_ch = w_shape[0]
+            self._lowering = _Lowering(channels, seen_hw, w_shape, self._pad, self._stride)
         outputs[0].reset_shape((batch, out_ch) + out_hw, True)
+        self._x_shape = (channels, h, w)
+        if any(self._reflect_pad):
+            _reserve('padded', channels * math.prod(seen_hw))
+            _reserve('padded gradient', channels * math.prod(seen_hw))
+        # Bytes from one image to the next.
+        self._x_step, self._y_step = 4 * channels * h * w, 4 * out_ch * math.prod(out_hw)
+        self._bias_shape = (batch, out_ch, math.prod(out_hw))
 
-    def _image_forward(self, x, w, out):
-        if self._transposed:
-            _conv_input_grad(x, w, self._pad, self._stride, out)
-        else:
-            _conv(x, w, self._pad, self._stride, out)
-
-    def _image_input_grad(self, dy, w, out, accumulate):
-        if self._transposed:
-            _conv(dy, w, self._pad, self._stride, out, accumulate)
-        else:
-            _conv_input_grad(dy, w, self._pad, self._stride, out, accumulate)
-
-    def _image_weight_grad(self, x, dy, out, accumulate):
-        if self._transposed:
-            _conv_weight_grad(dy, x, out.shape[2:], self._pad, self._stride, out, accumulate)
-        else:
-            _conv_weight_grad(x, dy, out.shape[2:], self._pad, self._stride, out, accumulate)
+    def _seen(self, x):
+        """The image the convolution sees: x with its reflection padding, if any."""
+        if not any(self._reflect_pad):
+            return x
+        padded = _buffer_addresses['padded']
+        kernels().reflect_pad(x, *self._x_shape, *self._reflect_pad, padded)
+        return padded
 
     def forward_impl(self, inputs, outputs):
-        x, w = _read(inputs[0].data), _read(inputs[1].data)
-        y = _writable(outputs[0].data)
-        for x_img, y_img in zip(x, y):
-            self._image_forward(self._seen(x_img), w, y_img)
+        lowering = self._lowering
+        x, w = _pointer(inputs[0].data), lowering.weight(_pointer(inputs[1].data))
+        y = _pointer(outputs[0].data, overwrite=True)
+        for n in range(inputs[0].shape[0]):
+            x_image, y_image = x + n * self._x_step, y + n * self._y_step
+            if self._transposed:
+                lowering.input_grad(x_image, w, y_image)
+            else:
+                lowering.forward(self._seen(x_image), w, y_image)
         if len(inputs) == 3:
-            kernels().add_bias(_address(y), *y.shape[:2], y[0, 0].size, _pointer(inputs[2].data))
+            kernels().add_bias(y, *self._bias_shape, _pointer(inputs[2].data))
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
-        dy = _read(outputs[0].grad)
+        lowering, batch = self._lowering, inputs[0].shape[0]
+        dy = _pointer(outputs[0].grad)
         if propagate_down[0]:
-            w, dx = _read(inputs[1].data), _writable(inputs[0].grad, accum[0])
-            (ph, pw), (channels, h, wd) = self._reflect_pad, dx.shape[1:]
-            for dy_img, dx_img in zip(dy, dx):
-                if ph or pw:
-                    grad = _buffer('padded gradient', (channels, h + 2 * ph, wd + 2 * pw))
-                    self._image_input_grad(dy_img, w, grad, accumulate=False)
-                    _reflect_pad_adjoint(grad, self._reflect_pad, dx_img, accum[0])
+            w = lowering.weight(_pointer(inputs[1].data))
+            dx = _pointer(inputs[0].grad, overwrite=not accum[0])
+            beta = float(accum[0])
+            for n in range(batch):
+                dy_image, dx_image = dy + n * self._y_step, dx + n * self._x_step
+                if self._transposed:
+                    lowering.forward(dy_image, w, dx_image, beta)
+                elif any(self._reflect_pad):
+                    grad = _buffer_addresses['padded gradient']
+                    lowering.input_grad(dy_image, w, grad)
+                    kernels().reflect_pad_adjoint(grad, *self._x_shape, *self._reflect_pad,
+                                                  int(accum[0]), dx_image)
                 else:
-                    self._image_input_grad(dy_img, w, dx_img, accum[0])
+                    lowering.input_grad(dy_image, w, dx_image, beta)
         if propagate_down[1]:
-            x, dw = _read(inputs[0].data), _writable(inputs[1].grad, accum[1])
-            for n, (x_img, dy_img) in enumerate(zip(x, dy)):
-                self._image_weight_grad(self._seen(x_img), dy_img, dw, accum[1] or n > 0)
+            x = _pointer(inputs[0].data)
+            dw = _pointer(inputs[1].grad, overwrite=not accum[1])
+            for n in range(batch):
+                x_image, dy_image = x + n * self._x_step, dy + n * self._y_step
+                beta = float(accum[1] or n > 0)
+                if self._transposed:
+                    lowering.weight_grad(dy_image, x_image, dw, beta)
+                else:
+                    lowering.weight_grad(self._seen(x_image), dy_image, dw, beta)
         if len(inputs) == 3 and propagate_down[2]:
-            kernels().bias_grad(_address(dy), *dy.shape[:2], dy[0, 0].size, int(accum[2]),
+            kernels().bias_grad(dy, *self._bias_shape, int(accum[2]),
                                 _pointer(inputs[2].grad, overwrite=not accum[2]))
 
     def grad_depends_output_data(self, i, o):
@@ -521,7 +515,8 @@ class _InstanceNormalization(_ShapePreserving):
         shape = inputs[0].shape
         self._rows, self._size = shape[0] * shape[1], math.prod(shape[2:])
         # Each row's mean and inverse standard deviation, from the forward for the backward.
-        self._mean, self._inverse_std = np.empty((2, self._rows), np.float32)
+        self._statistics = np.empty((2, self._rows), np.float32)
+        self._mean, self._inverse_std = (_address(row) for row in self._statistics)
 
     # Addresses rather than numpy arrays: this function runs after every convolution, on maps
     # small enough at the small sizes that the numpy views cost more than the loops.
@@ -531,7 +526,7 @@ class _InstanceNormalization(_ShapePreserving):
         def normalise(lo, hi):
             kernels().instance_norm_forward(
                 x + 4 * lo * size, hi - lo, size, self._eps, self._slope, z + 4 * lo * size,
-                _address(self._mean, lo), _address(self._inverse_std, lo))
+                self._mean + 4 * lo, self._inverse_std + 4 * lo)
 
         _in_row_chunks(normalise, self._rows, self._rows * size)
 
@@ -543,8 +538,8 @@ class _InstanceNormalization(_ShapePreserving):
 
         def gradient(lo, hi):
             kernels().instance_norm_backward(
-                x + 4 * lo * size, dz + 4 * lo * size, _address(self._mean, lo),
-                _address(self._inverse_std, lo), hi - lo, size, self._slope, int(accum[0]),
+                x + 4 * lo * size, dz + 4 * lo * size, self._mean + 4 * lo,
+                self._inverse_std + 4 * lo, hi - lo, size, self._slope, int(accum[0]),
                 dx + 4 * lo * size)
 
         _in_row_chunks(gradient, self._rows, self._rows * size)

@@ -308,3 +308,18 @@ void spectral_norm_backward(const float *weight, const float *dy, const float *u
         }
     }
 }
+
+/* out (b, a, kh, kw) = w (a, b, kh, kw) with its first two axes swapped and each kernel turned
+ * by 180 degrees, + beta out (beta 0 or 1): the weight of a convolution's dual form, and the
+ * way back for its gradient. */
+void rotate_kernel(const float *w, long a, long b, long kh, long kw, float beta, float *out)
+{
+    long size = kh * kw;
+    for (long i = 0; i < a; ++i)
+        for (long j = 0; j < b; ++j) {
+            const float *src = w + (i * b + j) * size;
+            float *dst = out + (j * a + i) * size;
+            for (long k = 0; k < size; ++k)
+                dst[k] = beta == 0 ? src[size - 1 - k] : dst[k] + src[size - 1 - k];
+        }
+}
