@@ -141,8 +141,9 @@ def generator(image, masks, ngf=64, n_blocks=9):
 
     # Each instance is decoded from [its own feature, the image feature, the set feature].
     context = F.concatenate(image_feature, set_feature, axis=1)
-    context = F.broadcast(F.reshape(context, (batch, 1) + context.shape[1:]),
-                          (batch, slots) + context.shape[1:])
+    context = F.reshape(context, (batch, 1) + context.shape[1:])
+    if slots > 1:  # nnabla's broadcast costs as much when it has nothing to repeat
+        context = F.broadcast(context, (batch, slots) + context.shape[2:])
     per_instance = F.concatenate(instance_features, context, axis=2)
     with nn.parameter_scope('mask_decoder'):
         decoded = decoder(F.reshape(per_instance, (batch * slots,) + per_instance.shape[2:]), 1)
