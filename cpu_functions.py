@@ -67,10 +67,14 @@ _SIGNATURES = {
     'instance_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
                                                        ctypes.c_float, ctypes.c_int,
                                                        ctypes.c_void_p],
+    'spectral_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double]
+    + [ctypes.c_void_p] * 3,
     'spectral_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
                                                        ctypes.c_float, ctypes.c_int,
                                                        ctypes.c_void_p],
 }
+
+_RETURNS = {'spectral_norm_forward': ctypes.c_float}  # the others return nothing
 
 
 class KernelsUnavailable(OSError):
@@ -166,7 +170,7 @@ def kernels():
                                  'again, or use --cpu-conv nnabla') from None
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = arguments, None
+        function.argtypes, function.restype = arguments, _RETURNS.get(name)
     lib.use_sgemm(*numpy_sgemm())
     return lib
 
@@ -309,17 +313,6 @@ def _pointer(array, overwrite=False):
     it where reading `.data` would hand the float64 values to float32 code. With `overwrite`,
     for a caller that writes them all (nothing is converted)."""
     return array.data_ptr(np.float32, _CPU, overwrite)
-
-
-def _read(array):
-    """An nnabla NdArray's values as a float32 numpy array, converted like _pointer's."""
-    return array.get_data('r', np.float32)
-
-
-def _writable(array, accumulate=False):
-    """An nnabla NdArray as a float32 numpy array to overwrite whole or, with `accumulate`, to
-    add to."""
-    return array.get_data('rw' if accumulate else 'w', np.float32)
 
 
 class _BlasConvolution(PythonFunction):
@@ -570,32 +563,32 @@ class _SpectralNorm(_ShapePreserving):
         super().__init__()
         kernels()
         self._eps = eps
-        self._sigma = self._u = self._v = None
+        self._sigma = None
 
     @property
     def name(self):
         return "CpuSpectralNorm"
 
+    def setup_impl(self, inputs, outputs):
+        super().setup_impl(inputs, outputs)
+        self._rows = inputs[0].shape[0]
+        self._columns = math.prod(inputs[0].shape[1:])
+        # u and v of the last forward, for the backward.
+        self._u, self._v = np.empty(self._rows, np.float32), np.empty(self._columns, np.float32)
+
     def forward_impl(self, inputs, outputs):
-        weight = _read(inputs[0].data)
-        matrix = weight.reshape(weight.shape[0], -1)
-        u = _writable(inputs[1].data, accumulate=True)  # read, then updated in place
-        v = matrix.T @ u
-        v /= np.sqrt(np.sum(v * v) + self._eps)
-        product = matrix @ v
-        u_new = product / np.sqrt(np.sum(product * product) + self._eps)
-        u[...] = u_new
-        self._u, self._v = u_new, v
-        self._sigma = float(u_new @ product)
-        np.divide(weight, self._sigma, out=_writable(outputs[0].data))
+        u = _pointer(inputs[1].data)  # read, then updated in place
+        self._sigma = kernels().spectral_norm_forward(
+            _pointer(inputs[0].data), self._rows, self._columns, self._eps, u, _address(self._v),
+            _pointer(outputs[0].data, overwrite=True))
+        ctypes.memmove(_address(self._u), u, 4 * self._rows)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        rows, columns = self._u.size, self._v.size
         kernels().spectral_norm_backward(
             _pointer(inputs[0].data), _pointer(outputs[0].grad), _address(self._u),
-            _address(self._v), rows, columns, self._sigma, int(accum[0]),
+            _address(self._v), self._rows, self._columns, self._sigma, int(accum[0]),
             _pointer(inputs[0].grad, overwrite=not accum[0]))
 
     def grad_depends_output_data(self, i, o):

@@ -323,3 +323,43 @@ void rotate_kernel(const float *w, long a, long b, long kh, long kw, float beta,
                 dst[k] = beta == 0 ? src[size - 1 - k] : dst[k] + src[size - 1 - k];
         }
 }
+
+/* One power iteration of the spectral norm of w (rows, cols) from u (rows), as F.spectral_norm
+ * in training: v = normalised w^T u, u = normalised w v (updated in place), sigma = u . w v,
+ * y = w / sigma. Keeps v and returns sigma for the backward; each vector's norm is
+ * sqrt(squares + eps). */
+float spectral_norm_forward(const float *w, long rows, long cols, double eps, float *u, float *v,
+                            float *y)
+{
+    for (long c = 0; c < cols; ++c)
+        v[c] = 0;
+    for (long r = 0; r < rows; ++r) {
+        const float *row = w + r * cols;
+        float scale = u[r];
+        for (long c = 0; c < cols; ++c)
+            v[c] += scale * row[c];
+    }
+    double squares = 0;
+    for (long c = 0; c < cols; ++c)
+        squares += (double)v[c] * v[c];
+    float inverse = (float)(1 / sqrt(squares + eps));
+    for (long c = 0; c < cols; ++c)
+        v[c] *= inverse;
+    squares = 0;
+    for (long r = 0; r < rows; ++r) {
+        const float *row = w + r * cols;
+        float product = 0;
+        for (long c = 0; c < cols; ++c)
+            product += row[c] * v[c];
+        u[r] = product;
+        squares += (double)product * product;
+    }
+    /* sigma = u_new . (w v) = |w v|^2 / sqrt(|w v|^2 + eps). */
+    double norm = sqrt(squares + eps);
+    float sigma = (float)(squares / norm);
+    for (long r = 0; r < rows; ++r)
+        u[r] = (float)(u[r] / norm);
+    for (long k = 0; k < rows * cols; ++k)
+        y[k] = w[k] / sigma;
+    return sigma;
+}

@@ -301,7 +301,7 @@ def test_instance_normalization_is_accurate_for_offset_inputs(mean, std):
     np.testing.assert_allclose(variable.g, dx64, atol=1e-5 * np.abs(dx64).max())
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (1, 16, 4, 4), (8, 2, 3, 3)])
+@pytest.mark.parametrize("shape", [(6, 3, 4, 4), (1, 16, 4, 4), (8, 2, 3, 3), (128, 64, 4, 4)])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_spectral_norm_matches_nnabla(shape, accumulate):
     """Same normalised weight, same update of u, same gradient of the weight; with `accumulate`
