@@ -76,6 +76,8 @@ def summary(seconds):
 
 
 def bench_train(args, warmup, iterations):
+    # Before accelerate, which leaves numpy's BLAS on one thread (its passes share the cores).
+    rate = matmul_gflops()
     accelerate = train.set_context(args)
     nn.seed(args.seed)
     ins_max, loaders = train.make_loaders(args)
@@ -93,10 +95,8 @@ def bench_train(args, warmup, iterations):
         print('iteration {}: {:.3f} s'.format(i, time.perf_counter() - start), flush=True)
     for loader in loaders.values():
         loader.close()
-    peak_rss = peak_rss_mb()  # before matmul_gflops' three 16 MB matrices
-    rate = matmul_gflops()
     floor = flops / (rate * 1e9)
-    return {'sec_per_iter': summary(seconds), 'peak_rss_mb': peak_rss,
+    return {'sec_per_iter': summary(seconds), 'peak_rss_mb': peak_rss_mb(),
             'flops_per_iter': flops, 'matmul_gflops': rate, 'floor_sec': floor,
             'floor_ratio': float(np.median(seconds)) / floor}
 

@@ -2,7 +2,7 @@
 cpu_kernels.c), for training on a CPU.
 
 Why: NNabla's CPU kernels run on one thread, its convolutions at about 15-25 GFLOP/s, which
-makes training InstaGAN on a CPU impractically slow; numpy's BLAS uses every core. When:
+makes training InstaGAN on a CPU impractically slow. When:
 train.set_context picks it for --context cpu with --cpu-conv blas (the default on a CPU), and
 `accelerate(outputs)` then swaps, in place, the F.convolution (with the reflection padding
 before it), F.deconvolution, F.spectral_norm and models.instance_norm (with the ReLU or
@@ -15,10 +15,12 @@ one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 l
 the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
 as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
 picks whichever form has the smaller matrix. A pass over an image is one call into
-cpu_kernels.c, which builds each chunk (im2col, or col2im after the product) and calls numpy's
-own cblas_sgemm on it; the bias and its gradient, reflection padding, instance normalisation
-and the spectral norm's weight gradient are C loops too. This module compiles cpu_kernels.c
-with the system's C compiler the first time it is used.
+cpu_kernels.c, in which every core (OpenMP) takes its own output rows or input channels, builds
+their chunks (im2col, or col2im after the product) and multiplies them with numpy's own
+cblas_sgemm, which this module sets to one thread. The bias and its gradient, reflection
+padding, the dual form's kernel rotation, instance normalisation and the spectral norm are C
+loops too. This module compiles cpu_kernels.c with the system's C compiler the first time it
+is used.
 """
 import ctypes
 import hashlib
@@ -28,7 +30,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -41,18 +42,21 @@ from nnabla.function import PythonFunction
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
 _CHUNK_FLOATS = 1 << 22
+# The cores a pass is shared between, each with its own part of the im2col buffer.
+_CORES = len(os.sched_getaffinity(0))
 
 _KERNELS_SOURCE = Path(__file__).with_name('cpu_kernels.c')
 _KERNELS_FOLDER = Path(__file__).with_name('build')
 # -march=native: the library is built on the machine that runs it (and named after its CPU).
-# The reassociation flags let the compiler vectorise the sums; NaNs still propagate.
-_COMPILE = ['-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros',
-            '-fassociative-math', '-std=c99', '-shared', '-fPIC']
+# The reassociation flags let the compiler vectorise the sums; NaNs still propagate. OpenMP
+# shares each pass between the cores.
+_COMPILE = ['-fopenmp', '-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math',
+            '-fno-signed-zeros', '-fassociative-math', '-std=c99', '-shared', '-fPIC']
 # The three convolution passes share their arguments up to the im2col buffer.
 _CONV_PASS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p, ctypes.c_void_p,
                                                          ctypes.c_long]
 _SIGNATURES = {
-    'use_sgemm': [ctypes.c_void_p, ctypes.c_int],
+    'use_sgemm': [ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
     'conv_forward': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
     'conv_weight_grad': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
     'conv_input_grad': _CONV_PASS + [ctypes.c_void_p, ctypes.c_float],
@@ -63,9 +67,9 @@ _SIGNATURES = {
     'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
                                                                        ctypes.c_void_p],
     'instance_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double,
-                              ctypes.c_float] + [ctypes.c_void_p] * 3,
+                              ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 3,
     'instance_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
-                                                       ctypes.c_float, ctypes.c_int,
+                                                       ctypes.c_float, ctypes.c_int, ctypes.c_int,
                                                        ctypes.c_void_p],
     'spectral_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double]
     + [ctypes.c_void_p] * 3,
@@ -120,6 +124,9 @@ def _compile(compiler, library):
 # 64-bit integers and suffixed names; other builds (conda, distributions) mostly have 32-bit ones.
 _SGEMM_SYMBOLS = [('cblas_sgemm64_', 8), ('scipy_cblas_sgemm64_', 8), ('cblas_sgemm_64', 8),
                   ('cblas_sgemm', 4)]
+# How OpenBLAS's builds name the function that sets its thread count.
+_SET_THREADS_SYMBOLS = ['openblas_set_num_threads64_', 'scipy_openblas_set_num_threads64_',
+                        'openblas_set_num_threads_64', 'openblas_set_num_threads']
 
 
 def _blas_libraries():
@@ -137,8 +144,9 @@ def _blas_libraries():
 
 
 def numpy_sgemm():
-    """(address, integer bytes) of cblas_sgemm in numpy's BLAS, so that C calls the BLAS, and
-    with it the threads, that np.matmul uses."""
+    """(address, integer bytes, thread setter) of cblas_sgemm in numpy's BLAS, so that C calls
+    the BLAS np.matmul uses; the setter is that BLAS's function that sets its thread count
+    (None where it has none)."""
     for path in _blas_libraries():
         try:
             library = ctypes.CDLL(str(path))
@@ -146,10 +154,27 @@ def numpy_sgemm():
             continue
         for symbol, integer_bytes in _SGEMM_SYMBOLS:
             if hasattr(library, symbol):
-                return ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value, integer_bytes
+                set_threads = next((getattr(library, name) for name in _SET_THREADS_SYMBOLS
+                                    if hasattr(library, name)), None)
+                return (ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value,
+                        integer_bytes, set_threads)
     raise KernelsUnavailable("found no cblas_sgemm in numpy's BLAS (looked in "
                              f"{', '.join(map(str, _blas_libraries())) or 'nothing loaded'}): "
                              'use --cpu-conv nnabla')
+
+
+def use_numpy_blas(lib):
+    """Have the C passes call numpy's cblas_sgemm, with every core this process may use taking
+    its share of a pass, each on its own rows or channels and a one-thread BLAS. That leaves
+    numpy's BLAS on one thread for the rest of the process. A BLAS whose thread count cannot be
+    set keeps its threads, and a pass then runs on one core."""
+    address, integer_bytes, set_threads = numpy_sgemm()
+    if set_threads is None:
+        threads = 1
+    else:
+        set_threads(1)
+        threads = _CORES
+    lib.use_sgemm(address, integer_bytes, threads)
 
 
 @lru_cache(maxsize=None)
@@ -171,7 +196,7 @@ def kernels():
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, _RETURNS.get(name)
-    lib.use_sgemm(*numpy_sgemm())
+    use_numpy_blas(lib)
     return lib
 
 
@@ -180,20 +205,8 @@ def _address(array):
     return array.__array_interface__['data'][0]
 
 
-# The C loops release the GIL, so threads split a call's channels or rows between cores.
-_threads = ThreadPoolExecutor(max_workers=os.cpu_count())
-# Arrays smaller than this go in one piece: handing them out costs more than it saves.
+# Instance norms smaller than this go in one piece: sharing them out costs more than it saves.
 _SPLIT_ELEMENTS = 1 << 20
-
-
-def _in_row_chunks(function, rows, size):
-    """Run function(lo, hi) on slices of range(rows), one per core, and wait for all."""
-    if size < _SPLIT_ELEMENTS or rows < 2:
-        function(0, rows)
-        return
-    bounds = np.linspace(0, rows, _threads._max_workers + 1).astype(int).tolist()
-    for job in [_threads.submit(function, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-        job.result()
 
 
 def _conv_out_hw(in_hw, kernel_hw, pad, stride):
@@ -264,7 +277,7 @@ class _Lowering:
         else:
             source, self._target_channels, target_hw = (channels, *in_hw), out_ch, out_hw
         rows, floats = _chunk_rows(source[0], (kh, kw), target_hw)
-        _reserve('columns', floats)
+        _reserve('columns', _CORES * floats)
         self._w_shape = tuple(w_shape)
         self._fixed = (*source, kh, kw, *pad, *stride, *target_hw, rows)
 
@@ -510,32 +523,23 @@ class _InstanceNormalization(_ShapePreserving):
         # Each row's mean and inverse standard deviation, from the forward for the backward.
         self._statistics = np.empty((2, self._rows), np.float32)
         self._mean, self._inverse_std = (_address(row) for row in self._statistics)
+        self._split = int(self._rows > 1 and self._rows * self._size >= _SPLIT_ELEMENTS)
 
     # Addresses rather than numpy arrays: this function runs after every convolution, on maps
     # small enough at the small sizes that the numpy views cost more than the loops.
     def forward_impl(self, inputs, outputs):
-        x, z, size = _pointer(inputs[0].data), _pointer(outputs[0].data, overwrite=True), self._size
-
-        def normalise(lo, hi):
-            kernels().instance_norm_forward(
-                x + 4 * lo * size, hi - lo, size, self._eps, self._slope, z + 4 * lo * size,
-                self._mean + 4 * lo, self._inverse_std + 4 * lo)
-
-        _in_row_chunks(normalise, self._rows, self._rows * size)
+        kernels().instance_norm_forward(
+            _pointer(inputs[0].data), self._rows, self._size, self._eps, self._slope,
+            self._split, _pointer(outputs[0].data, overwrite=True), self._mean,
+            self._inverse_std)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
-        x, dz, size = _pointer(inputs[0].data), _pointer(outputs[0].grad), self._size
-        dx = _pointer(inputs[0].grad, overwrite=not accum[0])
-
-        def gradient(lo, hi):
-            kernels().instance_norm_backward(
-                x + 4 * lo * size, dz + 4 * lo * size, self._mean + 4 * lo,
-                self._inverse_std + 4 * lo, hi - lo, size, self._slope, int(accum[0]),
-                dx + 4 * lo * size)
-
-        _in_row_chunks(gradient, self._rows, self._rows * size)
+        kernels().instance_norm_backward(
+            _pointer(inputs[0].data), _pointer(outputs[0].grad), self._mean, self._inverse_std,
+            self._rows, self._size, self._slope, int(accum[0]), self._split,
+            _pointer(inputs[0].grad, overwrite=not accum[0]))
 
     def grad_depends_output_data(self, i, o):
         return False

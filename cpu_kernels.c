@@ -1,13 +1,20 @@
 /* The loops of cpu_functions.py: the three passes of a convolution (im2col or col2im around
- * numpy's own cblas_sgemm) and its bias, reflection padding, instance normalisation and the
- * spectral norm's gradient. One call does a whole pass over an image, which replaces the dozens of Python and
- * numpy calls each took, whose per-call cost dominated the small training step.
+ * numpy's own cblas_sgemm) and its bias, reflection padding, the dual form's kernel rotation,
+ * instance normalisation and the spectral norm. One call does a whole pass over an image,
+ * which replaces the dozens of Python and numpy calls each took, whose per-call cost dominated
+ * the small training step.
  *
- * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file the
- * first time it is needed and loads it with ctypes, which releases the GIL while C runs: the
- * instance normalisation's rows can be split between Python threads.
+ * Arrays are float32, C-contiguous; sizes are longs. cpu_functions.py compiles this file (with
+ * OpenMP) the first time it is needed and loads it with ctypes.
+ *
+ * Every core takes a share of each convolution pass: its own output rows, or its own input
+ * channels, lowered into its own part of `col` and multiplied there by a one-thread BLAS. The
+ * matrix a core builds is the one it multiplies, so it never crosses to another core's cache:
+ * at the small sizes, handing a freshly built matrix to BLAS's own threads cost as much as
+ * building it.
  */
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 /* The output columns q in [*first, *last) whose input column q * stride + offset lies in
@@ -94,12 +101,21 @@ typedef void (*sgemm_32)(int, int, int, int, int, int, float, const float *, int
                          int, float, float *, int);
 static void *sgemm;
 static int sgemm_integer_bytes;
+static int threads = 1; /* how many share a pass: 1 unless that BLAS runs on one thread */
 enum { ROW_MAJOR = 101, NO_TRANSPOSE = 111, TRANSPOSE = 112 };
 
-void use_sgemm(void *function, int integer_bytes)
+void use_sgemm(void *function, int integer_bytes, int pass_threads)
 {
     sgemm = function;
     sgemm_integer_bytes = integer_bytes;
+    threads = pass_threads;
+}
+
+/* [*first, *last): share `part` of `parts` of range(n), the shares as even as they can be. */
+static void share(long n, int part, int parts, long *first, long *last)
+{
+    *first = n * part / parts;
+    *last = n * (part + 1) / parts;
 }
 
 /* c (m, n; row stride ldc) = a b + beta c, a (m, k) and b (k, n) row-major, each transposed
@@ -118,50 +134,77 @@ static void gemm(int transpose_a, int transpose_b, long m, long n, long k, const
 
 /* The three passes of y = conv(x, w) for one image x (C, H, W), w (Cout, C, kh, kw), y (Cout,
  * out_h, out_w), over chunks of `chunk_rows` output rows whose im2col matrix (C kh kw,
- * chunk_rows out_w) fits in `col`. The arguments from x to chunk_rows are the same for all
- * three. */
+ * chunk_rows out_w) fits in one core's part of `col` (`col` holds one such part per thread).
+ * The arguments from x to chunk_rows are the same for all three. */
 
-/* y = conv(x, w) + beta y. */
+/* y = conv(x, w) + beta y; each core its own output rows. */
 void conv_forward(const float *x, long channels, long height, long width, long kh, long kw,
                   long ph, long pw, long sh, long sw, long out_h, long out_w, long chunk_rows,
                   float *col, const float *w, long out_channels, float beta, float *y)
 {
     long k = channels * kh * kw;
-    for (long row0 = 0; row0 < out_h; row0 += chunk_rows) {
-        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
-        im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
-        gemm(0, 0, out_channels, n, k, w, k, col, n, beta, y + row0 * out_w, out_h * out_w);
+#pragma omp parallel num_threads(out_h < threads ? out_h : threads)
+    {
+        long first, last;
+        share(out_h, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        for (long row0 = first; row0 < last; row0 += chunk_rows) {
+            long rows = last - row0 < chunk_rows ? last - row0 : chunk_rows, n = rows * out_w;
+            im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, own);
+            gemm(0, 0, out_channels, n, k, w, k, own, n, beta, y + row0 * out_w, out_h * out_w);
+        }
     }
 }
 
-/* dw (Cout, C kh kw) = the gradient of conv(x, w) with respect to w, for dy, + beta dw. */
+/* dw (Cout, C kh kw) = the gradient of conv(x, w) with respect to w, for dy, + beta dw; each
+ * core the columns of its own input channels. */
 void conv_weight_grad(const float *x, long channels, long height, long width, long kh, long kw,
                       long ph, long pw, long sh, long sw, long out_h, long out_w,
                       long chunk_rows, float *col, const float *dy, long out_channels,
                       float beta, float *dw)
 {
     long k = channels * kh * kw;
-    for (long row0 = 0; row0 < out_h; row0 += chunk_rows, beta = 1) {
-        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
-        im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
-        gemm(0, 1, out_channels, k, n, dy + row0 * out_w, out_h * out_w, col, n, beta, dw, k);
+#pragma omp parallel num_threads(channels < threads ? channels : threads)
+    {
+        long first, last;
+        share(channels, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        long own_k = (last - first) * kh * kw;
+        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        float own_beta = beta;
+        for (long row0 = 0; row0 < out_h; row0 += chunk_rows, own_beta = 1) {
+            long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
+            im2col(x + first * height * width, last - first, height, width, kh, kw, ph, pw, sh,
+                   sw, out_w, row0, rows, own);
+            gemm(0, 1, out_channels, own_k, n, dy + row0 * out_w, out_h * out_w, own, n,
+                 own_beta, dw + first * kh * kw, k);
+        }
     }
 }
 
 /* dx (C, H, W) = the gradient of conv(x, w) with respect to x, for dy, + beta dx (beta 0 or
- * 1). */
+ * 1); each core its own input channels. */
 void conv_input_grad(float *dx, long channels, long height, long width, long kh, long kw,
                      long ph, long pw, long sh, long sw, long out_h, long out_w,
                      long chunk_rows, float *col, const float *dy, long out_channels,
                      const float *w, float beta)
 {
     long k = channels * kh * kw;
-    if (beta == 0)
-        memset(dx, 0, channels * height * width * sizeof(float));
-    for (long row0 = 0; row0 < out_h; row0 += chunk_rows) {
-        long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
-        gemm(1, 0, k, n, out_channels, w, k, dy + row0 * out_w, out_h * out_w, 0, col, n);
-        col2im(dx, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, col);
+#pragma omp parallel num_threads(channels < threads ? channels : threads)
+    {
+        long first, last;
+        share(channels, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        long own_k = (last - first) * kh * kw;
+        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        float *own_dx = dx + first * height * width;
+        if (beta == 0)
+            memset(own_dx, 0, (last - first) * height * width * sizeof(float));
+        for (long row0 = 0; row0 < out_h; row0 += chunk_rows) {
+            long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
+            gemm(1, 0, own_k, n, out_channels, w + first * kh * kw, k, dy + row0 * out_w,
+                 out_h * out_w, 0, own, n);
+            col2im(own_dx, last - first, height, width, kh, kw, ph, pw, sh, sw, out_w, row0,
+                   rows, own);
+        }
     }
 }
 
@@ -240,24 +283,28 @@ void reflect_pad_adjoint(const float *grad, long channels, long height, long wid
  * `slope`: y = (x - mean) * inverse_std, with inverse_std = 1 / sqrt(mean squared deviation
  * + eps), and z = y where y > 0, slope * y elsewhere (slope 1: no activation, 0: ReLU).
  * Keeps each row's mean and inverse_std for the backward. Sums run in double: a float32 sum
- * over a whole 300x200 map loses digits on the near two-level maps of mask features. */
+ * over a whole 300x200 map loses digits on the near two-level maps of mask features. With
+ * `split`, the cores share the rows out. */
 void instance_norm_forward(const float *x, long rows, long size, double eps, float slope,
-                           float *z, float *mean, float *inverse_std)
+                           int split, float *z, float *mean, float *inverse_std)
 {
-    for (long r = 0; r < rows; ++r, x += size, z += size) {
+#pragma omp parallel for num_threads(split ? threads : 1)
+    for (long r = 0; r < rows; ++r) {
+        const float *in = x + r * size;
+        float *out = z + r * size;
         double sum = 0;
         for (long k = 0; k < size; ++k)
-            sum += x[k];
+            sum += in[k];
         float centre = (float)(sum / size);
         double squares = 0;
         for (long k = 0; k < size; ++k) {
-            float centred = x[k] - centre;
+            float centred = in[k] - centre;
             squares += (double)centred * centred;
         }
         float scale = (float)(1 / sqrt(squares / size + eps));
         for (long k = 0; k < size; ++k) {
-            float y = (x[k] - centre) * scale;
-            z[k] = y > 0 ? y : slope * y;
+            float y = (in[k] - centre) * scale;
+            out[k] = y > 0 ? y : slope * y;
         }
         mean[r] = centre;
         inverse_std[r] = scale;
@@ -266,26 +313,29 @@ void instance_norm_forward(const float *x, long rows, long size, double eps, flo
 
 /* Its gradient, from the input x (y is recomputed, bit for bit): with g = dz where y > 0 and
  * slope * dz elsewhere, dx = (g - mean(g) - y mean(g y)) * inverse_std; written to dx, or added
- * with accumulate. */
+ * with accumulate. With `split`, the cores share the rows out. */
 void instance_norm_backward(const float *x, const float *dz, const float *mean,
                             const float *inverse_std, long rows, long size, float slope,
-                            int accumulate, float *dx)
+                            int accumulate, int split, float *dx)
 {
-    for (long r = 0; r < rows; ++r, x += size, dz += size, dx += size) {
+#pragma omp parallel for num_threads(split ? threads : 1)
+    for (long r = 0; r < rows; ++r) {
+        const float *in = x + r * size, *grad_in = dz + r * size;
+        float *grad_out = dx + r * size;
         float centre = mean[r], scale = inverse_std[r];
         double sum = 0, product = 0;
         for (long k = 0; k < size; ++k) {
-            float y = (x[k] - centre) * scale;
-            float g = y > 0 ? dz[k] : slope * dz[k];
+            float y = (in[k] - centre) * scale;
+            float g = y > 0 ? grad_in[k] : slope * grad_in[k];
             sum += g;
             product += (double)g * y;
         }
         float g_mean = (float)(sum / size), correlation = (float)(product / size);
         for (long k = 0; k < size; ++k) {
-            float y = (x[k] - centre) * scale;
-            float g = y > 0 ? dz[k] : slope * dz[k];
+            float y = (in[k] - centre) * scale;
+            float g = y > 0 ? grad_in[k] : slope * grad_in[k];
             float grad = (g - g_mean - y * correlation) * scale;
-            dx[k] = accumulate ? dx[k] + grad : grad;
+            grad_out[k] = accumulate ? grad_out[k] + grad : grad;
         }
     }
 }

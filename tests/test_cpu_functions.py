@@ -98,11 +98,26 @@ def test_matches_nnabla_with_32_bit_blas_integers(config):
     a cblas_sgemm through its own signature (here scipy's bundled one)."""
     library = next(Path(scipy.__file__).parent.parent.glob("scipy.libs/libscipy_openblas*.so"))
     sgemm = ctypes.cast(ctypes.CDLL(str(library)).scipy_cblas_sgemm, ctypes.c_void_p).value
-    cpu_functions.kernels().use_sgemm(sgemm, 4)
+    cpu_functions.kernels().use_sgemm(sgemm, 4, cpu_functions._CORES)
     try:
         _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
     finally:
-        cpu_functions.kernels().use_sgemm(*cpu_functions.numpy_sgemm())
+        cpu_functions.use_numpy_blas(cpu_functions.kernels())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_passes_shared_between_more_cores(config):
+    """Five cores sharing every pass: uneven shares of output rows and input channels, shares
+    of one channel or row, and fewer channels than cores."""
+    cores = cpu_functions._CORES
+    cpu_functions._CORES = 5  # each core its own part of the im2col buffer
+    address, integer_bytes, _ = cpu_functions.numpy_sgemm()
+    cpu_functions.kernels().use_sgemm(address, integer_bytes, 5)
+    try:
+        _assert_close(*_nnabla_and_blas(*config, batch=2, use_bias=True, two_branches=True))
+    finally:  # in this order: never more threads than the buffers are sized for
+        cpu_functions._CORES = cores
+        cpu_functions.use_numpy_blas(cpu_functions.kernels())
 
 
 def test_no_blas_found_is_refused(monkeypatch):
