@@ -116,8 +116,8 @@ def _compile(compiler, library):
     else:
         return
     raise KernelsUnavailable(f'cannot compile {_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
-                             f'{compiler} ({reason}): install a C compiler (or name one in CC), '
-                             'or use --cpu-conv nnabla')
+                             f'{compiler} ({reason}): install a C compiler with OpenMP (or '
+                             'name one in CC), or use --cpu-conv nnabla')
 
 
 # cblas_sgemm's names, with the bytes of its integers: numpy's wheels bundle an OpenBLAS with

@@ -128,7 +128,7 @@ def test_missing_c_compiler_is_one_line_before_any_work(tmp_path):
     assert 'Traceback' not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith('train.py: cannot compile cpu_kernels.c into ')
-    assert line.endswith('install a C compiler (or name one in CC), or use --cpu-conv nnabla')
+    assert line.endswith('install a C compiler with OpenMP (or name one in CC), or use --cpu-conv nnabla')
     assert not (tmp_path / 'm').exists() and not (tmp_path / 'o').exists()
     assert set(os.listdir(build)) == before  # no half-built library left behind
     result = subprocess.run(command + ['--cpu-conv', 'nnabla'], capture_output=True, text=True,
