@@ -42,8 +42,10 @@ from nnabla.function import PythonFunction
 # 4M floats = 16 MB: big enough for efficient GEMMs, small enough to stay
 # far below the training step's memory budget.
 _CHUNK_FLOATS = 1 << 22
-# The cores a pass is shared between, each with its own part of the im2col buffer.
-_CORES = len(os.sched_getaffinity(0))
+# The cores a pass is shared between, each with its own part of the im2col buffer: those this
+# process may run on (macOS cannot say which, only how many there are).
+_CORES = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+          else os.cpu_count() or 1)
 
 _KERNELS_SOURCE = Path(__file__).with_name('cpu_kernels.c')
 _KERNELS_FOLDER = Path(__file__).with_name('build')
