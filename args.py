@@ -25,13 +25,13 @@ def exit_at_once(signum, frame):
     os._exit(128 + signum)
 
 
-def exit_at_once_on_stop_signals():
-    """From now on SIGINT and SIGTERM end the program at once: for a program's start-up, its
-    slow imports included, and for work that has nothing to save. A signal that a shell set to
-    be ignored (a background job's SIGINT) stays ignored."""
+def handle_stop_signals(handler):
+    """Make `handler` the handler of SIGINT and SIGTERM (exit_at_once: for a program's start-up,
+    its slow imports included, and for work that has nothing to save). A signal that a shell set
+    to be ignored (a background job's SIGINT) stays ignored."""
     for stop_signal in STOP_SIGNALS:
         if signal.getsignal(stop_signal) is not signal.SIG_IGN:
-            signal.signal(stop_signal, exit_at_once)
+            signal.signal(stop_signal, handler)
 
 
 def checked(convert, accept, requirement):

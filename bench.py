@@ -7,10 +7,10 @@
 iterators) and compares the median with a floor: the convolution FLOPs of one iteration
 (forward, input gradient and weight gradient) at the matmul rate numpy reaches here.
 """
-from args import exit_at_once_on_stop_signals
+from args import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # a benchmark has nothing to save; the imports below take a while
-    exit_at_once_on_stop_signals()
+    handle_stop_signals(exit_at_once)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

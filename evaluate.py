@@ -41,10 +41,10 @@ by the classifier's probability of the target domain, best first.
 """
 import signal
 
-from args import STOP_SIGNALS, exit_at_once_on_stop_signals
+from args import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # until the results are written, a stop has nothing to save
-    exit_at_once_on_stop_signals()
+    handle_stop_signals(exit_at_once)
 
 import argparse  # noqa: E402
 import html  # noqa: E402
@@ -411,9 +411,7 @@ def main(argv=None):
             train_features[target])
     # From here a stop raises KeyboardInterrupt, which removes the file being written rather
     # than leave it half-written.
-    for stop_signal in STOP_SIGNALS:
-        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
-            signal.signal(stop_signal, signal.default_int_handler)
+    handle_stop_signals(signal.default_int_handler)
     try:
         write_page(out, results, report)
     except OSError as error:

@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 
-from args import STOP_SIGNALS, exit_at_once, exit_at_once_on_stop_signals
+from args import STOP_SIGNALS, exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # before the slow imports, so that a Ctrl-C during them ends alike
-    exit_at_once_on_stop_signals()
+    handle_stop_signals(exit_at_once)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -366,8 +366,7 @@ def stop_requests():
         received.append(signum)
         os.write(2, '\ntranslate.py: {}: stopping after this input (again: at once)\n'.format(
             signal.Signals(signum).name).encode())
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, exit_at_once)
+        handle_stop_signals(exit_at_once)
 
     previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
     try:

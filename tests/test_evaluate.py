@@ -217,6 +217,16 @@ def run_evaluate(*flags):
     return result.returncode, result.stdout, result.stderr
 
 
+def run_evaluate_patched(patch, *flags):
+    """run_evaluate, with the Python code `patch` run first in the same process."""
+    script = (patch + 'import runpy, sys\n'
+              f'sys.argv = ["evaluate.py"] + {list(flags)!r}\n'
+              'runpy.run_path("evaluate.py", run_name="__main__")\n')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    return result.returncode, result.stdout, result.stderr
+
+
 def test_both_generators_stay_usable_side_by_side(trained):
     config, generators = evaluate.load_generators(str(trained))
     sample = evaluate.load_phase(SAMPLE, 'train', 'A', SIZE)[0]
@@ -329,24 +339,22 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
 
 
 def test_ctrl_c_while_writing_leaves_no_partial_file(trained, tmp_path):
-    """A stop while the results are written (here a KeyboardInterrupt once the first tile's
-    bytes are on disk, under their temporary name) removes that file and ends with one line
-    and the shell's code for SIGINT."""
-    script = ('import runpy, sys\n'
-              'from PIL import Image\n'
-              'save = Image.Image.save\n'
-              'def save_then_stop(*args, **kwargs):\n'
-              '    save(*args, **kwargs)\n'
-              '    raise KeyboardInterrupt\n'
-              'Image.Image.save = save_then_stop\n'
-              f'sys.argv = ["evaluate.py", "--model-save-path", {str(trained)!r}, '
-              f'"--dataroot", {SAMPLE!r}, "--phase", "train", "--out", {str(tmp_path)!r}]\n'
-              'runpy.run_path("evaluate.py", run_name="__main__")\n')
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
-    assert result.returncode == 130
-    assert 'Traceback' not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted'
+    """A stop while the results are written (here a SIGINT once the first tile's bytes are on
+    disk, under their temporary name) removes that file and ends with one line and the
+    shell's code for SIGINT."""
+    code, _, stderr = run_evaluate_patched(
+        'import os, signal\n'
+        'from PIL import Image\n'
+        'save = Image.Image.save\n'
+        'def save_then_stop(*args, **kwargs):\n'
+        '    save(*args, **kwargs)\n'
+        '    os.kill(os.getpid(), signal.SIGINT)\n'
+        'Image.Image.save = save_then_stop\n',
+        '--model-save-path', str(trained), '--dataroot', SAMPLE, '--phase', 'train',
+        '--out', str(tmp_path))
+    assert code == 130
+    assert 'Traceback' not in stderr
+    assert stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted'
     assert os.listdir(tmp_path) == []
 
 
@@ -354,19 +362,17 @@ def test_ctrl_c_inside_the_graph_is_one_line(trained, tmp_path):
     """A SIGINT that lands while nnabla runs one of cpu_functions' Python functions (where a
     KeyboardInterrupt would come out of nnabla as a SystemError) ends at once, with one line
     and nothing written."""
-    script = ('import os, runpy, signal, sys\n'
-              'import cpu_functions\n'
-              'forward = cpu_functions._InstanceNormalization.forward_impl\n'
-              'def forward_then_stop(*args):\n'
-              '    os.kill(os.getpid(), signal.SIGINT)\n'
-              '    forward(*args)\n'
-              'cpu_functions._InstanceNormalization.forward_impl = forward_then_stop\n'
-              f'sys.argv = ["evaluate.py", "--model-save-path", {str(trained)!r}, '
-              f'"--dataroot", {SAMPLE!r}, "--phase", "train", "--out", {str(tmp_path)!r}]\n'
-              'runpy.run_path("evaluate.py", run_name="__main__")\n')
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
-    assert result.returncode == 130
-    assert 'Traceback' not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == 'evaluate.py: stopped by SIGINT'
+    code, _, stderr = run_evaluate_patched(
+        'import os, signal\n'
+        'import cpu_functions\n'
+        'forward = cpu_functions._InstanceNormalization.forward_impl\n'
+        'def forward_then_stop(*args):\n'
+        '    os.kill(os.getpid(), signal.SIGINT)\n'
+        '    forward(*args)\n'
+        'cpu_functions._InstanceNormalization.forward_impl = forward_then_stop\n',
+        '--model-save-path', str(trained), '--dataroot', SAMPLE, '--phase', 'train',
+        '--out', str(tmp_path))
+    assert code == 130
+    assert 'Traceback' not in stderr
+    assert stderr.strip().splitlines()[-1] == 'evaluate.py: stopped by SIGINT'
     assert os.listdir(tmp_path) == []
