@@ -111,11 +111,25 @@ void use_sgemm(void *function, int integer_bytes, int pass_threads)
     threads = pass_threads;
 }
 
-/* [*first, *last): share `part` of `parts` of range(n), the shares as even as they can be. */
-static void share(long n, int part, int parts, long *first, long *last)
+/* How many cores share out `n` rows or channels: never more than there are. */
+static int cores_for(long n)
 {
+    return n < threads ? (int)n : threads;
+}
+
+/* [*first, *last): this core's share of range(n), the shares as even as they can be. */
+static void own_share(long n, long *first, long *last)
+{
+    int part = omp_get_thread_num(), parts = omp_get_num_threads();
     *first = n * part / parts;
     *last = n * (part + 1) / parts;
+}
+
+/* This core's part of `col`, which holds a chunk of k rows by chunk_rows out_w columns for
+ * each core (cpu_functions sizes it so). */
+static float *own_columns(float *col, long k, long chunk_rows, long out_w)
+{
+    return col + omp_get_thread_num() * k * chunk_rows * out_w;
 }
 
 /* c (m, n; row stride ldc) = a b + beta c, a (m, k) and b (k, n) row-major, each transposed
@@ -143,11 +157,11 @@ void conv_forward(const float *x, long channels, long height, long width, long k
                   float *col, const float *w, long out_channels, float beta, float *y)
 {
     long k = channels * kh * kw;
-#pragma omp parallel num_threads(out_h < threads ? out_h : threads)
+#pragma omp parallel num_threads(cores_for(out_h))
     {
         long first, last;
-        share(out_h, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        own_share(out_h, &first, &last);
+        float *own = own_columns(col, k, chunk_rows, out_w);
         for (long row0 = first; row0 < last; row0 += chunk_rows) {
             long rows = last - row0 < chunk_rows ? last - row0 : chunk_rows, n = rows * out_w;
             im2col(x, channels, height, width, kh, kw, ph, pw, sh, sw, out_w, row0, rows, own);
@@ -164,12 +178,12 @@ void conv_weight_grad(const float *x, long channels, long height, long width, lo
                       float beta, float *dw)
 {
     long k = channels * kh * kw;
-#pragma omp parallel num_threads(channels < threads ? channels : threads)
+#pragma omp parallel num_threads(cores_for(channels))
     {
         long first, last;
-        share(channels, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        own_share(channels, &first, &last);
         long own_k = (last - first) * kh * kw;
-        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        float *own = own_columns(col, k, chunk_rows, out_w);
         float own_beta = beta;
         for (long row0 = 0; row0 < out_h; row0 += chunk_rows, own_beta = 1) {
             long rows = out_h - row0 < chunk_rows ? out_h - row0 : chunk_rows, n = rows * out_w;
@@ -189,12 +203,12 @@ void conv_input_grad(float *dx, long channels, long height, long width, long kh,
                      const float *w, float beta)
 {
     long k = channels * kh * kw;
-#pragma omp parallel num_threads(channels < threads ? channels : threads)
+#pragma omp parallel num_threads(cores_for(channels))
     {
         long first, last;
-        share(channels, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        own_share(channels, &first, &last);
         long own_k = (last - first) * kh * kw;
-        float *own = col + omp_get_thread_num() * k * chunk_rows * out_w;
+        float *own = own_columns(col, k, chunk_rows, out_w);
         float *own_dx = dx + first * height * width;
         if (beta == 0)
             memset(own_dx, 0, (last - first) * height * width * sizeof(float));
