@@ -1,6 +1,6 @@
 # make train: set up .venv and train on the bundled CCP sample (CPU, a few minutes), replacing
 #             the previous demo run in results/demo
-# make test:  set up .venv and run the test suite
+# make test:  set up .venv with the dev tools, lint (ruff), then run the test suite
 # make translate: set up .venv and translate the bundled sample with the pretrained generators
 PYTHON := .venv/bin/python
 DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
@@ -8,23 +8,31 @@ DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
 	--log-step 8 --save-interval 5 --monitor-path results/demo/monitor \
 	--model-save-path results/demo/models --overwrite
 
-PRETRAINED := pretrained/jeans2skirt_64x44/parameters.h5
+PRETRAINED := pretrained/jeans2skirt_64x44
 
-.PHONY: setup train test translate
+.PHONY: setup train test lint translate
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt setup.sh
 	bash setup.sh
 	touch $@
 
+.venv/.installed-dev: .venv/.installed requirements-dev.txt
+	bash setup.sh requirements-dev.txt
+	touch $@
+
 train: setup
 	$(PYTHON) train.py $(DEMO_FLAGS)
 
-test: setup
+lint: .venv/.installed-dev
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: .venv/.installed-dev
 	$(PYTHON) -m pytest -q tests
 
 translate: setup
-	$(PYTHON) translate.py --params $(PRETRAINED) --direction AtoB --dataroot datasets/ccp_sample \
+	$(PYTHON) translate.py -o $(PRETRAINED) --direction AtoB --dataroot datasets/ccp_sample \
 		--phase train --out results/pretrained/jeans2skirt
-	$(PYTHON) translate.py --params $(PRETRAINED) --direction BtoA --dataroot datasets/ccp_sample \
+	$(PYTHON) translate.py -o $(PRETRAINED) --direction BtoA --dataroot datasets/ccp_sample \
 		--phase train --out results/pretrained/skirt2jeans

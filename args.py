@@ -1,37 +1,15 @@
-"""Command-line configuration of train.py. Defaults are the paper's jeans <-> skirt setting.
+"""Command-line configuration of train.py (nnabla-examples' get_args). Defaults are the paper's
+jeans <-> skirt setting.
 
 Every value is checked as it is parsed: a bad one gets argparse's one-line usage error (exit
-status 2) before anything is loaded or written. The flag types and the way a program ends on
-SIGINT or SIGTERM are shared by the command-line programs.
+status 2) before anything is loaded or written. The flag types are shared by the programs.
 """
 import argparse
 import math
-import os
 import re
-import signal
-import sys
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def exit_at_once(signum, frame):
-    """A handler of the stop signals: end the program with one line. os._exit: no traceback,
-    and no interpreter shutdown with nnabla half imported or a forward pass half run (a
-    KeyboardInterrupt raised inside one of nnabla's calls into Python comes out of nnabla as a
-    SystemError, and such ends have crashed)."""
-    program = os.path.basename(sys.argv[0])
-    # On a line of its own: a progress bar may hold the current one.
-    os.write(2, f'\n{program}: stopped by {signal.Signals(signum).name}\n'.encode())
-    os._exit(128 + signum)
-
-
-def handle_stop_signals(handler):
-    """Make `handler` the handler of SIGINT and SIGTERM (exit_at_once: for a program's start-up,
-    its slow imports included, and for work that has nothing to save). A signal that a shell set
-    to be ignored (a background job's SIGINT) stays ignored."""
-    for stop_signal in STOP_SIGNALS:
-        if signal.getsignal(stop_signal) is not signal.SIG_IGN:
-            signal.signal(stop_signal, handler)
+import models
+from runtime.device import CONTEXTS, TYPE_CONFIGS
 
 
 def checked(convert, accept, requirement):
@@ -55,6 +33,8 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, 'a fi
 adam_beta = checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')
 device_id = checked(str, lambda v: re.fullmatch('[0-9]+', v), 'a device number')
 path = checked(str, lambda v: v != '', 'a path')
+# The generator's sizes (models.check_sizes); train.py also checks the discriminator's.
+network_size = checked(int, lambda v: v >= 8 and v % 4 == 0, 'a multiple of 4, at least 8')
 
 
 def build_parser():
@@ -97,12 +77,15 @@ def build_parser():
     train.add_argument('--batch-size', '-b', type=positive_int, default=1)
     train.add_argument('--max-epoch', '-e', type=positive_int, default=600,
                        help='the official jeans<->skirt command: 400 + 200 epochs')
-    train.add_argument('--lr-decay-start-epoch', type=non_negative_int, default=400,
+    train.add_argument('--lr-decay-start-epoch', type=non_negative_int, default=None,
                        help='learning rates are constant for this many epochs, then decay '
                             'linearly as the official code does (to 1/(decay epochs + 1) of '
-                            'the base rate in the last epoch); at most --max-epoch')
-    train.add_argument('--learning-rate-G', type=non_negative_float, default=2e-4)
-    train.add_argument('--learning-rate-D', type=non_negative_float, default=2e-4)
+                            'the base rate in the last epoch); at most --max-epoch; default: '
+                            'two thirds of --max-epoch, the official 400 of 600')
+    train.add_argument('--learning-rate-G', '--learning-rate_G', type=non_negative_float,
+                       default=2e-4)
+    train.add_argument('--learning-rate-D', '--learning-rate_D', type=non_negative_float,
+                       default=2e-4)
     train.add_argument('--beta1', type=adam_beta, default=0.5, help='Adam beta1')
     train.add_argument('--beta2', type=adam_beta, default=0.999, help='Adam beta2')
     train.add_argument('--lambda-cyc', type=non_negative_float, default=10.0,
@@ -116,11 +99,11 @@ def build_parser():
     train.add_argument('--seed', type=seed, default=0)
 
     run = parser.add_argument_group('run')
-    run.add_argument('--context', '-c', choices=['cpu', 'cudnn'], default=None,
-                     help='default: cudnn when nnabla-ext-cuda is installed, else cpu')
+    run.add_argument('--context', '-c', choices=CONTEXTS, default=None,
+                     help='default: cudnn when nnabla-ext-cuda is installed, else cpu '
+                          '(cuda is another name for cudnn)')
     run.add_argument('--device-id', '-d', type=device_id, default='0')
-    run.add_argument('--type-config', '-t', choices=['float', 'half', 'mixed_half'],
-                     default='float')
+    run.add_argument('--type-config', '-t', choices=TYPE_CONFIGS, default='float')
     run.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas',
                      help='on cpu, run convolutions and normalisations through BLAS and C loops '
                           'on all cores (blas; needs a C compiler) or through NNabla\'s '
@@ -146,14 +129,43 @@ def build_parser():
     return parser
 
 
-# The command-line spelling of each argument: FLAGS['batch_size'] == '--batch-size'.
-FLAGS = {action.dest: action.option_strings[0] for action in build_parser()._actions}
+def flag(name):
+    """The command-line spelling of an argument: flag('batch_size') == '--batch-size'."""
+    return '--' + name.replace('_', '-')
+
+
+# How --resume treats a flag given another value than the checkpoint was made with. These
+# decide the data stream, the shapes or the saved state: the run is refused.
+FIXED_ON_RESUME = ['loadSizeH', 'loadSizeW', 'fineSizeH', 'fineSizeW', 'no_flip', 'ins_max',
+                   'ins_per', 'set_order', 'ngf', 'ndf', 'n_blocks', 'n_layers_D', 'batch_size',
+                   'pool_size', 'seed']
+# These may change; each change gets a line. The learning rates always follow the schedule
+# of the current --learning-rate-G/D, --lr-decay-start-epoch and --max-epoch.
+CHANGEABLE_ON_RESUME = ['max_epoch', 'lr_decay_start_epoch', 'learning_rate_G',
+                        'learning_rate_D', 'beta1', 'beta2', 'lambda_cyc', 'lambda_idt',
+                        'lambda_ctx', 'context', 'device_id', 'type_config', 'cpu_conv',
+                        'monitor_path', 'log_step', 'save_interval', 'keep_checkpoints',
+                        'nan_policy']
+# Where the checkpoint is read from and how the run starts are not compared; the dataset is
+# compared by its resolved path and the names of its files, not by --dataroot's spelling.
+NOT_COMPARED_ON_RESUME = ['model_save_path', 'resume', 'overwrite', 'dataroot']
 
 
 def get_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.lr_decay_start_epoch > args.max_epoch:
+    if args.context == 'cuda':
+        args.context = 'cudnn'
+    try:
+        models.check_sizes(args.fineSizeH, args.fineSizeW, args.n_layers_D)
+    except ValueError as error:
+        parser.error(f'--fineSizeH {args.fineSizeH} --fineSizeW {args.fineSizeW}: {error}')
+    if args.fineSizeH > args.loadSizeH or args.fineSizeW > args.loadSizeW:
+        parser.error(f'fine size {args.fineSizeH}x{args.fineSizeW} is larger than load size '
+                     f'{args.loadSizeH}x{args.loadSizeW}')
+    if args.lr_decay_start_epoch is None:
+        args.lr_decay_start_epoch = round(args.max_epoch * 2 / 3)
+    elif args.lr_decay_start_epoch > args.max_epoch:
         parser.error(f'--lr-decay-start-epoch {args.lr_decay_start_epoch} is beyond '
                      f'--max-epoch {args.max_epoch}')
     return args

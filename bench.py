@@ -1,33 +1,49 @@
-"""Benchmark the training iteration of train.py, the data iterator, or translation.
+"""Benchmark a training iteration of train.py, the data loaders, or translation.
 
     python bench.py --config paper            # 300x200, ngf = ndf = 64, 9 blocks
     python bench.py --config small --json     # 64x64, ngf = ndf = 16
 
-`--what train` times Trainer.step exactly as train.py runs it (same graphs, solvers and data
-iterators) and compares the median with a floor: the convolution FLOPs of one iteration
-(forward, input gradient and weight gradient) at the matmul rate numpy reaches here.
+`--what train` runs train.py itself for enough epochs and reads the seconds of each iteration
+from its elapsed_time.timer.txt (--log-step 1; checkpoints and pictures fall between epochs and
+are not counted), so that what is timed is exactly what train.py runs. Its peak memory is the
+child's. Any other train.py flag may follow, e.g. --dataroot, --cpu-conv nnabla,
+--batch-size 4. `--what translate` times one photo through the Translator (reading and
+resizing included, writing not).
 """
-from args import exit_at_once, handle_stop_signals
+from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # a benchmark has nothing to save; the imports below take a while
     handle_stop_signals(exit_at_once)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
-import nnabla as nn  # noqa: E402
+import nnabla as nn
+import numpy as np
 
-import models  # noqa: E402
-import train  # noqa: E402
-from args import get_args, non_negative_int, positive_int  # noqa: E402
-from data import DataError, list_images, mask_paths  # noqa: E402
+import models
+from args import get_args, non_negative_int, positive_int
+from data import (
+    Loaders,
+    check_dataroot,
+    list_images,
+    load_with_masks,
+    mask_paths,
+    resize_with_masks,
+)
+from runtime import RunError
+from runtime.device import set_context
+from runtime.signals import StopRequest
+from translator import NetworkConfig, Translator
 
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 CONFIGS = {
     'paper': ['--loadSizeH', '330', '--loadSizeW', '220', '--fineSizeH', '300',
               '--fineSizeW', '200', '--ngf', '64', '--ndf', '64'],
@@ -46,28 +62,8 @@ def matmul_gflops(size=2048, repeats=5):
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def convolution_flops(root):
-    """2 x multiply-adds of every (transposed) convolution in the graph of `root`, times 3:
-    forward, input gradient and weight gradient, the convention of the reference figures
-    (train.py skips some of these gradients, which then shows as speed)."""
-    multiply_adds = []
-
-    def visit(function):
-        name = function.info.type_name
-        if 'Convolution' not in name:
-            return
-        x, weight = function.inputs[:2]
-        per_element = weight.size // weight.shape[0]
-        # A convolution's weight is (out, in, kh, kw); a transposed one's (in, out, kh, kw).
-        elements = x.size if 'Deconvolution' in name else function.outputs[0].size
-        multiply_adds.append(elements * per_element)
-
-    root.visit(visit)
-    return 3 * 2 * sum(multiply_adds)
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(who=resource.RUSAGE_SELF):
+    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def summary(seconds):
@@ -75,69 +71,73 @@ def summary(seconds):
             'max': float(np.max(seconds))}
 
 
-def bench_train(args, warmup, iterations):
-    # Before accelerate, which leaves numpy's BLAS on one thread (its passes share the cores).
+def bench_train(args, flags, warmup, iterations):
+    """Seconds per iteration of train.py on the benchmark's flags."""
     rate = matmul_gflops()
-    accelerate = train.set_context(args)
-    nn.seed(args.seed)
-    ins_max, loaders = train.make_loaders(args)
-    trainer = train.Trainer(args, ins_max)
-    accelerate(*trainer.graph_outputs())
-    trainer.set_epoch(0)
-    flops = trainer.passes * sum(convolution_flops(root) for root in trainer.graph_outputs())
-    seconds = []
-    for i in range(warmup + iterations):
-        images, masks = train.next_batches(loaders)
+    check_dataroot(args.dataroot)
+    sizes = [len(list_images(os.path.join(args.dataroot, f'train{d}'))) for d in 'AB']
+    epochs = math.ceil((warmup + iterations) / math.ceil(max(sizes) / args.batch_size))
+    with tempfile.TemporaryDirectory() as folder:
+        timer = os.path.join(folder, 'elapsed_time.timer.txt')
+        command = [sys.executable, TRAIN, *flags, '--max-epoch', str(epochs),
+                   '--save-interval', str(epochs), '--log-step', '1', '--monitor-path', folder,
+                   '--model-save-path', folder]
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        with StopRequest(before_exit=[child.kill]):
+            seconds = []
+            while len(seconds) < warmup + iterations and child.poll() is None:
+                time.sleep(0.2)
+                lines = open(timer).read().splitlines() if os.path.exists(timer) else []
+                for line in lines[len(seconds):]:
+                    seconds.append(float(line.split()[1]))
+                    print(f'iteration {len(seconds) - 1}: {seconds[-1]:.3f} s', flush=True)
+            child.kill()
+            _, errors = child.communicate()
+    if len(seconds) < warmup + iterations:
+        last = (errors.strip().splitlines() or ['train.py ended early'])[-1]
+        raise RunError(last.removeprefix('train.py: '))
+    return {'sec_per_iter': summary(seconds[warmup:]),
+            'peak_rss_mb': peak_rss_mb(resource.RUSAGE_CHILDREN), 'matmul_gflops': rate}
+
+
+def bench_data(args, flags, warmup, iterations):
+    loaders = Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
+                      (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
+                      args.set_order, args.seed)
+    with loaders:
+        for _ in range(warmup):
+            loaders.next_batches()
         start = time.perf_counter()
-        trainer.step(images, masks, i)
-        if i >= warmup:
-            seconds.append(time.perf_counter() - start)
-        print('iteration {}: {:.3f} s'.format(i, time.perf_counter() - start), flush=True)
-    for loader in loaders.values():
-        loader.close()
-    floor = flops / (rate * 1e9)
-    return {'sec_per_iter': summary(seconds), 'peak_rss_mb': peak_rss_mb(),
-            'flops_per_iter': flops, 'matmul_gflops': rate, 'floor_sec': floor,
-            'floor_ratio': float(np.median(seconds)) / floor}
-
-
-def bench_data(args, warmup, iterations):
-    ins_max, loaders = train.make_loaders(args)
-    for _ in range(warmup):
-        train.next_batches(loaders)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        train.next_batches(loaders)
-    elapsed = time.perf_counter() - start
-    for loader in loaders.values():
-        loader.close()
+        for _ in range(iterations):
+            loaders.next_batches()
+        elapsed = time.perf_counter() - start
     samples = 2 * iterations * args.batch_size
     return {'samples_per_sec': samples / elapsed, 'peak_rss_mb': peak_rss_mb()}
 
 
-def bench_translate(args, warmup, iterations):
-    """Images per second of translate.py's Translator on trainA of --dataroot, random weights."""
-    import translate
-    accelerate = train.set_context(args)
+def bench_translate(args, flags, warmup, iterations):
+    """Photos per second through a Translator of random weights, on trainA of --dataroot."""
+    _, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     nn.seed(args.seed)
-    params = os.path.join(args.model_save_path, 'bench_parameters.h5')
-    os.makedirs(args.model_save_path, exist_ok=True)
-    with nn.parameter_scope('generator_x2y'):
-        models.generator(nn.Variable((1, 3, 32, 32)), nn.Variable((1, 1, 32, 32)),
-                         args.ngf, args.n_blocks)
-    nn.save_parameters(params)
-    translator = translate.Translator(SimpleNamespace(
-        params=params, direction='AtoB', ngf=args.ngf, n_blocks=args.n_blocks,
-        ins_per=args.ins_per, fineSizeH=args.fineSizeH, fineSizeW=args.fineSizeW))
-    accelerate(translator.image_out, translator.masks_out)
-    os.makedirs(args.monitor_path, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        params = os.path.join(folder, 'parameters.h5')
+        with nn.parameter_scope('generator_x2y'):
+            models.generator(nn.Variable((1, 3, 32, 32)), nn.Variable((1, 1, 32, 32)),
+                             args.ngf, args.n_blocks)
+        nn.save_parameters(params)
+        nn.clear_parameters()
+        config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH,
+                               args.fineSizeW)
+        translator = Translator(params, 'AtoB', config)
+    accelerate(*translator.outputs())
     inputs = [(path, mask_paths(path)) for path in
               list_images(os.path.join(args.dataroot, 'trainA'))]
     seconds = []
     for i in range(warmup + iterations):
         path, masks = inputs[i % len(inputs)]
         start = time.perf_counter()
-        translate.translate_one(translator, str(path), masks, args.monitor_path)
+        translator(*resize_with_masks(*load_with_masks(path, masks), translator.size))
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     return {'images_per_sec': 1 / float(np.median(seconds)), 'peak_rss_mb': peak_rss_mb()}
@@ -152,18 +152,17 @@ def main():
     parser.add_argument('--iters', type=positive_int, default=5, help='timed iterations')
     parser.add_argument('--json', action='store_true', help='end with one line of JSON')
     options, train_flags = parser.parse_known_args()
-    # Any train.py flag may follow, e.g. --dataroot, --cpu-conv nnabla, --batch-size 4.
-    args = get_args(['--dataroot', 'datasets/ccp_sample', '--monitor-path', 'results/bench',
-                     '--model-save-path', 'results/bench'] + CONFIGS[options.config] + train_flags)
+    flags = ['--dataroot', 'datasets/ccp_sample'] + CONFIGS[options.config] + train_flags
+    args = get_args(flags)
     bench = {'train': bench_train, 'data': bench_data, 'translate': bench_translate}
     try:
-        result = bench[options.what](args, options.warmup, options.iters)
-    except (train.ConfigError, DataError, OSError) as error:
+        result = bench[options.what](args, flags, options.warmup, options.iters)
+    except RunError as error:
         sys.exit(f'bench.py: {error}')
     result.update(config=options.config, what=options.what, batch_size=args.batch_size,
                   context=args.context, cpu_conv=args.cpu_conv)
     for key, value in result.items():
-        print('{:>16}: {}'.format(key, value))
+        print(f'{key:>16}: {value}')
     if options.json:
         print(json.dumps(result))
 

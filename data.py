@@ -7,75 +7,110 @@ A dataset folder holds, for each phase (train, val, ...) and domain (A, B):
 
 MaskedImageIterator yields batches of one domain: images in [-1, 1] and a fixed number of
 instance masks per image in [-1, 1] (1 inside, -1 outside, soft at the edges), resized,
-cropped and flipped together. The two domains are
-unaligned, so the caller runs one independent iterator per domain.
+cropped and flipped together; Loaders holds the two unaligned domains of a training set.
+Every image is read by read_photo and every mask by load_mask (imageio decodes, Pillow only
+resizes), whose rules cover every kind of pixel the decoders return.
 """
+import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
+
+from runtime import RunError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 
 
-class DataError(Exception):
+class DataError(RunError):
     """A dataset file or folder is missing or unusable; the message is one line naming it."""
 
 
-def _read_rgb(path):
+def read_pixels(path, kind):
+    """The decoded array of an image file: (H, W) or (H, W, C) of bool, uint8 or uint16."""
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')  # decodes fully, so truncated files fail here
-    except Exception as error:  # PIL reports corrupt files with many unrelated exception types
-        raise DataError(f'{path}: unreadable image ({type(error).__name__}: {error})') from None
+        pixels = imageio.imread(path)
+    except Exception as error:  # the decoders report damage with many exception types
+        reason = str(error).split('\n')[0]
+        raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
+    if pixels.dtype not in (bool, np.uint8, np.uint16) or pixels.ndim not in (2, 3) or (
+            pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4)):
+        raise DataError(f'{path}: a {kind} of {pixels.dtype} values in {pixels.shape} is not '
+                        'supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG')
+    return pixels if pixels.ndim == 3 else pixels[:, :, None]
 
 
-def _to_array(image):
-    """PIL RGB image -> float32 (3, H, W) in [-1, 1]."""
-    return np.asarray(image, np.float32).transpose(2, 0, 1) / 127.5 - 1
+def to_uint8(values):
+    if values.dtype == bool:
+        return values.astype(np.uint8) * 255
+    if values.dtype == np.uint16:
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return values
+
+
+def read_photo(path):
+    """An image file as uint8 (H, W, 3) RGB: grey is repeated, transparency dropped, 16-bit
+    values scaled to 8 bits."""
+    pixels = to_uint8(read_pixels(path, 'image'))
+    colour = pixels[:, :, :3] if pixels.shape[2] >= 3 else pixels[:, :, :1]
+    return np.ascontiguousarray(np.broadcast_to(colour, colour.shape[:2] + (3,)))
 
 
 def load_image(path):
-    """Any image file -> float32 (3, H, W) RGB in [-1, 1]."""
-    return _to_array(_read_rgb(path))
+    """An image file -> float32 (3, H, W) RGB in [-1, 1]."""
+    return read_photo(path).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
 
 
 def load_mask(path):
-    """Any image file -> bool (H, W), True above half the file's maximum, so 0/1 and 0/255 work
-    alike (the official code reads 0/255 files; this makes any other encoding equivalent)."""
-    try:
-        with Image.open(path) as mask:
-            # Palette and colour masks are judged by luminance; single-band ones keep their raw
-            # values because convert('L') would clip 16-bit masks.
-            if mask.mode == 'P' or len(mask.getbands()) > 1:
-                mask = mask.convert('L')
-            values = np.asarray(mask)
-    except Exception as error:  # PIL reports corrupt files with many unrelated exception types
-        raise DataError(f'{path}: unreadable mask ({type(error).__name__}: {error})') from None
-    return values > values.max() / 2  # an all-zero mask stays empty
+    """A mask file -> bool (H, W). A pixel is on where its value is above half the largest
+    value in the file, so 0/1, 0/255 and 16-bit masks read alike and an all-zero one is empty.
+    Colour masks are judged by their brightest channel. With transparency, the mask is drawn in
+    whichever of colour and alpha varies; where both vary they must agree."""
+    pixels = read_pixels(path, 'mask').astype(np.float64)
+    colour = pixels[:, :, :3].max(axis=2) if pixels.shape[2] >= 3 else pixels[:, :, 0]
+    planes = [colour]
+    if pixels.shape[2] in (2, 4):
+        planes.append(pixels[:, :, -1])
+    varying = [plane > plane.max() / 2 for plane in planes if plane.max() > plane.min()]
+    if not varying:  # one value everywhere: on unless black or transparent
+        return np.full(colour.shape, all(plane.max() > 0 for plane in planes))
+    if len(varying) == 2 and not np.array_equal(*varying):
+        raise DataError(f'{path}: its colour and its transparency draw different masks; save '
+                        'the mask in one of them (white instance on black, opaque)')
+    return varying[0]
 
 
 def load_with_masks(image_path, mask_paths):
-    """An image (PIL RGB) and its masks (bool (H, W) each, at the image's own size)."""
-    image = _read_rgb(image_path)
+    """An image (uint8 (H, W, 3)) and its masks (bool (H, W) each, at the image's own size)."""
+    image = read_photo(image_path)
     masks = [load_mask(path) for path in mask_paths]
     for path, mask in zip(mask_paths, masks):
-        if mask.shape != (image.height, image.width):
+        if mask.shape != image.shape[:2]:
             raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
-                            f'but its image is {image.width}x{image.height}')
+                            f'but its image is {image.shape[1]}x{image.shape[0]}')
     return image, masks
 
 
+RESAMPLING = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'box': Image.BOX}
+
+
+def resize(array, size, method='bicubic'):
+    """uint8 (H, W[, C]) or float32 (H, W) resized to size (H, W) by Pillow (imageio does not
+    resize)."""
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), RESAMPLING[method]))
+
+
 def resize_with_masks(image, masks, size):
-    """A PIL RGB image and its bool masks resized to size (H, W), both bicubically as the
+    """A uint8 RGB image and its bool masks resized to size (H, W), both bicubically as the
     official code does: float32 (3, H, W) and (N, H, W), in [-1, 1]. The masks keep the soft
     edges the resize gives them (not binarised, as in the official pipeline)."""
-    height, width = size
-    resized = _to_array(image.resize((width, height), Image.BICUBIC))
-    masks = np.stack([np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
-                                 .resize((width, height), Image.BICUBIC), np.float32) / 127.5 - 1
-                      for mask in masks]) if masks else np.zeros((0, height, width), np.float32)
+    resized = resize(image, size).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+    masks = np.stack([resize(mask.astype(np.uint8) * 255, size).astype(np.float32) / 127.5 - 1
+                      for mask in masks]) if masks else np.zeros((0,) + tuple(size), np.float32)
     return resized, masks
 
 
@@ -83,7 +118,28 @@ def load_resized(image_path, mask_paths, size):
     """resize_with_masks of an image file and its mask files; also returns the image's own
     (H, W)."""
     image, masks = load_with_masks(image_path, mask_paths)
-    return (*resize_with_masks(image, masks, size), (image.height, image.width))
+    return (*resize_with_masks(image, masks, size), image.shape[:2])
+
+
+def dataset_folder(path):
+    """(folder, what it is) if `path` is or lies in a folder of a dataset, else None: a mask
+    folder (NAME_seg) or an image folder (one beside NAME_seg)."""
+    path = Path(os.path.realpath(path))
+    for folder in [path, *path.parents]:
+        if folder.name.endswith('_seg'):
+            return folder, "a dataset's mask folder"
+        if folder.name and folder.with_name(folder.name + '_seg').is_dir():
+            return folder, f"a dataset's image folder (beside {folder}_seg)"
+    return None
+
+
+def check_not_in_dataset(path, flag):
+    """Refuse an output folder that would mix a program's files into a dataset."""
+    found = dataset_folder(path)
+    if found:
+        folder, what = found
+        inside = '' if folder == Path(os.path.realpath(path)) else f' lies in {folder}, which'
+        raise DataError(f'{flag} {path}{inside} is {what}; choose another folder')
 
 
 def mask_areas(masks):
@@ -91,14 +147,26 @@ def mask_areas(masks):
     return ((masks + 1) / 2).sum(axis=(1, 2))
 
 
+def largest_first(masks):
+    """The order of (N, H, W) masks by decreasing area, ties in file order: the slot order of
+    training and translation alike."""
+    return np.argsort(-mask_areas(masks), kind='stable')
+
+
 def mask_paths(image_path):
     """Instance masks of DIR/NAME.ext: DIR_seg/NAME_0.png, NAME_1.png, ... up to the first gap."""
     image_path = Path(image_path)
     seg_folder = image_path.parent.with_name(image_path.parent.name + '_seg')
     paths = []
-    while (path := seg_folder / f'{image_path.stem}_{len(paths)}.png').exists():
+    while (path := seg_folder / f'{image_path.stem}_{len(paths)}.png').is_file():
         paths.append(path)
     return paths
+
+
+def is_listed(path):
+    """Files a dataset folder lists: images, not hidden ones (such as macOS's ._NAME.png)."""
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith('.')
+            and path.is_file())
 
 
 def list_images(folder):
@@ -107,8 +175,7 @@ def list_images(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f'{folder}: folder not found')
-    paths = sorted(path for path in folder.iterdir()
-                   if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith('.'))
+    paths = sorted(path for path in folder.iterdir() if is_listed(path))
     if not paths:
         raise DataError(f'{folder}: no images ({", ".join(IMAGE_EXTENSIONS)})')
     first_of_stem = {}
@@ -129,18 +196,22 @@ def count_max_instances(dataroot, phase='train'):
 class MaskedImageIterator:
     """Endless shuffled batches of (images, masks) from {dataroot}/{phase}{domain}.
 
-    images: float32 (B, 3, fine_h, fine_w) in [-1, 1]; masks: float32 (B, ins_max, fine_h, fine_w)
-    with 1 inside an instance and -1 elsewhere, soft at the edges. Each image and its masks are resized to
-    load_size, randomly cropped to fine_size and randomly flipped, all with the same window.
-    Instances are sorted by decreasing area inside the crop (or shuffled with set_order='random'),
-    cut to ins_max and padded with empty masks. Sizes are (H, W).
+    images: float32 (B, 3, fine_h, fine_w) in [-1, 1]; masks: float32 (B, ins_max, fine_h,
+    fine_w) with 1 inside an instance and -1 elsewhere, soft at the edges. Each image and its
+    masks are resized to load_size, randomly cropped to fine_size and randomly flipped, all with
+    the same window. Instances are sorted by decreasing area inside the crop (or shuffled with
+    set_order='random'), cut to ins_max and padded with empty masks. Sizes are (H, W).
 
-    All randomness comes from one RandomState drawn in the calling thread, so a seed fixes
-    every batch; worker threads only decode and resize, one batch ahead of the caller.
+    The order comes from a RandomState of `seed`; the crop and flip of the j-th sample of the
+    k-th batch from `transform_seed`, k and j alone, so that iterators given the same
+    transform_seed (the two domains of a run) crop and flip their k-th batches alike, as the
+    official loader does with its one seed per iteration. Everything is drawn in the calling
+    thread; worker threads only decode and resize, one batch ahead of the caller.
     """
 
     def __init__(self, dataroot, phase, domain, batch_size, load_size=(330, 220),
-                 fine_size=(300, 200), ins_max=4, flip=True, set_order='decreasing', seed=0):
+                 fine_size=(300, 200), ins_max=4, flip=True, set_order='decreasing', seed=0,
+                 transform_seed=None):
         if domain not in ('A', 'B'):
             raise ValueError(f"domain must be 'A' or 'B', not {domain!r}")
         if set_order not in ('decreasing', 'random'):
@@ -153,27 +224,35 @@ class MaskedImageIterator:
         dataroot = Path(dataroot)
         if not dataroot.is_dir():
             raise DataError(f'{dataroot}: dataset folder not found')
-        folder = dataroot / f'{phase}{domain}'
-        self.image_paths = list_images(folder)
+        self.folder = dataroot / f'{phase}{domain}'
+        self.image_paths = list_images(self.folder)
         self.mask_paths = [mask_paths(path) for path in self.image_paths]
         for image_path, masks in zip(self.image_paths, self.mask_paths):
             if not masks:
                 raise DataError(f'{image_path}: no instance mask '
-                                f'(expected {folder}_seg/{image_path.stem}_0.png)')
+                                f'(expected {self.folder}_seg/{image_path.stem}_0.png)')
         claimed = {path for masks in self.mask_paths for path in masks}
-        for path in sorted(Path(f'{folder}_seg').glob('*.png')):
-            if path not in claimed:
-                raise DataError(f'{path}: mask without an image in {folder} '
+        for path in sorted(Path(f'{self.folder}_seg').iterdir()):
+            if is_listed(path) and path not in claimed:
+                raise DataError(f'{path}: mask without an image in {self.folder} '
                                 '(or a gap in its NAME_0, NAME_1, ... numbering)')
 
         self.size, self.batch_size = len(self.image_paths), batch_size
         self.load_size, self.fine_size = tuple(load_size), tuple(fine_size)
         self.ins_max, self.flip, self.set_order = ins_max, flip, set_order
         self._rng = np.random.RandomState(seed)
+        self._transform_seed = seed if transform_seed is None else transform_seed
+        self._batches = 0  # batches planned so far
         self._order = np.arange(0)  # image indices of the current pass; empty forces a reshuffle
         self._cursor = 0  # position in self._order
         self._pending = None  # (state before planning, futures) of the batch next() returns
         self._pool = ThreadPoolExecutor(max_workers=2)
+
+    def fingerprint(self):
+        """A digest of the file names (images and masks) this iterator reads."""
+        names = [str(path.relative_to(self.folder.parent)) for image, masks in
+                 zip(self.image_paths, self.mask_paths) for path in [image] + masks]
+        return hashlib.sha256('\n'.join(names).encode()).hexdigest()[:16]
 
     def next(self):
         if self._pending is None:
@@ -184,13 +263,25 @@ class MaskedImageIterator:
         return np.stack(images), np.stack(masks)
 
     def get_state(self):
-        """Picklable position; after set_state(state), next() returns the batch it would now."""
+        """The position as JSON-able values and arrays; after set_state(state), next() returns
+        the batch it would now."""
         return self._pending[0] if self._pending else self._state()
 
     def set_state(self, state):
+        """Raises ValueError unless `state` is a position of this iterator's images."""
+        order, cursor = np.asarray(state['order']), state['cursor']
+        batches, transform_seed = state['batches'], state['transform_seed']
+        if (order.dtype.kind not in 'iu' or order.ndim != 1 or
+                not all(type(v) is int for v in (cursor, batches, transform_seed)) or
+                not 0 <= cursor <= len(order) or batches < 0 or transform_seed < 0 or
+                len(order) not in (0, self.size) or (len(order) and (
+                    sorted(order.tolist()) != list(range(self.size))))):
+            raise ValueError(f'a loader position of order {order.shape}, cursor {cursor!r}, '
+                             f'batch {batches!r} does not fit {self.size} images')
         self._cancel_pending()
-        self._rng.set_state(state['rng'])
-        self._order, self._cursor = np.array(state['order']), state['cursor']
+        self._rng.set_state(tuple(state['rng']))
+        self._order, self._cursor = order, cursor
+        self._batches, self._transform_seed = batches, transform_seed
 
     def close(self):
         self._cancel_pending()
@@ -203,7 +294,8 @@ class MaskedImageIterator:
         self.close()
 
     def _state(self):
-        return {'rng': self._rng.get_state(), 'order': self._order.copy(), 'cursor': self._cursor}
+        return {'rng': self._rng.get_state(), 'order': self._order.copy(), 'cursor': self._cursor,
+                'batches': self._batches, 'transform_seed': self._transform_seed}
 
     def _cancel_pending(self):
         if self._pending:
@@ -212,35 +304,122 @@ class MaskedImageIterator:
         self._pending = None
 
     def _submit(self):
-        """Plan the next batch here, from the rng, and hand only the decoding to the workers."""
+        """Plan the next batch here and hand only the decoding to the workers."""
         state = self._state()  # taken before planning, so get_state() points at this batch
         (load_h, load_w), (fine_h, fine_w) = self.load_size, self.fine_size
         futures = []
-        for _ in range(self.batch_size):
+        for j in range(self.batch_size):
             if self._cursor == len(self._order):
                 self._order, self._cursor = self._rng.permutation(self.size), 0
             index = self._order[self._cursor]
             self._cursor += 1
-            top = self._rng.randint(load_h - fine_h + 1)
-            left = self._rng.randint(load_w - fine_w + 1)
-            flip = self.flip and self._rng.rand() < 0.5
+            transform = np.random.RandomState([self._transform_seed, self._batches, j])
+            top = transform.randint(load_h - fine_h + 1)
+            left = transform.randint(load_w - fine_w + 1)
+            flip = self.flip and transform.rand() < 0.5
             set_order = (self._rng.permutation(len(self.mask_paths[index]))
                          if self.set_order == 'random' else None)
             futures.append(self._pool.submit(self._load, index, top, left, flip, set_order))
+        self._batches += 1
         return state, futures
 
     def _load(self, index, top, left, flip, set_order):
-        """One (image, masks) sample; set_order None means decreasing area."""
+        """One (image, masks) sample; set_order None means largest first."""
         image, masks, _ = load_resized(self.image_paths[index], self.mask_paths[index],
-                                    self.load_size)
+                                       self.load_size)
         fine_h, fine_w = self.fine_size
         rows, cols = slice(top, top + fine_h), slice(left, left + fine_w)
         image, masks = image[:, rows, cols], masks[:, rows, cols]
         if flip:
             image, masks = image[:, :, ::-1], masks[:, :, ::-1]
-        if set_order is None:  # largest first, ties in file order
-            set_order = np.argsort(-mask_areas(masks), kind='stable')
+        if set_order is None:
+            set_order = largest_first(masks)
         kept = masks[set_order[:self.ins_max]]
         padded = np.full((self.ins_max, fine_h, fine_w), -1, np.float32)
         padded[:len(kept)] = kept
         return np.ascontiguousarray(image), np.ascontiguousarray(padded)
+
+
+def check_dataroot(dataroot):
+    if not os.path.isdir(dataroot):
+        raise DataError(f'{dataroot}: dataset folder not found '
+                        '(datasets/generate_ccp_dataset.py makes one)')
+
+
+class Loaders:
+    """The two domains of a training set ('x' reads trainA, 'y' trainB), each in its own
+    shuffled order, the k-th batches of both cropped and flipped alike. `ins_max` is capped at
+    the most instances any image has."""
+
+    def __init__(self, dataroot, batch_size, load_size, fine_size, ins_max, flip, set_order,
+                 seed):
+        check_dataroot(dataroot)
+        self.ins_max = min(ins_max, count_max_instances(dataroot, 'train'))
+        self.domains = {}
+        try:
+            for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')]):
+                self.domains[domain] = MaskedImageIterator(
+                    dataroot, 'train', letter, batch_size, load_size, fine_size, self.ins_max,
+                    flip, set_order, seed=seed + i, transform_seed=seed)
+        except BaseException:
+            self.close()
+            raise
+        self.dataroot = dataroot
+
+    def next_batches(self):
+        """({domain: images}, {domain: masks}) of the next batch of both domains."""
+        batches = {d: loader.next() for d, loader in self.domains.items()}
+        return {d: b[0] for d, b in batches.items()}, {d: b[1] for d, b in batches.items()}
+
+    @property
+    def sizes(self):
+        return {d: loader.size for d, loader in self.domains.items()}
+
+    def identity(self):
+        """What names the dataset in a checkpoint: its resolved path, and per domain the image
+        count, the instance slots and a fingerprint of the file names."""
+        return {'path': os.path.realpath(self.dataroot), 'ins_max': self.ins_max,
+                'domains': {d: {'folder': loader.folder.name, 'images': loader.size,
+                                'fingerprint': loader.fingerprint()}
+                            for d, loader in self.domains.items()}}
+
+    def verify(self):
+        """Decode every image and mask once, before anything is written, so that a corrupt file
+        stops the run now and not epochs later; and refuse a domain without a single non-empty
+        mask, which would train nothing."""
+        def instances(image_path, mask_paths, size):
+            _, masks, _ = load_resized(image_path, mask_paths, size)
+            return int(np.sum(masks.max(axis=(1, 2)) > -1))
+
+        workers = ThreadPoolExecutor(max_workers=2)
+        try:
+            for loader in self.domains.values():
+                found = 0
+                with tqdm(total=loader.size, desc=f'checking {loader.folder}', leave=False,
+                          dynamic_ncols=True, disable=None) as progress:
+                    for count in workers.map(instances, loader.image_paths, loader.mask_paths,
+                                             [loader.load_size] * loader.size):
+                        found += count
+                        progress.update()
+                if not found:
+                    raise DataError(f'{loader.folder}_seg: every mask is empty, so '
+                                    f'{loader.folder} has no instance to translate')
+        finally:
+            workers.shutdown(cancel_futures=True)
+
+    def state_dict(self):
+        return {d: loader.get_state() for d, loader in self.domains.items()}
+
+    def load_state_dict(self, state):
+        for d, loader in self.domains.items():
+            loader.set_state(state[d])
+
+    def close(self):
+        for loader in self.domains.values():
+            loader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

@@ -39,35 +39,43 @@ is reported once. Output: a table (or with --json one JSON line) on stdout, and
 OUT/index.html with a tile per photo (input | masks | translation | translated masks), sorted
 by the classifier's probability of the target domain, best first.
 """
-import signal
-
-from args import exit_at_once, handle_stop_signals
+from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # until the results are written, a stop has nothing to save
     handle_stop_signals(exit_at_once)
 
-import argparse  # noqa: E402
-import html  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import html
+import json
+import math
+import os
+import re
+import sys
+from types import SimpleNamespace
 
-import numpy as np  # noqa: E402
-import nnabla as nn  # noqa: E402
-from nnabla.ext_utils import get_extension_context  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy.optimize import minimize  # noqa: E402
-from scipy.special import expit  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+from tqdm import tqdm
 
-from data import (DataError, list_images, load_image, load_mask, load_resized,  # noqa: E402
-                  mask_areas, mask_paths)
-from train import (cuda_installed, graph_engine, image_panel, make_writable_folder,  # noqa: E402
-                   mask_panel, save_tile, write_text)
-from translate import SAVED_FLAGS, Translator, load_config  # noqa: E402
+from args import device_id, path
+from data import (
+    DataError,
+    check_not_in_dataset,
+    largest_first,
+    list_images,
+    load_image,
+    load_mask,
+    load_resized,
+    mask_paths,
+    resize,
+)
+from runtime import RunError
+from runtime.device import CONTEXTS, TYPE_CONFIGS, cuda_installed, set_context
+from runtime.files import make_writable_folder, write_text
+from runtime.monitors import image_panel, mask_panel, save_tile
+from runtime.signals import StopRequest, exit_status
+from translator import load_translators
 
 FEATURE_SIZE = (32, 22)  # (H, W) of the masks the classifiers see: CCP photos are about 3:2
 L2 = 1e-2  # the best of 1e-5 ... 1 in 5-fold cross-validation on the CCP train masks
@@ -102,14 +110,14 @@ def load_phase(dataroot, phase, domain, size):
     for path in list_images(folder):
         masks = mask_paths(path)
         if not masks:
-            raise DataError('{}: no instance mask in {}_seg; evaluate.py needs a phase with '
-                            'masks (val has none)'.format(path, folder))
+            raise DataError(f'{path}: no instance mask in {folder}_seg; evaluate.py needs a phase with '
+                            'masks (val has none)')
         image, small_masks, _ = load_resized(path, masks, size)
-        order = np.argsort(-mask_areas(small_masks), kind='stable')
+        order = largest_first(small_masks)
         samples.append(SimpleNamespace(name=path.stem, image_path=path, mask_paths=masks,
                                        image=image, masks=small_masks[order]))
     if len(samples) < 2:
-        raise DataError('{}: one image; cross-validation needs at least 2'.format(folder))
+        raise DataError(f'{folder}: one image; cross-validation needs at least 2')
     return samples
 
 
@@ -121,15 +129,13 @@ def union(masks):
 def mask_features(mask_sets):
     """One row per image: the union of its masks, area-averaged down to FEATURE_SIZE."""
     height, width = FEATURE_SIZE
-    return np.array([np.asarray(Image.fromarray(union(masks).astype(np.float32))
-                                .resize((width, height), Image.BOX)).ravel()
+    return np.array([resize(union(masks).astype(np.float32), (height, width), 'box').ravel()
                      for masks in mask_sets], np.float64)
 
 
-def resize(array, size):
+def resize_channels(array, size):
     """(C, h, w) float -> (C, H, W) float, bicubic per channel without rounding to 8 bits."""
-    return np.stack([np.asarray(Image.fromarray(channel.astype(np.float32))
-                                .resize((size[1], size[0]), Image.BICUBIC)) for channel in array])
+    return np.stack([resize(channel.astype(np.float32), size) for channel in array])
 
 
 # Classifiers ---------------------------------------------------------------------------------
@@ -242,9 +248,9 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
         photo = load_image(sample.image_path)
         full_size = photo.shape[1:]
         photo_masks = np.stack([load_mask(path) for path in sample.mask_paths])
-        outside = ~(photo_masks.any(axis=0) | union(resize(masks, full_size)))
-        errors['background_full'].add(photo, np.clip(resize(image, full_size), -1, 1), outside)
-        errors['floor_full'].add(photo, np.clip(resize(sample.image, full_size), -1, 1), outside)
+        outside = ~(photo_masks.any(axis=0) | union(resize_channels(masks, full_size)))
+        errors['background_full'].add(photo, np.clip(resize_channels(image, full_size), -1, 1), outside)
+        errors['floor_full'].add(photo, np.clip(resize_channels(sample.image, full_size), -1, 1), outside)
 
         iou = mask_iou(sample.masks, masks)
         ious.extend(iou)
@@ -279,42 +285,22 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
     return summary, sorted(results, key=lambda r: -r.target_probability)
 
 
-# Model ---------------------------------------------------------------------------------------
-
-def load_generators(model_save_path):
-    """The newest checkpoint's network sizes and {direction: generator} for it. A checkpoint
-    whose files cannot be read becomes a DataError naming it."""
-    config = argparse.Namespace(model_save_path=model_save_path, params=None,
-                                **dict.fromkeys(SAVED_FLAGS))
-    try:
-        load_config(config)
-        generators = {}
-        for direction in DIRECTIONS:
-            config.direction = direction
-            generators[direction] = Translator(config)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        # what h5py, json, a state.json without its entries and nnabla raise on damaged files
-        message = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise DataError('{}: damaged checkpoint ({}: {})'.format(
-            os.path.dirname(config.params) if config.params else model_save_path,
-            type(error).__name__, message)) from None
-    return config, generators
-
-
 # Output --------------------------------------------------------------------------------------
 
-def write_page(out, results_by_direction, report):
-    """Tiles of each direction, best first, and OUT/index.html listing them."""
-    sections = []
+def write_page(out, results_by_direction, report, stop):
+    """Tiles of each direction, best first, and OUT/index.html listing them. A stop request
+    ends it between two files; returns the number of tiles written then, None if complete."""
+    sections, written = [], 0
     for direction, results in results_by_direction.items():
         rows = []
         for result in results:
-            tile = '{}_{}.png'.format(direction, result.name)
+            if stop.received:
+                return written
+            written += 1
+            tile = f'{direction}_{result.name}.png'
             save_tile(os.path.join(out, tile), [result.panels])
-            rows.append('<p>{} p(target) {:.3f}, IoU {:.3f}, background {:.4f}<br>'
-                        '<img src="{}"></p>'.format(html.escape(result.name),
-                                                    result.target_probability, result.iou,
-                                                    result.background, html.escape(tile)))
+            rows.append(f'<p>{html.escape(result.name)} p(target) {result.target_probability:.3f}, IoU {result.iou:.3f}, background {result.background:.4f}<br>'
+                        f'<img src="{html.escape(tile)}"></p>')
         sections.append('<h2>{}</h2>\n{}'.format(direction, '\n'.join(rows)))
     write_text(os.path.join(out, 'index.html'),
                '<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
@@ -344,32 +330,35 @@ def format_table(report):
 
 def existing_folder(path):
     if not os.path.isdir(path):
-        raise argparse.ArgumentTypeError('{}: folder not found'.format(path))
+        raise argparse.ArgumentTypeError(f'{path}: folder not found')
     return path
 
 
 def phase_name(name):
     if not re.fullmatch(r'[A-Za-z0-9_-]+', name):
-        raise argparse.ArgumentTypeError('{!r} is not a phase name like test or train'.format(name))
+        raise argparse.ArgumentTypeError(f'{name!r} is not a phase name like test or train')
     return name
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--model-save-path', '-o', type=existing_folder, required=True,
-                        help="a training run's checkpoint folder: its newest checkpoint is used")
+    parser.add_argument('--model-save-path', '-o', type=path, required=True,
+                        help="a model: a training run's --model-save-path (its newest "
+                             'checkpoint), a checkpoint folder, a pretrained/ folder or a '
+                             'parameters.h5')
     parser.add_argument('--dataroot', type=existing_folder, required=True,
                         help='a dataset folder with trainA/B and {phase}A/B, masks included')
     parser.add_argument('--phase', type=phase_name, default='test',
                         help='the photos scored; the classifiers always learn from train')
     parser.add_argument('--json', action='store_true',
                         help='print one JSON line of every figure instead of the table')
-    parser.add_argument('--out', help='folder of the tiles and index.html '
-                                      '(default: results/evaluate/PHASE)')
-    parser.add_argument('--context', '-c', choices=['cpu', 'cudnn'],
+    parser.add_argument('--out', type=path, help='folder of the tiles and index.html '
+                                                 '(default: results/evaluate/PHASE)')
+    parser.add_argument('--context', '-c', choices=CONTEXTS,
                         default='cudnn' if cuda_installed() else 'cpu')
-    parser.add_argument('--device-id', '-d', default='0')
+    parser.add_argument('--device-id', '-d', type=device_id, default='0')
+    parser.add_argument('--type-config', '-t', choices=TYPE_CONFIGS, default='float')
     return parser.parse_args(argv)
 
 
@@ -377,18 +366,17 @@ def main(argv=None):
     args = get_args(argv)
     out = args.out or os.path.join('results', 'evaluate', args.phase)
     try:
-        nn.set_default_context(get_extension_context(args.context, device_id=args.device_id))
-        config, generators = load_generators(args.model_save_path)
-        accelerate = graph_engine(args.context)
-        for translator in generators.values():
-            accelerate(translator.image_out, translator.masks_out)
-        size = (config.fineSizeH, config.fineSizeW)
+        _, accelerate = set_context(args.context, args.device_id, args.type_config)
+        params_file, config, generators = load_translators(
+            args.model_save_path, DIRECTIONS, accelerate=accelerate)
+        size = config.size
         phase = {d: load_phase(args.dataroot, args.phase, d, size) for d in 'AB'}
         train_features = {d: mask_features(s.masks for s in load_phase(
             args.dataroot, 'train', d, size)) for d in 'AB'}
-        make_writable_folder(out)  # refuse an unwritable --out before any work
-    except (DataError, ImportError, OSError) as error:
-        sys.exit('evaluate.py: {}'.format(error))
+        check_not_in_dataset(out, '--out')
+        make_writable_folder(out, '--out')  # refuse an unwritable --out before any work
+    except RunError as error:
+        sys.exit(f'evaluate.py: {error}')
 
     classifier = LogisticRegression().fit(
         np.concatenate([train_features['A'], train_features['B']]),
@@ -396,7 +384,7 @@ def main(argv=None):
     correct = [(classifier.probability(mask_features(s.masks for s in phase[d])) >= 0.5)
                == (d == 'B') for d in 'AB']
     report = {
-        'checkpoint': os.path.dirname(config.params), 'dataroot': args.dataroot,
+        'checkpoint': os.path.dirname(params_file), 'dataroot': args.dataroot,
         'phase': args.phase, 'size': list(size),
         'classifier': {'train_images': {d: len(train_features[d]) for d in 'AB'},
                        'phase_images': {d: len(phase[d]) for d in 'AB'},
@@ -409,19 +397,19 @@ def main(argv=None):
         report[direction], results[direction] = evaluate_direction(
             phase[source], generators[direction], generators[reverse], classifier, target,
             train_features[target])
-    # From here a stop raises KeyboardInterrupt, which removes the file being written rather
-    # than leave it half-written.
-    handle_stop_signals(signal.default_int_handler)
-    try:
-        write_page(out, results, report)
-    except OSError as error:
-        sys.exit('evaluate.py: {}'.format(error))
+    # Every tile and index.html is written whole or not at all; a stop waits for the file.
+    with StopRequest('stopping after this file') as stop:
+        stop.deferring = True
+        try:
+            written = write_page(out, results, report, stop)
+        except RunError as error:
+            sys.exit(f'evaluate.py: {error}')
+    if stop.received:
+        print(f'evaluate.py: stopped by {stop.name} after {written} tile'
+              f'{"s" * (written != 1)}; index.html is not written', file=sys.stderr)
+        sys.exit(exit_status(stop.received))
     print(json.dumps(report) if args.json else format_table(report))
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:  # every tile and index.html is written whole or not at all
-        print('evaluate.py: interrupted', file=sys.stderr)
-        sys.exit(130)
+    main()

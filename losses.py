@@ -6,6 +6,10 @@ sequential training, the samples that have instances in the current pass).
 """
 import nnabla.functions as F
 
+# The terms a run monitors, each for both directions (NAME_x, NAME_y).
+LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
+              'identity_mapping_loss', 'context_preserving_loss']
+
 
 def batch_mean(values, weights=None):
     if weights is None:

@@ -8,10 +8,11 @@ of the slots does not matter and the samples of a batch never mix (the PyTorch o
 over the batch axis and so only works with batch size 1).
 
 Use every function under `nn.parameter_scope(...)`: the scope names the network. The graphs
-are plain NNabla on every device; on the CPU, cpu_functions.accelerate can move a built graph's
-convolutions and normalisations onto numpy afterwards, with the same parameters.
+are plain NNabla on every device; on the CPU, cpu_engine.accelerate can move a built graph's
+convolutions and normalisations onto every core afterwards, with the same parameters.
 """
 import math
+import re
 
 import nnabla as nn
 import nnabla.functions as F
@@ -19,11 +20,39 @@ import nnabla.initializer as I
 import nnabla.parametric_functions as PF
 
 
-# PF.convolution and PF.deconvolution open a parameter scope of their own ('conv', 'deconv').
-# Their undecorated bodies, called under the layer's scope, keep the names this code's
-# checkpoints have always had: LAYER/W, LAYER/b and LAYER/spectral-norm/u.
-pf_convolution = PF.convolution.__parametric_function_api_base__
-pf_deconvolution = PF.deconvolution.__parametric_function_api_base__
+def check_sizes(height, width, n_layers_D=None):
+    """The network sizes these networks take; raises ValueError saying why not. The generator's
+    two stride-2 convolutions and their transposes need multiples of 4, and its residual blocks
+    reflect-pad H/4 x W/4 maps by one pixel, which needs two. Each stride-2 layer of the
+    discriminator halves the size, and its last two 4x4 convolutions take one pixel each."""
+    smallest = max(8, 3 * 2 ** n_layers_D if n_layers_D else 0)
+    for name, size in [('height', height), ('width', width)]:
+        if size % 4 or size < smallest:
+            raise ValueError(f'a network {name} of {size} is not a multiple of 4 of at least '
+                             f'{smallest}' + (f' (--n-layers-D {n_layers_D})' if n_layers_D else ''))
+
+
+def slots_per_pass(ins_per, instances):
+    """K, the instance slots one pass translates: --ins-per, but no more than there are."""
+    return max(1, min(ins_per, instances))
+
+
+def pass_slices(instances, per_pass):
+    """The slots of each pass of sequential mini-batch translation (paper section 2.3):
+    instances rounded up to a whole number of passes of `per_pass` slots."""
+    return [slice(p * per_pass, (p + 1) * per_pass)
+            for p in range(max(1, math.ceil(instances / per_pass)))]
+
+
+def current_parameter_name(name):
+    """Today's name of a parameter saved by an earlier version, which kept PF's layer scope out
+    (LAYER/W, LAYER/b, LAYER/spectral-norm/u for today's LAYER/conv/W, ...; up0 and up1 are
+    deconvolutions); today's names come back unchanged."""
+    match = re.fullmatch(r'(.*/)?([^/]+)/(W|b|spectral-norm/u)', name)
+    if not match or match.group(2) in ('conv', 'deconv'):
+        return name
+    kind = 'deconv' if re.fullmatch(r'up\d+', match.group(2)) else 'conv'
+    return f'{match.group(1) or ""}{match.group(2)}/{kind}/{match.group(3)}'
 
 
 def generator_init():
@@ -44,26 +73,23 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, name='conv'):
     """Generator convolution of x, zero-padded by `pad` or reflection-padded by `reflect` pixels."""
     if reflect:
         x = F.pad(x, (reflect,) * 4, mode='reflect')
-    with nn.parameter_scope(name):
-        return pf_convolution(x, outmaps, (kernel, kernel), pad=(pad, pad),
-                              stride=(stride, stride), w_init=generator_init())
+    return PF.convolution(x, outmaps, (kernel, kernel), pad=(pad, pad), stride=(stride, stride),
+                          w_init=generator_init(), name=name)
 
 
 def upsample(x, outmaps, name='deconv'):
     """3x3 transposed convolution, stride 2, output padding 1: exactly doubles H and W."""
-    with nn.parameter_scope(name):
-        return pf_deconvolution(x, outmaps, (3, 3), pad=(1, 1), stride=(2, 2),
-                                output_padding=(1, 1), w_init=generator_init())
+    return PF.deconvolution(x, outmaps, (3, 3), pad=(1, 1), stride=(2, 2), output_padding=(1, 1),
+                            w_init=generator_init(), name=name)
 
 
 def spectral_norm_convolution(x, outmaps, stride, fix_parameters, name='conv'):
     """The discriminator's 4x4 convolution, zero-padded by 1 pixel, with a spectrally normalised
     weight (Miyato et al. 2018)."""
     init = discriminator_init(x.shape[1] * 4 * 4)
-    with nn.parameter_scope(name):
-        return pf_convolution(x, outmaps, (4, 4), pad=(1, 1), stride=(stride, stride),
-                              w_init=init, b_init=init, fix_parameters=fix_parameters,
-                              apply_w=PF.spectral_norm)
+    return PF.convolution(x, outmaps, (4, 4), pad=(1, 1), stride=(stride, stride), w_init=init,
+                          b_init=init, fix_parameters=fix_parameters, apply_w=PF.spectral_norm,
+                          name=name)
 
 
 def instance_norm(x, eps=1e-5):
@@ -93,9 +119,9 @@ def encoder(x, ngf, n_blocks):
     h = F.relu(instance_norm(convolution(x, ngf, 7, reflect=3, name='stem')))
     for i in range(2):
         h = F.relu(instance_norm(convolution(h, ngf * 2 ** (i + 1), 3, stride=2, pad=1,
-                                             name='down{}'.format(i))))
+                                             name=f'down{i}')))
     for i in range(n_blocks):
-        h = residual_block(h, 'res{}'.format(i))
+        h = residual_block(h, f'res{i}')
     return h
 
 
@@ -103,7 +129,7 @@ def decoder(feature, out_channels):
     """Two upsamplings that halve the channels, then a 7x7 convolution to tanh outputs."""
     h = feature
     for i in range(2):
-        h = F.relu(instance_norm(upsample(h, h.shape[1] // 2, name='up{}'.format(i))))
+        h = F.relu(instance_norm(upsample(h, h.shape[1] // 2, name=f'up{i}')))
     return F.tanh(convolution(h, out_channels, 7, reflect=3, name='out'))
 
 
@@ -168,7 +194,7 @@ def patch_features(x, ndf, n_layers, fix_parameters):
     h = x
     for n in range(n_layers):
         h = spectral_norm_convolution(h, ndf * min(2 ** n, 8), 2, fix_parameters,
-                                      name='conv{}'.format(n))
+                                      name=f'conv{n}')
         h = F.leaky_relu(instance_norm(h) if n else h, 0.2)
     return h
 

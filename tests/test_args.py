@@ -87,12 +87,38 @@ def test_defaults_and_good_values_parse():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--max-epoch', '3'], '--lr-decay-start-epoch 400 is beyond --max-epoch 3'),
+    (['--max-epoch', '3', '--lr-decay-start-epoch', '4'],
+     '--lr-decay-start-epoch 4 is beyond --max-epoch 3'),
+    (['--fineSizeH', '30'], '--fineSizeH 30 --fineSizeW 200: a network height of 30 is not a '
+                            'multiple of 4 of at least 24 (--n-layers-D 3)'),
+    (['--fineSizeW', '8', '--n-layers-D', '2'], '--fineSizeH 300 --fineSizeW 8: a network '
+                                                'width of 8 is not a multiple of 4 of at least '
+                                                '12 (--n-layers-D 2)'),
+    (['--fineSizeH', '400'], 'fine size 400x200 is larger than load size 330x220'),
     (['--resume', '--overwrite'], 'argument --overwrite: not allowed with argument --resume'),
 ])
 def test_flags_that_contradict_each_other(argv, message):
     code, stderr = parse(*argv)
     assert code == 2 and stderr.strip().splitlines()[-1] == 'train.py: error: ' + message
+
+
+def test_the_decay_starts_after_two_thirds_of_the_epochs_unless_given():
+    """The official recipe decays over the last third (400 of 600 epochs), so that
+    --max-epoch alone makes a consistent schedule."""
+    assert args.get_args([]).lr_decay_start_epoch == 400
+    assert args.get_args(['--max-epoch', '3']).lr_decay_start_epoch == 2
+    assert args.get_args(['--max-epoch', '3', '--lr-decay-start-epoch', '0']) \
+        .lr_decay_start_epoch == 0
+
+
+def test_nnabla_examples_spellings():
+    """-c cuda and --learning-rate_G/_D, as nnabla-examples' READMEs write them."""
+    parsed = args.get_args(['-c', 'cuda', '--learning-rate_G', '1e-3', '--learning-rate_D',
+                            '3e-4'])
+    assert parsed.context == 'cudnn'
+    assert (parsed.learning_rate_G, parsed.learning_rate_D) == (1e-3, 3e-4)
+    assert args.get_args(['-t', 'float']).type_config == 'float'
+    assert parse('-t', 'half')[0] == 2  # nothing scales the loss, so no half precision
 
 
 def test_train_py_refuses_before_loading_anything(tmp_path):

@@ -54,7 +54,7 @@ def test_missing_dataset_and_missing_compiler_are_one_line(tmp_path):
                             env=dict(os.environ, CC=str(tmp_path / 'no-such-cc')))
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
-        'bench.py: cannot compile cpu_kernels.c')
+        'bench.py: cannot compile cpu_engine/kernels.c')
 
 
 def test_ctrl_c_is_one_line(tmp_path):

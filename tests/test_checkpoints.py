@@ -7,10 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from test_train import SAMPLE, TINY
 
+import args
 import train
 from args import get_args
-from test_train import SAMPLE, TINY
 
 MARKER = 'unpickled'  # made in the working directory by Malicious if it is ever unpickled
 
@@ -76,15 +77,17 @@ def exit_message(run, *flags):
 def test_a_checkpoint_is_arrays_and_json(two_epochs):
     path = two_epochs / 'models' / 'checkpoint_000000004'
     assert sorted(os.listdir(path)) == [
-        'discriminator_x.h5', 'discriminator_y.h5', 'generator_x2y.h5', 'generator_y2x.h5',
-        'parameters.h5', 'state.json', 'training_state.npz']
+        'parameters.h5', 'solver_states.npz', 'state.json', 'training_state.npz']
     pool = 'state.training_state.pools.x.images'
+    for arrays in ['training_state.npz', 'solver_states.npz']:
+        with np.load(path / arrays, allow_pickle=False) as archive:
+            assert all(archive[key].dtype != object for key in archive.files)
     with np.load(path / 'training_state.npz', allow_pickle=False) as archive:
-        assert all(archive[key].dtype != object for key in archive.files)
         assert archive[pool].shape == (4, 3, 32, 24)  # one fake per iteration
     state = json.loads((path / 'state.json').read_text())
     assert (state['iteration'], state['epoch']) == (4, 2)
-    assert state['images_per_domain'] == {'x': 2, 'y': 2}
+    assert {d: record['images'] for d, record in state['dataset']['domains'].items()} == \
+        {'x': 2, 'y': 2}
     assert state['training_state']['pools']['x']['images'] == {'array': pool}
 
 
@@ -125,8 +128,8 @@ def truncate(path):
 @pytest.mark.parametrize('damage, file, reason', [
     (truncate, 'parameters.h5', 'is unreadable (OSError: Unable to synchronously open file '
                                 '(truncated file'),
-    (os.remove, 'generator_y2x.h5', 'is missing'),
-    (truncate, 'discriminator_x.h5', 'is unreadable (OSError'),
+    (os.remove, 'solver_states.npz', 'is missing'),
+    (truncate, 'solver_states.npz', 'is unreadable'),
     (truncate, 'training_state.npz', 'is unreadable'),
     (os.remove, 'state.json', 'is missing'),
     (lambda path: path.write_text('{"iteration": 4, "epo'), 'state.json',
@@ -169,7 +172,7 @@ def test_a_killed_write_is_removed_at_start(run):
 
 
 def test_resume_policy_covers_every_flag_once():
-    policy = train.FIXED_ON_RESUME + train.CHANGEABLE_ON_RESUME + train.NOT_COMPARED_ON_RESUME
+    policy = args.FIXED_ON_RESUME + args.CHANGEABLE_ON_RESUME + args.NOT_COMPARED_ON_RESUME
     assert sorted(policy) == sorted(vars(get_args([])))
 
 
@@ -193,9 +196,8 @@ def test_resume_refuses_another_dataroot_and_a_changed_dataset(run, two_images, 
     other = tmp_path / 'other'
     shutil.copytree(two_images, other)
     assert exit_message(run, '--max-epoch', '3', '--resume', '--dataroot', str(other)) == (
-        f'train.py: {checkpoint(run, 4)} was made with --dataroot {two_images}, not {other} '
-        '(these flags decide the data, the shapes or the saved state and cannot change on '
-        'resume)')
+        f'train.py: {checkpoint(run, 4)}: the dataset changed since: it was trained on '
+        f'{two_images}, not {other}; resume with the data it was trained on, or start afresh')
     image = sorted((two_images / 'trainA').iterdir())[0]
     added = two_images / 'trainA' / ('added' + image.suffix)
     shutil.copy(image, added)
@@ -206,8 +208,9 @@ def test_resume_refuses_another_dataroot_and_a_changed_dataset(run, two_images, 
     finally:
         added.unlink()
         (two_images / 'trainA_seg' / 'added_0.png').unlink()
-    assert message == (f'train.py: {checkpoint(run, 4)} was trained on 2 images in '
-                       f'{two_images / "trainA"}, which now holds 3: the dataset changed')
+    assert message == (f'train.py: {checkpoint(run, 4)}: the dataset changed since: '
+                       f'{two_images / "trainA"} held 2 images and now holds 3; resume with the '
+                       'data it was trained on, or start afresh')
 
 
 def test_resume_with_changed_weights_and_rates_says_so_and_uses_them(run, caplog):

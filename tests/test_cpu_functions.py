@@ -6,18 +6,17 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import nnabla as nn
+import nnabla.functions as F
 import numpy as np
 import pytest
 import scipy
 
-import nnabla as nn
-import nnabla.functions as F
-
-import cpu_functions
 import models
-import train
+from runtime.device import set_context
 from args import get_args
 from conftest import ROOT
+from cpu_engine import functions as cpu_functions
 
 # (in_ch, out_ch, kernel, pad, stride, output_padding, (h, w)), as used by the models.
 CONV_CONFIGS = [
@@ -368,7 +367,8 @@ def test_no_import_searches_while_running(monkeypatch):
 def test_import_names_are_registered_by_accelerate_only():
     """Importing models or train (a GPU run, --cpu-conv nnabla) leaves Python's import state as
     it is; the work-around comes with the CPU functions."""
-    code = ("import sys, nnabla as nn, nnabla.functions as F, models, train, cpu_functions\n"
+    code = ("import sys, nnabla as nn, nnabla.functions as F, models, train\n"
+            "from cpu_engine import functions as cpu_functions\n"
             "print('nnabla.nnabla' in sys.modules)\n"
             "cpu_functions.accelerate(F.convolution(nn.Variable((1, 1, 4, 4)), "
             "nn.Variable((1, 1, 3, 3))))\n"
@@ -383,7 +383,8 @@ def test_import_names_are_registered_by_accelerate_only():
 def test_set_context_chooses_the_engine(flags, convolution):
     """The one place that decides: the CPU functions on the CPU unless --cpu-conv nnabla
     (or a GPU) asks for the graph as models.py builds it."""
-    accelerate = train.set_context(get_args(["--context", "cpu"] + flags))
+    args = get_args(["--context", "cpu"] + flags)
+    _, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     y = F.convolution(nn.Variable((1, 1, 4, 4)), nn.Variable((1, 1, 3, 3)))
     accelerate(y)
     assert y.parent.info.type_name == convolution

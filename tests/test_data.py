@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (DataError, MaskedImageIterator, count_max_instances, load_image, load_mask,
-                  mask_paths)
+from data import (
+    DataError,
+    MaskedImageIterator,
+    count_max_instances,
+    load_image,
+    load_mask,
+    mask_paths,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / 'datasets' / 'ccp_sample'
 MULTI_SAMPLE = SAMPLE.with_name('ccp_multi_sample')

@@ -7,16 +7,17 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import nnabla as nn
+import numpy as np
 import pytest
 from PIL import Image
+from test_train import SAMPLE, TINY
 
 import evaluate
 import train
 from conftest import ROOT
-from test_train import SAMPLE, TINY
-from translate import Translator
+from runtime.checkpoints import checkpoint_paths
+from translator import load_translators
 
 SIZE = (32, 24)  # network size (H, W) of the hand-made datasets and of TINY
 
@@ -34,10 +35,10 @@ def write_dataset(root, phase, domain, images, mask_sets):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for i, (image, masks) in enumerate(zip(images, mask_sets)):
         pixels = ((image.transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)
-        Image.fromarray(pixels).save(root / (phase + domain) / '{:03d}.png'.format(i))
+        Image.fromarray(pixels).save(root / (phase + domain) / f'{i:03d}.png')
         for n, mask in enumerate(masks):
             Image.fromarray(((mask > 0) * 255).astype(np.uint8)).save(
-                root / (phase + domain + '_seg') / '{:03d}_{}.png'.format(i, n))
+                root / (phase + domain + '_seg') / f'{i:03d}_{n}.png')
 
 
 def grey(size=SIZE):
@@ -228,11 +229,11 @@ def run_evaluate_patched(patch, *flags):
 
 
 def test_both_generators_stay_usable_side_by_side(trained):
-    config, generators = evaluate.load_generators(str(trained))
+    _, _, generators = load_translators(str(trained), ['AtoB', 'BtoA'])
     sample = evaluate.load_phase(SAMPLE, 'train', 'A', SIZE)[0]
     together = generators['AtoB'](sample.image, sample.masks)
-    config.direction = 'AtoB'
-    alone = Translator(config)(sample.image, sample.masks)
+    _, _, alone = load_translators(str(trained), ['AtoB'])
+    alone = alone['AtoB'](sample.image, sample.masks)
     for a, b in zip(together, alone):
         np.testing.assert_array_equal(a, b)
 
@@ -244,7 +245,7 @@ def test_evaluate_a_tiny_model_end_to_end(trained, tmp_path):
     assert len(stdout.splitlines()) == 1
     report = json.loads(stdout)
     assert report['phase'] == 'train' and report['size'] == list(SIZE)
-    assert report['checkpoint'] == train.checkpoint_paths(str(trained))[-1]
+    assert report['checkpoint'] == checkpoint_paths(str(trained))[-1]
     classifier = report['classifier']
     assert classifier['train_images'] == classifier['phase_images'] == {'A': 8, 'B': 8}
     assert 0 <= classifier['accuracy'] <= 1
@@ -267,11 +268,11 @@ def test_evaluate_a_tiny_model_end_to_end(trained, tmp_path):
     page = (tmp_path / 'index.html').read_text()
     assert not list(tmp_path.glob('*.partial*'))
     for direction, (source, _) in evaluate.DIRECTIONS.items():
-        section = page.split('<h2>{}</h2>'.format(direction))[1].split('<h2>')[0]
+        section = page.split(f'<h2>{direction}</h2>')[1].split('<h2>')[0]
         tiles = re.findall(r'<img src="([^"]+)"', section)
         stems = sorted(os.path.splitext(n)[0] for n in os.listdir(
             os.path.join(SAMPLE, 'train' + source)))
-        assert sorted(tiles) == ['{}_{}.png'.format(direction, s) for s in stems]
+        assert sorted(tiles) == [f'{direction}_{s}.png' for s in stems]
         assert all(Image.open(tmp_path / tile).size == (4 * SIZE[1], SIZE[0]) for tile in tiles)
         probabilities = [float(p) for p in re.findall(r'p\(target\) ([0-9.]+)', section)]
         assert probabilities == sorted(probabilities, reverse=True)
@@ -314,15 +315,15 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
 
     damaged = tmp_path / 'damaged'
     shutil.copytree(trained, damaged)
-    checkpoint = train.checkpoint_paths(str(damaged))[-1]
+    checkpoint = checkpoint_paths(str(damaged))[-1]
     flags = ['--model-save-path', str(damaged), '--dataroot', SAMPLE, '--phase', 'train',
              '--out', str(tmp_path / 'o')]
     parameters = os.path.join(checkpoint, 'parameters.h5')
     with open(parameters, 'r+b') as f:
         f.truncate(1000)
     assert refusal(*flags).startswith(
-        'evaluate.py: {}: damaged or not a parameter file (OSError: '.format(parameters))
-    shutil.copy(os.path.join(train.checkpoint_paths(str(trained))[-1], 'parameters.h5'),
+        f'evaluate.py: {parameters}: damaged or not a parameter file (OSError: ')
+    shutil.copy(os.path.join(checkpoint_paths(str(trained))[-1], 'parameters.h5'),
                 parameters)
     with open(os.path.join(checkpoint, 'state.json'), 'w') as f:
         f.write('{"args": ')
@@ -339,9 +340,9 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
 
 
 def test_ctrl_c_while_writing_leaves_no_partial_file(trained, tmp_path):
-    """A stop while the results are written (here a SIGINT once the first tile's bytes are on
-    disk, under their temporary name) removes that file and ends with one line and the
-    shell's code for SIGINT."""
+    """A stop while the results are written (here a SIGINT once the first tile's bytes are
+    encoded) lets that file be written whole, then ends with one line and the shell's code for
+    SIGINT."""
     code, _, stderr = run_evaluate_patched(
         'import os, signal\n'
         'from PIL import Image\n'
@@ -354,8 +355,11 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(trained, tmp_path):
         '--out', str(tmp_path))
     assert code == 130
     assert 'Traceback' not in stderr
-    assert stderr.strip().splitlines()[-1] == 'evaluate.py: interrupted'
-    assert os.listdir(tmp_path) == []
+    assert stderr.strip().splitlines()[-1] == (
+        'evaluate.py: stopped by SIGINT after 1 tile; index.html is not written')
+    written = os.listdir(tmp_path)
+    assert len(written) == 1 and written[0].endswith('.png') and '.partial' not in written[0]
+    Image.open(tmp_path / written[0]).load()  # whole
 
 
 def test_ctrl_c_inside_the_graph_is_one_line(trained, tmp_path):
@@ -364,7 +368,7 @@ def test_ctrl_c_inside_the_graph_is_one_line(trained, tmp_path):
     and nothing written."""
     code, _, stderr = run_evaluate_patched(
         'import os, signal\n'
-        'import cpu_functions\n'
+        'from cpu_engine import functions as cpu_functions\n'
         'forward = cpu_functions._InstanceNormalization.forward_impl\n'
         'def forward_then_stop(*args):\n'
         '    os.kill(os.getpid(), signal.SIGINT)\n'

@@ -1,10 +1,15 @@
 """Each loss against a value worked out by hand on a tiny tensor."""
-import numpy as np
 import nnabla as nn
+import numpy as np
 import pytest
 
-from losses import (context_preserving_loss, discriminator_loss, image_and_masks_l1,
-                    lsgan_loss, mask_union)
+from losses import (
+    context_preserving_loss,
+    discriminator_loss,
+    image_and_masks_l1,
+    lsgan_loss,
+    mask_union,
+)
 
 
 def evaluate(loss):

@@ -14,11 +14,11 @@ import matplotlib.figure
 import numpy as np
 import pytest
 from PIL import Image
-
-from conftest import ROOT
 from test_checkpoints import run_in, two_epochs, two_images  # noqa: F401 (fixtures)
 from test_errors import dataset  # noqa: F401 (fixture)
 from test_train import TINY
+
+from conftest import ROOT
 
 
 def exit_message(*args, **kwargs):
@@ -34,8 +34,8 @@ def test_a_fresh_run_refuses_folders_of_another_run(tmp_path, two_epochs, two_im
         'checkpoint_000000004): continue it with --resume, or delete its files with --overwrite')
     shutil.rmtree(tmp_path / 'models')
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
-        f'train.py: {tmp_path / "monitor"} holds another run (context_preserving_loss_x.series'
-        '.txt, context_preserving_loss_y.series.txt, ...): continue it with --resume, or '
+        f'train.py: {tmp_path / "monitor"} holds another run (Arguments.txt, '
+        'context_preserving_loss_x.series.txt, ...): continue it with --resume, or '
         'delete its files with --overwrite')
     assert sorted(os.listdir(tmp_path / 'monitor')) == sorted(os.listdir(two_epochs / 'monitor'))
 
@@ -86,22 +86,25 @@ def test_an_unreadable_old_lock_refuses(tmp_path, two_images):
         'it if no train.py run uses the folder')
 
 
-def disk_full(self, path, *args, **kwargs):
-    with open(path, 'wb') as f:
-        f.write(b'\x89PNG')
-    raise OSError(28, 'No space left on device')
-
-
-@pytest.mark.parametrize('writer', [(Image.Image, 'save'), (matplotlib.figure.Figure, 'savefig')])
+@pytest.mark.parametrize('picture', ['translation_x2y_epoch_0001', 'losses'])
 def test_pictures_that_cannot_be_written_cost_nothing_else(tmp_path, two_images, caplog,
-                                                           monkeypatch, writer):
-    monkeypatch.setattr(*writer, disk_full)
+                                                           monkeypatch, picture):
+    real_fsync = os.fsync
+
+    def disk_full(descriptor):  # full when this picture is written, not before
+        if picture in os.readlink(f'/proc/self/fd/{descriptor}'):
+            raise OSError(28, 'No space left on device')
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, 'fsync', disk_full)
     run_in(tmp_path, two_images, '--max-epoch', '1')
-    assert 'epoch 1: pictures not written (OSError: [Errno 28] No space left on device)' in \
-        caplog.messages
+    path = tmp_path / 'monitor' / f'{picture}.png'
+    assert f'epoch 1: pictures not written (WriteFailed: could not write {path} (No space left ' \
+           'on device))' in caplog.messages
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000002']
     assert not [name for name in os.listdir(tmp_path / 'monitor') if '.partial' in name]
     assert not (tmp_path / 'monitor' / 'losses.png').exists()
+    assert not path.exists()
 
 
 def test_a_domain_whose_masks_are_all_empty_is_refused(tmp_path, two_images):
@@ -145,10 +148,10 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.02)
 
 
-def last_line(process):
+def last_line(process, signum):
     _, stderr = process.communicate(timeout=120)
     assert 'Traceback' not in stderr, stderr
-    assert process.returncode == 1, stderr
+    assert process.returncode == 128 + signum, stderr
     return stderr.strip().splitlines()[-1]
 
 
@@ -165,11 +168,11 @@ def test_a_signal_while_starting_ends_with_one_line(tmp_path, two_images):
         assert importing.poll() is None
         time.sleep(0.005)
     importing.send_signal(signal.SIGINT)
-    assert last_line(importing) == 'train.py: SIGINT: stopped before training started'
+    assert last_line(importing, signal.SIGINT) == 'train.py: stopped by SIGINT'
     locked = start(tmp_path / 'second', two_images, '--max-epoch', '50')
     wait_for(tmp_path / 'second' / 'models' / 'train.lock', locked)
     locked.send_signal(signal.SIGTERM)
-    assert last_line(locked) == 'train.py: SIGTERM: stopped before training started'
+    assert last_line(locked, signal.SIGTERM) == 'train.py: stopped by SIGTERM'
     assert not (tmp_path / 'second' / 'models' / 'train.lock').exists()
 
 
@@ -180,7 +183,7 @@ def test_a_background_jobs_ignored_sigint_stays_ignored(tmp_path, two_images):
     assert signal.SIGINT in signals(process, 'SigIgn')
     assert signal.SIGTERM in signals(process, 'SigCgt')
     process.send_signal(signal.SIGTERM)
-    assert last_line(process) == 'train.py: SIGTERM: stopped before training started'
+    assert last_line(process, signal.SIGTERM) == 'train.py: stopped by SIGTERM'
 
 
 def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two_images):
@@ -192,9 +195,10 @@ def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two
     assert (tmp_path / 'models' / 'train.lock').exists()  # the refused run left it alone
     process.send_signal(signal.SIGINT)
     # Two signals before Python's handler runs count as one: wait for the first to be taken.
-    while 'SIGINT: stopping after this iteration' not in process.stderr.readline():
+    while 'SIGINT: saving a checkpoint after this iteration' not in process.stderr.readline():
         assert process.poll() is None
     process.send_signal(signal.SIGINT)
-    assert last_line(process) == ('train.py: SIGINT: stopped at once; the checkpoints written '
-                                  'so far are kept (continue with --resume)')
+    assert last_line(process, signal.SIGINT) == (
+        'train.py: stopped by SIGINT; the checkpoints written so far are kept (continue with '
+        '--resume)')
     assert not (tmp_path / 'models' / 'train.lock').exists()

@@ -5,17 +5,18 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import nnabla as nn
+import numpy as np
 import pytest
 from PIL import Image
+from test_models import random_inputs
+from test_train import TINY
 
 import models
 import train
 from args import get_args
+from runtime.checkpoints import checkpoint_paths
 from conftest import ROOT
-from test_models import random_inputs
-from test_train import TINY
 
 MULTI_SAMPLE = os.path.join(ROOT, 'datasets', 'ccp_multi_sample')
 
@@ -55,7 +56,7 @@ def test_number_of_passes_is_the_instance_count_over_k(ins_per, instances):
     args = get_args(TINY + ['--ins-max', '4', '--ins-per', str(ins_per), '--batch-size', '2'])
     trainer = train.Trainer(args, ins_max=4)
     trainer.set_epoch(0)
-    assert trainer.passes == math.ceil(4 / ins_per)
+    assert len(trainer.passes) == math.ceil(4 / ins_per)
     images, masks = {}, {}
     for i, d in enumerate('xy'):
         # sample 0 has `instances` instances, sample 1 only one; the rest of the slots is empty
@@ -64,7 +65,7 @@ def test_number_of_passes_is_the_instance_count_over_k(ins_per, instances):
         images[d], masks[d] = image[:, :, :32, :24], mask[:, :, :32, :24]
     losses, passes_run, visuals = trainer.step(images, masks, iteration=0)
     assert passes_run == math.ceil(instances / ins_per)
-    assert set(losses) == {'{}_{}'.format(name, d) for name in train.LOSS_NAMES for d in 'xy'}
+    assert set(losses) == {f'{name}_{d}' for name in train.LOSS_NAMES for d in 'xy'}
     assert all(np.isfinite(v) for v in losses.values())
     # the tile shows every slot translated so far: slots beyond the instances stay empty
     translated_masks = visuals['x'][1][1]
@@ -106,7 +107,7 @@ def test_translate_a_dataset_folder_deterministically(trained, tmp_path):
         instances = len([n for n in os.listdir(os.path.join(MULTI_SAMPLE, 'trainB_seg'))
                          if n.startswith(stem + '_')])
         assert {stem + '.png', stem + '_tile.png'} <= set(names)
-        assert {'{}_{}.png'.format(stem, i) for i in range(instances)} <= set(names)
+        assert {f'{stem}_{i}.png' for i in range(instances)} <= set(names)
         source = Image.open(os.path.join(MULTI_SAMPLE, 'trainB', image))
         assert Image.open(tmp_path / 'first' / (stem + '.png')).size == source.size
     index = (tmp_path / 'first' / 'index.html').read_text()
@@ -129,16 +130,15 @@ def test_translate_reports_each_bad_input_and_runs_the_rest(trained, tmp_path):
     wrong_mask = inputs / 'valA_seg' / (os.path.splitext(wrong_size)[0] + '_0.png')
     Image.new('L', (10, 10)).save(wrong_mask)
     code, stderr = translate('--model-save-path', str(trained / 'models'), '--dataroot',
-                             str(inputs), '--out', str(tmp_path / 'out'))
+                             str(inputs), '--phase', 'val', '--out', str(tmp_path / 'out'))
     assert code == 1
     lines = [l for l in stderr.splitlines() if l.startswith('translate.py:')]
-    assert lines[-1] == 'translate.py: 3 of {} inputs failed'.format(len(names))
+    assert lines[-1] == f'translate.py: 3 of {len(names)} inputs failed'
     assert 'translate.py: {}: no instance mask given or found'.format(
         inputs / 'valA' / no_masks) in lines
     assert any(l.startswith('translate.py: {}: unreadable image'.format(
         inputs / 'valA' / corrupt)) for l in lines)
-    assert 'translate.py: {}: mask is 10x10 (WxH) but its image is 220x330'.format(
-        wrong_mask) in lines
+    assert f'translate.py: {wrong_mask}: mask is 10x10 (WxH) but its image is 220x330' in lines
     assert len([n for n in os.listdir(tmp_path / 'out') if n.endswith('_tile.png')]) == \
         len(names) - 3
 
@@ -160,7 +160,7 @@ def test_translate_one_image_and_refuse_other_network_sizes(trained, tmp_path):
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (
         'translate.py: error: --image needs its instance masks: --masks NAME_0.png ...')
-    checkpoint = train.checkpoint_paths(str(trained / 'models'))[-1]
+    checkpoint = checkpoint_paths(str(trained / 'models'))[-1]
     for flags, made in [(['--ngf', '8'], '--ngf 4'), (['--n-blocks', '2'], '--n-blocks 1')]:
         code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
                                  '--masks', *masks, '--out', str(tmp_path / 'x'), *flags)

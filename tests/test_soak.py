@@ -4,12 +4,13 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
 from test_train import TINY
+
+from conftest import ROOT
 
 
 def resident_mb(pid):
-    with open('/proc/{}/status'.format(pid)) as f:
+    with open(f'/proc/{pid}/status') as f:
         for line in f:
             if line.startswith('VmRSS:'):
                 return int(line.split()[1]) / 1024

@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+import data
+import runtime.files
 import train
 from conftest import ROOT
 
@@ -17,7 +19,7 @@ SAMPLE = os.path.join(ROOT, 'datasets', 'ccp_sample')
 TINY = ['--dataroot', SAMPLE, '--loadSizeH', '40', '--loadSizeW', '28', '--fineSizeH', '32',
         '--fineSizeW', '24', '--ngf', '4', '--ndf', '4', '--n-blocks', '1', '--log-step', '4',
         '--save-interval', '1', '--lr-decay-start-epoch', '1']
-SERIES = ['{}_{}'.format(name, d) for name in train.LOSS_NAMES for d in 'xy']
+SERIES = [f'{name}_{d}' for name in train.LOSS_NAMES for d in 'xy']
 
 
 def run(tmp_path, *extra):
@@ -26,7 +28,7 @@ def run(tmp_path, *extra):
 
 
 def read_series(tmp_path, name):
-    return np.loadtxt(tmp_path / 'monitor' / '{}.series.txt'.format(name), ndmin=2)
+    return np.loadtxt(tmp_path / 'monitor' / f'{name}.series.txt', ndmin=2)
 
 
 def test_learning_rate_is_the_official_schedule():
@@ -67,14 +69,17 @@ def test_two_epochs_write_curves_tiles_and_checkpoints(tmp_path):
         values = read_series(tmp_path, name)
         assert values.shape == (2 * iterations // 4, 2), name
         assert np.all(np.isfinite(values[:, 1])), name
-    assert read_series(tmp_path, train.TIME_SERIES).shape == (2 * iterations // 4, 2)
+    timer = np.loadtxt(monitor / 'elapsed_time.timer.txt', ndmin=2)  # MonitorTimeElapsed's
+    assert timer.shape == (2 * iterations // 4, 4)
+    assert list(timer[:, 0]) == [3, 7, 11, 15] and np.all(timer[:, 2] == 4)
+    np.testing.assert_allclose(np.cumsum(timer[:, 1]), timer[:, 3], rtol=1e-4)
+    assert (monitor / 'Arguments.txt').read_text().count('\n') == len(vars(train.get_args([])))
     assert (monitor / 'losses.png').stat().st_size > 0
     for epoch in [1, 2]:
         for direction in ['x2y', 'y2x']:
-            assert (monitor / 'translation_{}_epoch_{:04d}.png'.format(direction, epoch)).exists()
-        checkpoint = tmp_path / 'models' / 'checkpoint_{:09d}'.format(8 * epoch)
-        names = {'parameters.h5', 'state.json', 'generator_x2y.h5', 'generator_y2x.h5',
-                 'discriminator_x.h5', 'discriminator_y.h5', 'training_state.npz'}
+            assert (monitor / f'translation_{direction}_epoch_{epoch:04d}.png').exists()
+        checkpoint = tmp_path / 'models' / f'checkpoint_{8 * epoch:09d}'
+        names = {'parameters.h5', 'state.json', 'solver_states.npz', 'training_state.npz'}
         assert names <= set(os.listdir(checkpoint))
         assert json.loads((checkpoint / 'state.json').read_text())['epoch'] == epoch
     assert not [n for n in os.listdir(tmp_path / 'models') if n.startswith('.')]
@@ -120,7 +125,7 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real_next = train.MaskedImageIterator.next
+    real_next = data.MaskedImageIterator.next
     calls = []
 
     def next_with_nan(self):
@@ -130,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
             images[:] = np.nan
         return images, masks
 
-    monkeypatch.setattr(train.MaskedImageIterator, 'next', next_with_nan)
+    monkeypatch.setattr(data.MaskedImageIterator, 'next', next_with_nan)
     with pytest.raises(SystemExit) as error:
         run(tmp_path, '--max-epoch', '3')
     assert str(error.value) == ('train.py: generator_loss_x is nan at iteration 10; '
@@ -140,17 +145,20 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     run(tmp_path, '--max-epoch', '1')
+    real_fsync = os.fsync
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, 'No space left on device')
+    def disk_full(descriptor):  # the models folder's disk is full
+        if str(tmp_path / 'models') in os.readlink(f'/proc/self/fd/{descriptor}'):
+            raise OSError(28, 'No space left on device')
+        real_fsync(descriptor)
 
-    monkeypatch.setattr(train.np, 'savez', disk_full)
+    monkeypatch.setattr(runtime.files.os, 'fsync', disk_full)
     with pytest.raises(SystemExit) as error:
         run(tmp_path, '--max-epoch', '2', '--resume')
     monkeypatch.undo()
     assert str(error.value) == (
-        'train.py: could not write the checkpoint of iteration 16 in {} ([Errno 28] No space '
-        'left on device); the earlier ones are intact'.format(tmp_path / 'models'))
+        'train.py: could not write the checkpoint of iteration 16 in {} (No space left on '
+        'device); the earlier ones are intact'.format(tmp_path / 'models'))
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
     run(tmp_path, '--max-epoch', '2', '--resume')
     assert 'checkpoint_000000016' in os.listdir(tmp_path / 'models')
@@ -170,13 +178,13 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
         time.sleep(0.1)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1
+    assert process.returncode == 128 + signum
     last_line = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r'train\.py: {} at iteration (\d+): saved (\S+); continue with --resume'
-                         .format(signal.Signals(signum).name), last_line)
+    match = re.fullmatch(rf'train\.py: {signal.Signals(signum).name} at iteration (\d+): saved (\S+); continue with --resume'
+                         , last_line)
     assert match, last_line
     iteration = int(match.group(1))
     assert iteration > 8
-    assert match.group(2) == str(tmp_path / 'models' / 'checkpoint_{:09d}'.format(iteration))
+    assert match.group(2) == str(tmp_path / 'models' / f'checkpoint_{iteration:09d}')
     run(tmp_path, '--max-epoch', str(iteration // 8 + 1), '--resume')
-    assert 'checkpoint_{:09d}'.format(8 * (iteration // 8 + 1)) in os.listdir(tmp_path / 'models')
+    assert f'checkpoint_{8 * (iteration // 8 + 1):09d}' in os.listdir(tmp_path / 'models')

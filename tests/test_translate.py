@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from test_data import save_example
 
 import models
 import translate
+from runtime.signals import StopRequest
 from conftest import ROOT
-from test_data import save_example
 
 NGF, N_BLOCKS, FINE = 4, 1, (32, 24)
 PHOTO = (96, 72)  # (H, W): three times the network size
@@ -41,7 +42,7 @@ def save_generators(folder, mask_bias=None):
             models.generator(nn.Variable((1, 3) + FINE), nn.Variable((1, 1) + FINE), NGF,
                              N_BLOCKS)
             if mask_bias is not None:
-                nn.get_parameters()['mask_decoder/out/b'].d = mask_bias
+                nn.get_parameters()['mask_decoder/out/conv/b'].d = mask_bias
     nn.save_parameters(str(folder / 'parameters.h5'))
     nn.clear_parameters()
     state = {'iteration': 1, 'args': {'ngf': NGF, 'n_blocks': N_BLOCKS, 'ins_per': 2,
@@ -67,11 +68,11 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def photos(tmp_path):
-    """valA with three noise photos, one of them with two masks."""
+    """testA with three noise photos, one of them with two masks."""
     root = tmp_path / 'photos'
-    save_example(root, 'valA', 'a', noise(0), [rectangle(20, 10, 40, 30)])
-    save_example(root, 'valA', 'b', noise(1), [rectangle(10, 5, 30, 20), rectangle(50, 30, 30, 30)])
-    save_example(root, 'valA', 'c', noise(2), [rectangle(30, 30, 50, 40)])
+    save_example(root, 'testA', 'a', noise(0), [rectangle(20, 10, 40, 30)])
+    save_example(root, 'testA', 'b', noise(1), [rectangle(10, 5, 30, 20), rectangle(50, 30, 30, 30)])
+    save_example(root, 'testA', 'c', noise(2), [rectangle(30, 30, 50, 40)])
     return root
 
 
@@ -112,6 +113,7 @@ BAD_VALUES = {
     '--context': ['0', 'gpu'],
     '--device-id': ['-1', 'x', '1.5'],
     '--cpu-conv': ['0', 'mkl'],
+    '--type-config': ['half', 'double'],
     '--ngf': ['0', '-2', '3', '1.5'],
     '--n-blocks': ['-1', '0', '2'],
     '--ins-per': ['0', '-1', '1.5'],
@@ -131,8 +133,8 @@ def test_the_walk_covers_every_flag():
                                          for value in values])
 def test_every_flag_refuses_bad_values_with_one_line(flag, value, model, photos, tmp_path,
                                                     capsys):
-    args = {'--params': model, '--image': photos / 'valA' / 'a.png',
-            '--masks': photos / 'valA_seg' / 'a_0.png', '--out': tmp_path / 'out'}
+    args = {'--params': model, '--image': photos / 'testA' / 'a.png',
+            '--masks': photos / 'testA_seg' / 'a_0.png', '--out': tmp_path / 'out'}
     if flag == '--model-save-path':
         del args['--params']
     if flag in ['--dataroot', '--phase']:
@@ -156,7 +158,7 @@ def test_bad_numbers_end_the_process_with_argparse_usage(flag, value, model, pho
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
-        'translate.py: error: argument {}'.format(flag))
+        f'translate.py: error: argument {flag}')
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -174,20 +176,20 @@ def test_flags_that_would_be_ignored_are_usage_errors(flags, message, model, cap
 
 def outs_holding_inputs(model, photos, tmp_path):
     """(--out, words of the refusal) for every folder translate.py reads or a dataset uses."""
-    (tmp_path / 'link').symlink_to(photos / 'valA')
+    (tmp_path / 'link').symlink_to(photos / 'testA')
     (tmp_path / 'afile').write_text('')
-    os.makedirs(photos / 'valB_seg')
+    os.makedirs(photos / 'testB_seg')
     return [
-        (photos / 'valA', 'holds the input {}'.format(photos / 'valA' / 'a.png')),
-        (str(photos / 'valA') + '/', 'holds the input {}'.format(photos / 'valA' / 'a.png')),
-        (photos / 'valA_seg', 'holds the input {}'.format(photos / 'valA_seg' / 'a_0.png')),
-        (tmp_path / 'link', 'holds the input {}'.format(photos / 'valA' / 'a.png')),
-        (photos / 'valA' / '..' / 'valA', 'holds the input {}'.format(
-            photos / 'valA' / 'a.png')),
-        (model.parent, 'holds the input {}'.format(model)),
+        (photos / 'testA', 'holds the input {}'.format(photos / 'testA' / 'a.png')),
+        (str(photos / 'testA') + '/', 'holds the input {}'.format(photos / 'testA' / 'a.png')),
+        (photos / 'testA_seg', 'holds the input {}'.format(photos / 'testA_seg' / 'a_0.png')),
+        (tmp_path / 'link', 'holds the input {}'.format(photos / 'testA' / 'a.png')),
+        (photos / 'testA' / '..' / 'testA', 'holds the input {}'.format(
+            photos / 'testA' / 'a.png')),
+        (model.parent, f'holds the input {model}'),
         (photos, 'is the --dataroot folder'),
         (model.parent.parent, 'is the --model-save-path folder'),
-        (photos / 'valB_seg', "is a dataset's mask folder"),
+        (photos / 'testB_seg', "is a dataset's mask folder"),
         (photos / 'trainB', "is a dataset's image folder (beside {}_seg)".format(
             photos / 'trainB')),
         (tmp_path / 'afile', 'is a file'),
@@ -203,7 +205,7 @@ def test_out_never_holds_an_input_nor_a_dataset_folder(model, photos, tmp_path, 
             if 'model-save-path' in reason else ['--params', model]
         code = exit_of(*source, '--dataroot', photos, '--out', out)
         assert one_line_error(code, capsys) == (
-            'translate.py: --out {} {}'.format(out, reason) +
+            f'translate.py: --out {out} {reason}' +
             ('' if reason == 'is a file' else '; choose another folder'))
     assert snapshot(tmp_path) == before
 
@@ -213,13 +215,13 @@ def test_out_that_cannot_be_made(model, photos, tmp_path, capsys):
     out = tmp_path / 'afile' / 'out'
     code = exit_of('--params', model, '--dataroot', photos, '--out', out)
     assert one_line_error(code, capsys) == (
-        'translate.py: --out {}: not a writable folder (Not a directory)'.format(out))
+        f'translate.py: --out {out} is not a writable folder (Not a directory)')
 
 
 def test_out_relative_to_the_current_folder(model, photos, monkeypatch, capsys):
-    monkeypatch.chdir(photos / 'valA_seg')
+    monkeypatch.chdir(photos / 'testA_seg')
     before = snapshot(photos)
-    code = exit_of('--params', model, '--image', '../valA/a.png', '--masks', 'a_0.png',
+    code = exit_of('--params', model, '--image', '../testA/a.png', '--masks', 'a_0.png',
                    '--out', '.')
     assert one_line_error(code, capsys) == (
         'translate.py: --out . holds the input a_0.png; choose another folder')
@@ -230,20 +232,20 @@ def test_out_relative_to_the_current_folder(model, photos, monkeypatch, capsys):
                                           ('a_full.png', []), ('b_1.jpg', ['--no-full'])])
 def test_colliding_output_names_are_refused_before_writing(other, flags, model, photos,
                                                            tmp_path, capsys):
-    Image.fromarray(noise(3)).save(photos / 'valA' / other)
+    Image.fromarray(noise(3)).save(photos / 'testA' / other)
     first, written = ('b', 'b_1.png') if other.startswith('b') else ('a', other)
     code = exit_of('--params', model, '--dataroot', photos, '--out', tmp_path / 'out', *flags)
     assert one_line_error(code, capsys) == (
         'translate.py: {} and {} would both write {}; rename one'.format(
-            photos / 'valA' / (first + '.png'), photos / 'valA' / other,
+            photos / 'testA' / (first + '.png'), photos / 'testA' / other,
             tmp_path / 'out' / written))
     assert not (tmp_path / 'out').exists()
 
 
 def test_full_output_of_an_image_named_like_one_is_no_collision_with_no_full(model, photos,
                                                                             tmp_path):
-    Image.fromarray(noise(3)).save(photos / 'valA' / 'a_full.png')
-    Image.fromarray(np.full(PHOTO, 255, np.uint8)).save(photos / 'valA_seg' / 'a_full_0.png')
+    Image.fromarray(noise(3)).save(photos / 'testA' / 'a_full.png')
+    Image.fromarray(np.full(PHOTO, 255, np.uint8)).save(photos / 'testA_seg' / 'a_full_0.png')
     translate.main(['--params', str(model), '--dataroot', str(photos), '--no-full',
                     '--out', str(tmp_path / 'out')])
     names = set(os.listdir(tmp_path / 'out'))
@@ -252,11 +254,11 @@ def test_full_output_of_an_image_named_like_one_is_no_collision_with_no_full(mod
 
 
 def test_two_images_of_one_name_are_refused(model, photos, tmp_path, capsys):
-    Image.fromarray(noise(3)).save(photos / 'valA' / 'a.jpg')
+    Image.fromarray(noise(3)).save(photos / 'testA' / 'a.jpg')
     code = exit_of('--params', model, '--dataroot', photos, '--out', tmp_path / 'out')
     assert one_line_error(code, capsys) == (
         'translate.py: {} and {}: two images named a, which would share the masks a_0.png, '
-        '...; rename one'.format(photos / 'valA' / 'a.jpg', photos / 'valA' / 'a.png'))
+        '...; rename one'.format(photos / 'testA' / 'a.jpg', photos / 'testA' / 'a.png'))
 
 
 @pytest.mark.parametrize('flags, state_sizes, made, given', [
@@ -274,8 +276,7 @@ def test_network_sizes_other_than_the_parameters_are_refused(flags, state_sizes,
     state['args'].update(state_sizes)
     (params.parent / 'state.json').write_text(json.dumps(state))
     code = exit_of('--params', params, '--dataroot', photos, '--out', tmp_path / 'out', *flags)
-    assert one_line_error(code, capsys) == 'translate.py: {} was made with {}, not {}'.format(
-        params, made, given)
+    assert one_line_error(code, capsys) == f'translate.py: {params} was made with {made}, not {given}'
 
 
 def edit_parameters(params, change):
@@ -301,23 +302,23 @@ def damage(kind, params):
         return params, ': damaged or not a parameter file (OSError: '
     if kind == 'parameter missing':
         edit_parameters(params, lambda p: nn.parameter.pop_parameter(
-            'generator_x2y/mask_decoder/out/W'))
-        return params, ': generator_x2y/mask_decoder/out/W is missing, and the generator needs it'
+            'generator_x2y/mask_decoder/out/conv/W'))
+        return params, ': generator_x2y/mask_decoder/out/conv/W is missing, and the generator needs it'
     if kind == 'parameter left over':
         edit_parameters(params, lambda p: nn.parameter.get_parameter_or_create(
-            'generator_x2y/image_encoder/extra/W', (2, 2)))
-        return params, ': generator_x2y/image_encoder/extra/W is not used by the generator'
+            'generator_x2y/image_encoder/extra/conv/W', (2, 2)))
+        return params, ': generator_x2y/image_encoder/extra/conv/W is not used by the generator'
     if kind == 'parameter of another shape':
         def reshape(parameters):
-            nn.parameter.pop_parameter('generator_x2y/image_decoder/out/b')
-            nn.parameter.get_parameter_or_create('generator_x2y/image_decoder/out/b', (4,))
+            nn.parameter.pop_parameter('generator_x2y/image_decoder/out/conv/b')
+            nn.parameter.get_parameter_or_create('generator_x2y/image_decoder/out/conv/b', (4,))
         edit_parameters(params, reshape)
-        return params, ': generator_x2y/image_decoder/out/b is (4,), the generator needs (3,)'
+        return params, ': generator_x2y/image_decoder/out/conv/b is (4,), the generator needs (3,)'
     if kind == 'NaN parameter':
         def poison(parameters):
-            parameters['generator_x2y/mask_encoder/down0/W'].d[0, 0, 0, 0] = np.nan
+            parameters['generator_x2y/mask_encoder/down0/conv/W'].d[0, 0, 0, 0] = np.nan
         edit_parameters(params, poison)
-        return params, ': generator_x2y/mask_encoder/down0/W holds NaN or infinite values'
+        return params, ': generator_x2y/mask_encoder/down0/conv/W holds NaN or infinite values'
     if kind == 'no generator of the direction':
         edit_parameters(params, lambda parameters: [nn.parameter.pop_parameter(name) for name in
                                                     list(parameters) if 'x2y' in name])
@@ -357,20 +358,28 @@ def test_a_damaged_checkpoint_is_named_in_one_line(kind, photos, tmp_path, capsy
     params = save_generators(tmp_path / 'checkpoint')
     damaged, words = damage(kind, params)
     code = exit_of('--params', params, '--dataroot', photos, '--out', tmp_path / 'out')
-    assert one_line_error(code, capsys).startswith('translate.py: {}{}'.format(damaged, words))
+    assert one_line_error(code, capsys).startswith(f'translate.py: {damaged}{words}')
     assert not (tmp_path / 'out').exists()
 
 
-def test_state_json_lacking_a_flag_asks_for_it(model, photos, tmp_path, capsys):
+def test_state_json_lacking_flags_asks_for_all_at_once(model, photos, tmp_path, capsys):
+    """--ngf and --n-blocks are read from the parameters' shapes; what they cannot say is
+    asked for in one line."""
     params = save_generators(tmp_path / 'checkpoint')
     (params.parent / 'state.json').write_text('{"args": {"ngf": 4}}')
     code = exit_of('--params', params, '--dataroot', photos, '--out', tmp_path / 'out')
     assert one_line_error(code, capsys) == (
-        'translate.py: {}: its state.json has no n_blocks; give --n-blocks'.format(params))
+        f'translate.py: {params}: its state.json does not say ins_per, fineSizeH, fineSizeW; '
+        'give --ins-per N --fineSizeH N --fineSizeW N')
     (params.parent / 'state.json').unlink()
     code = exit_of('--params', params, '--dataroot', photos, '--out', tmp_path / 'out')
     assert one_line_error(code, capsys) == (
-        'translate.py: {}: no state.json beside it; give --ngf'.format(params))
+        f'translate.py: {params}: no state.json beside it says ins_per, fineSizeH, fineSizeW; '
+        'give --ins-per N --fineSizeH N --fineSizeW N')
+    translate.main([str(a) for a in ['--params', params, '--dataroot', photos, '--out',
+                                     tmp_path / 'out', '--ins-per', '1', '--fineSizeH', FINE[0],
+                                     '--fineSizeW', FINE[1]]])
+    assert (tmp_path / 'out' / 'index.html').exists()
 
 
 class StubTranslator:
@@ -390,9 +399,9 @@ def read(path):
 
 def test_full_output_is_the_photo_outside_the_dilated_masks(tmp_path):
     photo, source = noise(5), rectangle(30, 20, 40, 24)
-    save_example(tmp_path, 'valA', 'p', photo, [source])
-    translate.translate_one(StubTranslator(shift=3), str(tmp_path / 'valA' / 'p.png'),
-                            [tmp_path / 'valA_seg' / 'p_0.png'], str(tmp_path))
+    save_example(tmp_path, 'testA', 'p', photo, [source])
+    translate.translate_one(StubTranslator(shift=3), str(tmp_path / 'testA' / 'p.png'),
+                            [tmp_path / 'testA_seg' / 'p_0.png'], str(tmp_path))
     full, translated = read(tmp_path / 'p_full.png'), read(tmp_path / 'p.png')
     translated_mask = read(tmp_path / 'p_0.png') > 127
     assert full.shape == photo.shape and translated.shape == photo.shape
@@ -424,12 +433,12 @@ def test_feather_width_is_at_least_one_network_pixel():
 
 def test_translated_masks_are_written_in_the_order_of_the_mask_files(tmp_path):
     small, large = rectangle(5, 5, 10, 10), rectangle(40, 20, 50, 40)
-    save_example(tmp_path, 'valA', 'p', noise(6), [small, large])
-    translate.translate_one(StubTranslator(), str(tmp_path / 'valA' / 'p.png'),
-                            [tmp_path / 'valA_seg' / 'p_0.png', tmp_path / 'valA_seg' / 'p_1.png'],
+    save_example(tmp_path, 'testA', 'p', noise(6), [small, large])
+    translate.translate_one(StubTranslator(), str(tmp_path / 'testA' / 'p.png'),
+                            [tmp_path / 'testA_seg' / 'p_0.png', tmp_path / 'testA_seg' / 'p_1.png'],
                             str(tmp_path), full=False)
     for index, mask in enumerate([small, large]):
-        written = read(tmp_path / 'p_{}.png'.format(index)) > 127
+        written = read(tmp_path / f'p_{index}.png') > 127
         assert (written & mask).sum() / (written | mask).sum() > 0.8
     assert not (tmp_path / 'p_full.png').exists()
 
@@ -439,7 +448,7 @@ def test_full_output_end_to_end(tmp_path):
     within the feather width of the source masks, where the translation is."""
     params = save_generators(tmp_path / 'checkpoint', mask_bias=-10.0)
     photo, source = noise(7), rectangle(20, 10, 40, 30)
-    save_example(tmp_path / 'photos', 'valA', 'a', photo, [source])
+    save_example(tmp_path / 'photos', 'testA', 'a', photo, [source])
     translate.main(['--params', str(params), '--dataroot', str(tmp_path / 'photos'),
                     '--out', str(tmp_path / 'out')])
     out = tmp_path / 'out'
@@ -461,7 +470,7 @@ def many_photos(tmp_path_factory):
     """40 inputs: long enough to interrupt in the middle."""
     root = tmp_path_factory.mktemp('many')
     for index in range(40):
-        save_example(root, 'valA', '{:02d}'.format(index), noise(index, (192, 144)),
+        save_example(root, 'testA', f'{index:02d}', noise(index, (192, 144)),
                      [rectangle(40, 30, 80, 60, (192, 144))])
     return root
 
@@ -492,7 +501,7 @@ def assert_complete(out):
 def catches_sigterm(pid):
     """Whether the process has a SIGTERM handler (Linux): Python catches SIGINT from its own
     start-up on, SIGTERM only once translate.py's first lines have run."""
-    with open('/proc/{}/status'.format(pid)) as f:
+    with open(f'/proc/{pid}/status') as f:
         caught = int(next(line for line in f if line.startswith('SigCgt:')).split()[1], 16)
     return bool(caught & 1 << (signal.SIGTERM - 1))
 
@@ -535,10 +544,13 @@ def test_a_second_stop_request_ends_at_once():
     """Checked in this process: the subprocess tests cannot time a second signal to land
     while an input is still being translated."""
     previous = signal.getsignal(signal.SIGINT)
-    with translate.stop_requests() as stopped:
-        assert stopped == []
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stopped == [signal.SIGINT]
-        assert signal.getsignal(signal.SIGINT) is translate.exit_at_once
-        assert signal.getsignal(signal.SIGTERM) is translate.exit_at_once
+    exits = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, '_exit', exits.append)
+        with StopRequest('stopping after this input') as stop:
+            stop.deferring = True
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.received == signal.SIGINT and exits == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert exits == [128 + signal.SIGTERM]
     assert signal.getsignal(signal.SIGINT) is previous

@@ -1,9 +1,9 @@
 """Convolutions and normalisations on every core (numpy's BLAS and the C loops of
-cpu_kernels.c), for training on a CPU.
+kernels.c), for training on a CPU.
 
 Why: NNabla's CPU kernels run on one thread, its convolutions at about 15-25 GFLOP/s, which
 makes training InstaGAN on a CPU impractically slow. When:
-train.set_context picks it for --context cpu with --cpu-conv blas (the default on a CPU), and
+runtime.device.set_context picks it for --context cpu with --cpu-conv blas (the CPU default), and
 `accelerate(outputs)` then swaps, in place, the F.convolution (with the reflection padding
 before it), F.deconvolution, F.spectral_norm and models.instance_norm (with the ReLU or
 leaky ReLU after it) of the graphs built by models.py for the PythonFunctions below. The
@@ -15,11 +15,11 @@ one for a 7x7 kernel over 192 channels at 300x200 would take 2.2 GB). Stride-1 l
 the channel count (e.g. the generator's last 7x7 conv, 192 -> 1) lower to a much smaller matrix
 as the equivalent transposed convolution with a rotated kernel (the "dual" form), so each pass
 picks whichever form has the smaller matrix. A pass over an image is one call into
-cpu_kernels.c, in which every core (OpenMP) takes its own output rows or input channels, builds
+kernels.c, in which every core (OpenMP) takes its own output rows or input channels, builds
 their chunks (im2col, or col2im after the product) and multiplies them with numpy's own
 cblas_sgemm, which this module sets to one thread. The bias and its gradient, reflection
 padding, the dual form's kernel rotation, instance normalisation and the spectral norm are C
-loops too. This module compiles cpu_kernels.c with the system's C compiler the first time it
+loops too. This module compiles kernels.c with the system's C compiler the first time it
 is used.
 """
 import ctypes
@@ -30,7 +30,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
 
 import nnabla.function as nnabla_function
@@ -47,7 +47,7 @@ _CHUNK_FLOATS = 1 << 22
 _CORES = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
           else os.cpu_count() or 1)
 
-_KERNELS_SOURCE = Path(__file__).with_name('cpu_kernels.c')
+_KERNELS_SOURCE = Path(__file__).with_name('kernels.c')
 _KERNELS_FOLDER = Path(__file__).with_name('build')
 # -march=native: the library is built on the machine that runs it (and named after its CPU).
 # The reassociation flags let the compiler vectorise the sums; NaNs still propagate. OpenMP
@@ -84,7 +84,7 @@ _RETURNS = {'spectral_norm_forward': ctypes.c_float}  # the others return nothin
 
 
 class KernelsUnavailable(OSError):
-    """cpu_kernels.c could not be compiled or loaded."""
+    """kernels.c could not be compiled or loaded."""
 
 
 def _cpu_signature():
@@ -98,7 +98,7 @@ def _cpu_signature():
 
 
 def _compile(compiler, library):
-    """Compile cpu_kernels.c into `library`, under a temporary name and then renamed, so that a
+    """Compile kernels.c into `library`, under a temporary name and then renamed, so that a
     build interrupted or run by two processes at once never leaves half a library."""
     try:
         _KERNELS_FOLDER.mkdir(exist_ok=True)
@@ -117,7 +117,7 @@ def _compile(compiler, library):
         reason = str(error)
     else:
         return
-    raise KernelsUnavailable(f'cannot compile {_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
+    raise KernelsUnavailable(f'cannot compile cpu_engine/{_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
                              f'{compiler} ({reason}): install a C compiler with OpenMP (or '
                              'name one in CC), or use --cpu-conv nnabla')
 
@@ -179,9 +179,9 @@ def use_numpy_blas(lib):
     lib.use_sgemm(address, integer_bytes, threads)
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernels():
-    """cpu_kernels.c as a loaded library, compiled into build/ unless it already is there for
+    """kernels.c as a loaded library, compiled into build/ unless it already is there for
     this source, this compiler and flags and this CPU."""
     compiler = os.environ.get('CC', 'cc')
     key = hashlib.sha256(b'\0'.join([_KERNELS_SOURCE.read_bytes(),

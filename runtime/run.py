@@ -1,0 +1,203 @@
+"""The folders a training run writes, held for the run's whole life.
+
+`Run` is a context manager: on entry it makes the folders (checking that they are writable),
+locks each with FOLDER/train.lock, removes what a killed run left half-written, and refuses
+folders holding another run's files unless resuming (or deletes them with --overwrite). It
+also takes over SIGINT and SIGTERM: while `run.stop.deferring`, the first asks the run to
+checkpoint and stop after the current iteration; otherwise the process ends at once, after
+releasing the locks. On exit the locks are released, whatever happened.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from contextlib import ExitStack
+
+from nnabla.logger import logger
+
+from runtime import RunError
+from runtime.files import make_writable_folder, write_text
+from runtime.signals import StopRequest
+
+
+class FolderInUse(RunError):
+    """Another run holds the folder's lock; the message names the folder and the process."""
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+class FolderLock:
+    """FOLDER/train.lock, so that one run at a time writes into a folder. Created with O_EXCL,
+    it holds the owner's pid and host as JSON; the lock of a process that no longer runs (a
+    killed run) is taken over with a warning."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, 'train.lock')
+        self.owner = {'pid': os.getpid(), 'host': socket.gethostname()}
+
+    def __enter__(self):
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.take_over_if_stale()
+                continue
+            with os.fdopen(descriptor, 'w') as f:
+                json.dump(self.owner, f)
+            return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def take_over_if_stale(self):
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            pid, host = holder['pid'], holder['host']
+            if not isinstance(pid, int) or pid < 1:
+                raise ValueError(f'pid {pid}')
+        except FileNotFoundError:  # released meanwhile
+            return
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.time() - os.path.getmtime(self.path) < 10:  # a new run is writing it
+                raise FolderInUse(f'{self.folder} is in use by a train.py run that is starting')
+            raise FolderInUse(f'{self.folder} is locked by {self.path}, which names no process; '
+                              'delete it if no train.py run uses the folder')
+        if host != self.owner['host'] or process_exists(pid):
+            where = '' if host == self.owner['host'] else f' on {host}'
+            raise FolderInUse(f'{self.folder} is in use by another train.py run (pid {pid}'
+                              f'{where}); wait for it to end or choose other folders')
+        logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer runs')
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self):
+        """Remove the lock if it is still this process's."""
+        try:
+            with open(self.path) as f:
+                if json.load(f) == self.owner:
+                    os.remove(self.path)
+        except (OSError, ValueError):
+            pass
+
+
+def run_files(series):
+    """The names a training run writes into its folders, temporary ones included, given the
+    names of its loss series."""
+    names = '|'.join(re.escape(name) for name in series)
+    return re.compile(r'\.?checkpoint_\d{9}(\.partial|\.damaged)?'
+                      rf'|({names})\.series(\.partial)?\.txt'
+                      r'|elapsed_time\.timer(\.partial)?\.txt'
+                      r'|seconds_per_iteration\.series\.txt'  # written by earlier versions
+                      r'|(run|Arguments)(\.partial)?\.(json|txt)'
+                      r'|(losses|translation_(x2y|y2x)_epoch_\d{4,})(\.partial)?\.png')
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+class Run:
+    """The run's folders ({flag: path}), locked, and its stop requests. `run_file` matches
+    every name a run writes into them, temporary ones included: a fresh run refuses folders
+    holding any of it, and --overwrite deletes it (nothing else). A run has an identity `id`,
+    kept in identity_folder/run.json and in its checkpoints."""
+
+    def __init__(self, folders, identity_folder, run_file, resume=False, overwrite=False):
+        self.identity_file = os.path.join(identity_folder, 'run.json')
+        # One lock per real folder: -m and -o may name the same one.
+        self.folders = list({os.path.realpath(path): (flag, path)
+                             for flag, path in folders.items()}.values())
+        self.run_file, self.resume, self.overwrite = run_file, resume, overwrite
+        self.locks = []
+        self.stop = StopRequest('saving a checkpoint after this iteration',
+                                before_exit=[self.release])
+
+    def __enter__(self):
+        self.cleanup = ExitStack()
+        self.cleanup.enter_context(self.stop)
+        try:
+            for flag, folder in self.folders:
+                make_writable_folder(folder, flag)
+                self.locks.append(self.cleanup.enter_context(FolderLock(folder)))
+            self.claim()
+            if not self.resume:
+                self.id = uuid.uuid4().hex
+                write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
+        except BaseException:
+            self.cleanup.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.cleanup.close()
+
+    def release(self):
+        for lock in self.locks:
+            lock.release()
+
+    def read_identity(self):
+        """The run named by the monitor folder's run.json, None where there is none."""
+        try:
+            with open(self.identity_file) as f:
+                run = json.load(f)['run']
+            if not isinstance(run, str):
+                raise TypeError(f'run is {run!r}')
+            return run
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RunError(f'{self.identity_file} is unreadable; it names the run that writes '
+                           'the folder: restore it or start afresh') from None
+
+    def continue_run(self, checkpoint, run):
+        """On resume: the checkpoint's run (None from earlier versions) must be the one whose
+        monitor folder this is, so that no run writes into another's series and pictures."""
+        held = self.read_identity()
+        monitor = os.path.dirname(self.identity_file)
+        foreign = held != run if held else run is not None and any(
+            self.run_file.fullmatch(name) for name in os.listdir(monitor))
+        if foreign:
+            raise RunError(f'--resume: {checkpoint} and --monitor-path {monitor} belong to '
+                           'different runs; give the monitor path of the run it continues')
+        self.id = run or uuid.uuid4().hex
+        write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
+
+    def claim(self):
+        """Remove what a killed run left half-written; then, unless resuming, refuse folders
+        that hold another run, or delete its files with --overwrite."""
+        for _, folder in self.folders:
+            for name in sorted(os.listdir(folder)):
+                if self.run_file.fullmatch(name) and '.partial' in name:
+                    remove(os.path.join(folder, name))
+                    logger.info(f'removed {os.path.join(folder, name)}, left by a killed run')
+        if self.resume:
+            return
+        for _, folder in self.folders:
+            found = sorted(name for name in os.listdir(folder) if self.run_file.fullmatch(name))
+            if found and not self.overwrite:
+                listed = ', '.join(found[:2]) + (', ...' if len(found) > 2 else '')
+                raise RunError(f'{folder} holds another run ({listed}): continue it with '
+                               '--resume, or delete its files with --overwrite')
+            for name in found:
+                remove(os.path.join(folder, name))
+            if found:
+                logger.info(f'--overwrite: deleted the {len(found)} files and folders of the '
+                            f'earlier run in {folder}')
