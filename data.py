@@ -207,11 +207,15 @@ class MaskedImageIterator:
     transform_seed (the two domains of a run) crop and flip their k-th batches alike, as the
     official loader does with its one seed per iteration. Everything is drawn in the calling
     thread; worker threads only decode and resize, one batch ahead of the caller.
+
+    share (rank, ranks): under data parallelism every rank draws the same global batches of
+    ranks x batch_size samples and keeps its own disjoint part, so that the order, the state
+    and a resume are the same whatever the number of ranks.
     """
 
     def __init__(self, dataroot, phase, domain, batch_size, load_size=(330, 220),
                  fine_size=(300, 200), ins_max=4, flip=True, set_order='decreasing', seed=0,
-                 transform_seed=None):
+                 transform_seed=None, share=(0, 1)):
         if domain not in ('A', 'B'):
             raise ValueError(f"domain must be 'A' or 'B', not {domain!r}")
         if set_order not in ('decreasing', 'random'):
@@ -240,6 +244,7 @@ class MaskedImageIterator:
         self.size, self.batch_size = len(self.image_paths), batch_size
         self.load_size, self.fine_size = tuple(load_size), tuple(fine_size)
         self.ins_max, self.flip, self.set_order = ins_max, flip, set_order
+        self.rank, self.ranks = share
         self._rng = np.random.RandomState(seed)
         self._transform_seed = seed if transform_seed is None else transform_seed
         self._batches = 0  # batches planned so far
@@ -308,17 +313,19 @@ class MaskedImageIterator:
         state = self._state()  # taken before planning, so get_state() points at this batch
         (load_h, load_w), (fine_h, fine_w) = self.load_size, self.fine_size
         futures = []
-        for j in range(self.batch_size):
+        for j in range(self.batch_size * self.ranks):
             if self._cursor == len(self._order):
                 self._order, self._cursor = self._rng.permutation(self.size), 0
             index = self._order[self._cursor]
             self._cursor += 1
+            set_order = (self._rng.permutation(len(self.mask_paths[index]))
+                         if self.set_order == 'random' else None)
+            if j // self.batch_size != self.rank:
+                continue
             transform = np.random.RandomState([self._transform_seed, self._batches, j])
             top = transform.randint(load_h - fine_h + 1)
             left = transform.randint(load_w - fine_w + 1)
             flip = self.flip and transform.rand() < 0.5
-            set_order = (self._rng.permutation(len(self.mask_paths[index]))
-                         if self.set_order == 'random' else None)
             futures.append(self._pool.submit(self._load, index, top, left, flip, set_order))
         self._batches += 1
         return state, futures
@@ -352,7 +359,7 @@ class Loaders:
     the most instances any image has."""
 
     def __init__(self, dataroot, batch_size, load_size, fine_size, ins_max, flip, set_order,
-                 seed):
+                 seed, share=(0, 1)):
         check_dataroot(dataroot)
         self.ins_max = min(ins_max, count_max_instances(dataroot, 'train'))
         self.domains = {}
@@ -360,7 +367,7 @@ class Loaders:
             for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')]):
                 self.domains[domain] = MaskedImageIterator(
                     dataroot, 'train', letter, batch_size, load_size, fine_size, self.ins_max,
-                    flip, set_order, seed=seed + i, transform_seed=seed)
+                    flip, set_order, seed=seed + i, transform_seed=seed, share=share)
         except BaseException:
             self.close()
             raise
@@ -386,7 +393,8 @@ class Loaders:
     def verify(self):
         """Decode every image and mask once, before anything is written, so that a corrupt file
         stops the run now and not epochs later; and refuse a domain without a single non-empty
-        mask, which would train nothing."""
+        mask, which would train nothing. (Every rank checks the whole dataset: the shares
+        change every epoch.)"""
         def instances(image_path, mask_paths, size):
             _, masks, _ = load_resized(image_path, mask_paths, size)
             return int(np.sum(masks.max(axis=(1, 2)) > -1))

@@ -17,6 +17,7 @@ if __name__ == '__main__':  # until the run takes them over: nnabla's imports ta
     handle_stop_signals(exit_at_once)
 
 import math
+import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from losses import (
     lsgan_loss,
 )
 from runtime import RunError
-from runtime.checkpoints import resume, save_checkpoint
+from runtime.checkpoints import read_checkpoint, resume, save_checkpoint
 from runtime.device import set_context
+from runtime.distributed import Processes, start_processes
 from runtime.files import WriteFailed
 from runtime.monitors import (
     Monitors,
@@ -63,10 +65,13 @@ class Trainer:
     Pass graphs are built once for K = --ins-per slots and serve every pass. With M = --ins-max
     slots (rounded up to a multiple of K), the discriminators see an image with all M slots:
     those translated so far, the current pass's, and empty ones for the passes to come.
+
+    Under data parallelism (runtime.distributed) every rank runs the passes that some rank has
+    instances for, and each solver steps on the gradients' mean over the ranks.
     """
 
-    def __init__(self, args, ins_max):
-        self.args = args
+    def __init__(self, args, ins_max, processes=Processes()):
+        self.args, self.processes = args, processes
         self.ins_per = models.slots_per_pass(args.ins_per, ins_max)
         self.passes = models.pass_slices(ins_max, self.ins_per)
         self.slots = self.passes[-1].stop
@@ -152,8 +157,11 @@ class Trainer:
         translated_images = dict(images)
         translated_masks = {d: np.full_like(m, -1) for d, m in masks.items()}
         losses, visuals, passes_run = defaultdict(list), {}, 0
-        for slots in self.passes:
-            state = PassState(slots, images, masks, translated_images, translated_masks)
+        anywhere = self.processes.sum([[np.any(masks[d][:, slots] > -1) for d in 'xy']
+                                       for slots in self.passes]) > 0
+        for slots, translated_anywhere in zip(self.passes, anywhere):
+            sources = [d for d, on in zip('xy', translated_anywhere) if on]
+            state = PassState(slots, images, masks, translated_images, translated_masks, sources)
             if not state.sources:
                 continue
             passes_run += 1
@@ -189,9 +197,10 @@ class Trainer:
             for loss in [graph.identity_loss, graph.translation_loss]:
                 loss.forward(clear_no_need_grad=True)
                 loss.backward(clear_buffer=True)
-            check_finite({f'{name}_{source}': loss for name, loss in graph.losses.items()},
-                         iteration, self.args.nan_policy)
+        self.check_finite({f'{name}_{source}': loss for source in state.sources
+                           for name, loss in self.directions[source].losses.items()}, iteration)
         for scope in GENERATORS:
+            self.processes.mean_gradients(self.solvers[scope])
             self.solvers[scope].update()
 
     def update_discriminator(self, domain, real_images, real_masks, fake_images, fake_masks,
@@ -205,13 +214,25 @@ class Trainer:
                                                                     active)
         graph.fake_weights.d = active
         graph.loss.forward(clear_no_need_grad=True)
-        check_finite({'discriminator_loss_' + domain: graph.loss}, iteration,
-                     self.args.nan_policy)
+        self.check_finite({'discriminator_loss_' + domain: graph.loss}, iteration)
         solver = self.solvers['discriminator_' + domain]
         solver.zero_grad()
         graph.loss.backward(clear_buffer=True)
+        self.processes.mean_gradients(solver)
         solver.update()
         return float(graph.loss.d)
+
+    def check_finite(self, losses, iteration):
+        """Stop (or warn, --nan-policy warn) before an update on a NaN or infinite loss, on every
+        rank alike."""
+        bad = [(name, float(loss.d)) for name, loss in losses.items()
+               if not math.isfinite(float(loss.d))]
+        if not self.processes.any(bad):
+            return
+        what = f'{bad[0][0]} is {bad[0][1]}' if bad else 'a loss of another rank is not finite'
+        if self.args.nan_policy == 'stop':
+            raise RunError(f'{what} at iteration {iteration}; stopped before updating with it')
+        logger.warning(f'{what} at iteration {iteration}')
 
     def set_epoch(self, epoch):
         for scope, solver in self.solvers.items():
@@ -268,16 +289,12 @@ class PassState:
     real_masks: dict   # its masks, all M slots
     images: dict       # the images as translated by the earlier passes; the pass replaces them
     translated: dict   # the masks translated so far, -1 (empty) elsewhere; the pass fills `slots`
+    sources: list      # the domains translated: those with an instance in some sample of a rank
     active: dict = field(init=False)  # (B,) bool: the samples with an instance in `slots`
 
     def __post_init__(self):
         self.active = {d: np.any(m[:, self.slots] > -1, axis=(1, 2, 3))
                        for d, m in self.real_masks.items()}
-
-    @property
-    def sources(self):
-        """The domains translated in this pass: those with an instance in some sample."""
-        return [d for d in 'xy' if self.active[d].any()]
 
     def masks_beside(self, source):
         """The masks D sees beside the pass's own translated ones: the earlier passes'
@@ -335,16 +352,6 @@ def learning_rate(base, epoch, decay_start, max_epoch):
     return base * (1.0 - max(0, epoch + 1 - decay_start) / float(decay_epochs + 1))
 
 
-def check_finite(losses, iteration, nan_policy):
-    for name, loss in losses.items():
-        value = float(loss.d)
-        if not math.isfinite(value):
-            message = f'{name} is {value} at iteration {iteration}'
-            if nan_policy == 'stop':
-                raise RunError(message + '; stopped before updating with it')
-            logger.warning(message)
-
-
 def keep_values(*variables):
     """The step reads these after forward(clear_no_need_grad=True) and
     backward(clear_buffer=True), which free every buffer not marked persistent."""
@@ -368,54 +375,86 @@ class TrainingState:
 
 
 class Stopped(RunError):
-    """A stop signal ended the run after a checkpoint."""
+    """A stop signal (on this rank, or None: on another) ended the run after a checkpoint."""
 
     def __init__(self, message, signum):
         super().__init__(message)
-        self.status = exit_status(signum)
+        self.status = exit_status(signum) if signum else 1
 
 
 def train(args):
+    processes, args.device_id = start_processes(args.context, args.device_id)
     args.context, accelerate = set_context(args.context, args.device_id, args.type_config,
                                            args.cpu_conv)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     loaders = Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
                       (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
-                      args.set_order, args.seed)
+                      args.set_order, args.seed, share=(processes.rank, processes.size))
     with loaders:
         loaders.verify()
+        # Rank 0 alone holds the folders and writes; a rank's failure ends the launch.
         folders = {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
-        with Run(folders, args.monitor_path, run_files(SERIES), args.resume,
-                 args.overwrite) as run:
-            trainer = Trainer(args, loaders.ins_max)
+        with Run(folders if processes.rank == 0 else {}, args.monitor_path, run_files(SERIES),
+                 args.resume, args.overwrite) as run:
+            trainer = Trainer(args, loaders.ins_max, processes)
             accelerate(*trainer.graph_outputs())
             logger.info(f'instance slots per image: {loaders.ins_max}, translated in '
-                        f'{len(trainer.passes)} pass(es) of {trainer.ins_per}')
-            monitors = Monitors(args.monitor_path, SERIES, args.log_step)
+                        f'{len(trainer.passes)} pass(es) of {trainer.ins_per}'
+                        + (f'; rank {processes.rank} of {processes.size}' * (processes.size > 1)))
+            monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0)
             state = TrainingState(pools=trainer, loaders=loaders, monitors=monitors)
-            iteration = 0
+            place = (0, 0, 0)
             if args.resume:
-                iteration = resume(
-                    args, trainer.solvers, state, loaders.identity(), FIXED_ON_RESUME,
-                    CHANGEABLE_ON_RESUME, models.current_parameter_name,
-                    check=lambda path, saved: run.continue_run(path, saved.get('run')))['iteration']
-            write_arguments(args.monitor_path, args)
-            train_epochs(args, trainer, loaders, monitors, state, run, iteration)
+                place = resume_all(args, trainer, loaders, state, run, processes)
+            if processes.rank == 0:
+                write_arguments(args.monitor_path, args)
+            processes.broadcast_parameters(nn.get_parameters(grad_only=False), trainer.solvers)
+            train_epochs(args, trainer, loaders, monitors, state, run, processes, place)
 
 
-def train_epochs(args, trainer, loaders, monitors, state, run, iteration):
-    """From `iteration` to the end of --max-epoch, with a checkpoint every --save-interval
-    epochs and when a stop signal asks for one."""
-    per_epoch = math.ceil(max(loaders.sizes.values()) / args.batch_size)
-    if iteration >= args.max_epoch * per_epoch:
+def resume_all(args, trainer, loaders, state, run, processes):
+    """Rank 0 restores the newest intact checkpoint; the others take its place in training and,
+    from the same checkpoint, the loaders' position (parameters and solver states follow by
+    broadcast, and their pools start empty). Returns the iteration, the epoch and the samples
+    of that epoch already trained on, which any number of ranks can continue from."""
+    place = [0, 0, 0]
+    if processes.rank == 0:
+        saved = resume(args, trainer.solvers, state, loaders.identity(), FIXED_ON_RESUME,
+                       CHANGEABLE_ON_RESUME, models.current_parameter_name,
+                       check=lambda path, saved: run.continue_run(path, saved.get('run')))
+        place = [saved['iteration'], saved['epoch'], saved['epoch_samples']]
+        if saved['processes'] != processes.size:
+            logger.info(f'--resume: {processes.size} processes continue a checkpoint of '
+                        f'{saved["processes"]}: the data order goes on, the pools of ranks '
+                        'other than 0 start empty')
+    iteration, epoch, samples = (int(value) for value in processes.sum(place))
+    if processes.rank:
+        path = os.path.join(args.model_save_path, f'checkpoint_{iteration:09d}')
+        loaders.load_state_dict(read_checkpoint(path, ['training_state'])['training_state'][
+            'loaders'])
+    return iteration, epoch, samples
+
+
+def train_epochs(args, trainer, loaders, monitors, state, run, processes, place):
+    """From `place` (iteration, epoch, samples of it trained on) to the end of --max-epoch,
+    with a checkpoint every --save-interval epochs and when a stop signal asks for one. An
+    epoch is a pass over the larger domain, whatever the number of ranks."""
+    iteration, epoch, samples = place
+    global_batch = args.batch_size * processes.size
+    per_epoch = math.ceil(max(loaders.sizes.values()) / global_batch)
+    if epoch >= args.max_epoch:
         raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch '
-                       f'{iteration // per_epoch}), where --max-epoch {args.max_epoch} has '
-                       'ended: nothing to train; give a larger --max-epoch')
+                       f'{epoch}), where --max-epoch {args.max_epoch} has ended: nothing to '
+                       'train; give a larger --max-epoch')
 
-    def checkpoint():
-        saved = {'epoch': iteration // per_epoch, 'run': run.id, 'args': vars(args),
-                 'dataset': loaders.identity(),
+    def checkpoint(epoch, position):
+        """Rank 0 writes, once every rank has finished the step (its last collective)."""
+        if processes.rank:
+            return 'a checkpoint (rank 0 writes it)'
+        saved = {'epoch': epoch, 'epoch_samples': position * global_batch, 'run': run.id,
+                 'args': vars(args), 'dataset': loaders.identity(),
+                 'processes': processes.size,
                  'learning_rates': {k: s.learning_rate() for k, s in trainer.solvers.items()},
                  'training_state': state.state_dict()}
         try:
@@ -428,23 +467,29 @@ def train_epochs(args, trainer, loaders, monitors, state, run, iteration):
 
     run.stop.deferring = True
     run.stop.at_once = '; the checkpoints written so far are kept (continue with --resume)'
-    visuals = {}
-    for epoch in range(iteration // per_epoch, args.max_epoch):
+    visuals, start = {}, min(per_epoch, samples // global_batch)
+    for epoch in range(epoch, args.max_epoch):
         trainer.set_epoch(epoch)
         monitors.timer.start()  # the timer counts iterations, not checkpoints and pictures
-        with Progress(per_epoch, iteration % per_epoch,
-                      f'epoch {epoch + 1}/{args.max_epoch}') as progress:
-            while iteration < (epoch + 1) * per_epoch:
+        with Progress(per_epoch, start, f'epoch {epoch + 1}/{args.max_epoch}',
+                      shown=processes.rank == 0) as progress:
+            for position in range(start + 1, per_epoch + 1):
                 losses, _, step_visuals = trainer.step(*loaders.next_batches(), iteration)
+                losses = processes.mean_losses(losses, SERIES)
                 visuals.update(step_visuals)
                 monitors.add(iteration, losses)
                 iteration += 1
                 progress.update(losses)
-                if run.stop.received:
-                    raise Stopped(f'{run.stop.name} at iteration {iteration}: saved '
-                                  f'{checkpoint()}; continue with --resume', run.stop.received)
+                if processes.any(run.stop.received):
+                    what = run.stop.name if run.stop.received else 'a stop on another rank'
+                    saved = checkpoint(epoch + position // per_epoch, position % per_epoch)
+                    raise Stopped(f'{what} at iteration {iteration}: saved {saved}; continue '
+                                  'with --resume', run.stop.received)
+        start = 0
+        if processes.rank:
+            continue
         if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
-            logger.info(f'epoch {epoch + 1}: saved {checkpoint()}')
+            logger.info(f'epoch {epoch + 1}: saved {checkpoint(epoch + 1, 0)}')
         tiles = {f'translation_{s}2{OTHER[s]}': [[image_panel(i) for i, _ in rows],
                                                 [mask_panel(m) for _, m in rows]]
                  for s, rows in visuals.items()}

@@ -318,10 +318,15 @@ def resume(args, solvers, training_state, dataset, fixed, changeable, rename=Non
     does check(path, state), called before anything is restored. Each changed flag of
     `changeable` gets a line."""
     def restore(path):
-        saved = read_checkpoint(path, keys=['args', 'dataset', 'training_state'])
+        saved = read_checkpoint(path, keys=['args', 'dataset', 'training_state', 'epoch',
+                                            'epoch_samples', 'processes'])
         if not isinstance(saved['args'], dict) or not isinstance(saved['dataset'], dict):
             raise DamagedCheckpoint(f'{path}/state.json is unreadable (args or dataset is not '
                                     'an object)')
+        for key, least in [('epoch', 0), ('epoch_samples', 0), ('processes', 1)]:
+            if type(saved[key]) is not int or saved[key] < least:
+                raise DamagedCheckpoint(f'{path}/state.json is unreadable ({key} is '
+                                        f'{saved[key]!r})')
         refused = changed_flags(fixed, saved['args'], args)
         if refused:
             listed = '; '.join(f'--{name.replace("_", "-")} {shown(old)}, not {shown(new)}'

@@ -107,14 +107,17 @@ class TimerFile:
 
 
 class Monitors:
-    """The loss series `names` and the timer of one run."""
+    """The loss series `names` and the timer of one run; they write only where `writes` (rank 0
+    of a data-parallel run)."""
 
-    def __init__(self, folder, names, interval):
-        self.folder = folder
+    def __init__(self, folder, names, interval, writes=True):
+        self.folder, self.writes = folder, writes
         self.series = {name: SeriesFile(folder, name, interval) for name in names}
         self.timer = TimerFile(folder, interval)
 
     def add(self, iteration, losses):
+        if not self.writes:
+            return
         for name, value in losses.items():
             self.series[name].add(iteration, value)
         self.timer.add(iteration)
@@ -135,12 +138,12 @@ class Progress:
 
     SHOWN = ['generator_loss_x', 'discriminator_loss_y']
 
-    def __init__(self, total, initial, description, every=60):
+    def __init__(self, total, initial, description, every=60, shown=True):
         self.total, self.count, self.description, self.every = total, initial, description, every
-        self.bar = None
+        self.shown, self.bar = shown, None
 
     def __enter__(self):
-        if sys.stderr.isatty():
+        if self.shown and sys.stderr.isatty():
             self.bar = tqdm(total=self.total, initial=self.count, desc=self.description,
                             leave=False, dynamic_ncols=True)
         self.last = time.monotonic()
@@ -156,7 +159,8 @@ class Progress:
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(shown)
-        elif time.monotonic() - self.last >= self.every or self.count == self.total:
+        elif self.shown and (time.monotonic() - self.last >= self.every
+                             or self.count == self.total):
             self.last = time.monotonic()
             values = ' '.join(f'{name} {value}' for name, value in shown.items())
             logger.info(f'{self.description}: {self.count}/{self.total} {values}')

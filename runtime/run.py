@@ -138,7 +138,7 @@ class Run:
                 make_writable_folder(folder, flag)
                 self.locks.append(self.cleanup.enter_context(FolderLock(folder)))
             self.claim()
-            if not self.resume:
+            if self.folders and not self.resume:
                 self.id = uuid.uuid4().hex
                 write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
         except BaseException:
