@@ -17,7 +17,6 @@ if __name__ == '__main__':  # until the run takes them over: nnabla's imports ta
     handle_stop_signals(exit_at_once)
 
 import math
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,20 +38,11 @@ from losses import (
     lsgan_loss,
 )
 from runtime import RunError
-from runtime.checkpoints import read_checkpoint, resume, save_checkpoint
+from runtime.checkpoints import Checkpoints
 from runtime.device import set_context
 from runtime.distributed import Processes, start_processes
-from runtime.files import WriteFailed
-from runtime.monitors import (
-    Monitors,
-    Progress,
-    image_panel,
-    mask_panel,
-    save_pictures,
-    write_arguments,
-)
+from runtime.monitors import Monitors, Progress
 from runtime.run import Run, run_files
-from runtime.signals import exit_status
 
 SERIES = [f'{name}_{d}' for name in LOSS_NAMES for d in 'xy']
 GENERATORS = ['generator_x2y', 'generator_y2x']
@@ -359,114 +349,43 @@ def keep_values(*variables):
         variable.persistent = True
 
 
-class TrainingState:
-    """What a checkpoint holds beside parameters and solver states, so that a resumed run goes
-    on exactly as an uninterrupted one."""
-
-    def __init__(self, **parts):
-        self.parts = parts
-
-    def state_dict(self):
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state):
-        for name, part in self.parts.items():  # monitors last: they rewrite files
-            part.load_state_dict(state[name])
-
-
-class Stopped(RunError):
-    """A stop signal (on this rank, or None: on another) ended the run after a checkpoint."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.status = exit_status(signum) if signum else 1
-
-
 def train(args):
     processes, args.device_id = start_processes(args.context, args.device_id)
     args.context, accelerate = set_context(args.context, args.device_id, args.type_config,
                                            args.cpu_conv)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
-    loaders = Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
-                      (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
-                      args.set_order, args.seed, share=(processes.rank, processes.size))
-    with loaders:
+    with Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
+                 (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
+                 args.set_order, args.seed, share=(processes.rank, processes.size)) as loaders:
         loaders.verify()
-        # Rank 0 alone holds the folders and writes; a rank's failure ends the launch.
-        folders = {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
-        with Run(folders if processes.rank == 0 else {}, args.monitor_path, run_files(SERIES),
-                 args.resume, args.overwrite) as run:
+        with Run.for_training(args, run_files(SERIES), processes.rank) as run:
             trainer = Trainer(args, loaders.ins_max, processes)
             accelerate(*trainer.graph_outputs())
-            logger.info(f'instance slots per image: {loaders.ins_max}, translated in '
-                        f'{len(trainer.passes)} pass(es) of {trainer.ins_per}'
-                        + (f'; rank {processes.rank} of {processes.size}' * (processes.size > 1)))
             monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0)
-            state = TrainingState(pools=trainer, loaders=loaders, monitors=monitors)
-            place = (0, 0, 0)
-            if args.resume:
-                place = resume_all(args, trainer, loaders, state, run, processes)
-            if processes.rank == 0:
-                write_arguments(args.monitor_path, args)
+            checkpoints = Checkpoints(args, trainer.solvers, loaders, run, processes,
+                                      pools=trainer, loaders=loaders, monitors=monitors)
+            place = checkpoints.resume(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME,
+                                       models.current_parameter_name) if args.resume else (0, 0, 0)
             processes.broadcast_parameters(nn.get_parameters(grad_only=False), trainer.solvers)
-            train_epochs(args, trainer, loaders, monitors, state, run, processes, place)
+            train_epochs(args, trainer, loaders, monitors, checkpoints, run, place)
 
 
-def resume_all(args, trainer, loaders, state, run, processes):
-    """Rank 0 restores the newest intact checkpoint; the others take its place in training and,
-    from the same checkpoint, the loaders' position (parameters and solver states follow by
-    broadcast, and their pools start empty). Returns the iteration, the epoch and the samples
-    of that epoch already trained on, which any number of ranks can continue from."""
-    place = [0, 0, 0]
-    if processes.rank == 0:
-        saved = resume(args, trainer.solvers, state, loaders.identity(), FIXED_ON_RESUME,
-                       CHANGEABLE_ON_RESUME, models.current_parameter_name,
-                       check=lambda path, saved: run.continue_run(path, saved.get('run')))
-        place = [saved['iteration'], saved['epoch'], saved['epoch_samples']]
-        if saved['processes'] != processes.size:
-            logger.info(f'--resume: {processes.size} processes continue a checkpoint of '
-                        f'{saved["processes"]}: the data order goes on, the pools of ranks '
-                        'other than 0 start empty')
-    iteration, epoch, samples = (int(value) for value in processes.sum(place))
-    if processes.rank:
-        path = os.path.join(args.model_save_path, f'checkpoint_{iteration:09d}')
-        loaders.load_state_dict(read_checkpoint(path, ['training_state'])['training_state'][
-            'loaders'])
-    return iteration, epoch, samples
-
-
-def train_epochs(args, trainer, loaders, monitors, state, run, processes, place):
+def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
     """From `place` (iteration, epoch, samples of it trained on) to the end of --max-epoch,
     with a checkpoint every --save-interval epochs and when a stop signal asks for one. An
     epoch is a pass over the larger domain, whatever the number of ranks."""
     iteration, epoch, samples = place
-    global_batch = args.batch_size * processes.size
+    processes, global_batch = trainer.processes, args.batch_size * trainer.processes.size
     per_epoch = math.ceil(max(loaders.sizes.values()) / global_batch)
     if epoch >= args.max_epoch:
-        raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch '
-                       f'{epoch}), where --max-epoch {args.max_epoch} has ended: nothing to '
-                       'train; give a larger --max-epoch')
-
-    def checkpoint(epoch, position):
-        """Rank 0 writes, once every rank has finished the step (its last collective)."""
-        if processes.rank:
-            return 'a checkpoint (rank 0 writes it)'
-        saved = {'epoch': epoch, 'epoch_samples': position * global_batch, 'run': run.id,
-                 'args': vars(args), 'dataset': loaders.identity(),
-                 'processes': processes.size,
-                 'learning_rates': {k: s.learning_rate() for k, s in trainer.solvers.items()},
-                 'training_state': state.state_dict()}
-        try:
-            return save_checkpoint(args.model_save_path, iteration, saved, trainer.solvers,
-                                   args.keep_checkpoints)
-        except WriteFailed as error:
-            raise RunError(f'could not write the checkpoint of iteration {iteration} in '
-                           f'{args.model_save_path} ({error.reason}); the earlier ones are '
-                           'intact') from None
-
-    run.stop.deferring = True
-    run.stop.at_once = '; the checkpoints written so far are kept (continue with --resume)'
+        raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch {epoch}), '
+                       f'where --max-epoch {args.max_epoch} has ended: nothing to train; give '
+                       'a larger --max-epoch')
+    logger.info(f'instance slots per image: {loaders.ins_max}, translated in '
+                f'{len(trainer.passes)} pass(es) of {trainer.ins_per}; {processes.size} '
+                f'process(es), {per_epoch} iterations an epoch')
+    run.start_training()
     visuals, start = {}, min(per_epoch, samples // global_batch)
     for epoch in range(epoch, args.max_epoch):
         trainer.set_epoch(epoch)
@@ -481,30 +400,24 @@ def train_epochs(args, trainer, loaders, monitors, state, run, processes, place)
                 iteration += 1
                 progress.update(losses)
                 if processes.any(run.stop.received):
-                    what = run.stop.name if run.stop.received else 'a stop on another rank'
-                    saved = checkpoint(epoch + position // per_epoch, position % per_epoch)
-                    raise Stopped(f'{what} at iteration {iteration}: saved {saved}; continue '
-                                  'with --resume', run.stop.received)
+                    run.stopped(iteration, checkpoints.save(
+                        iteration, epoch + position // per_epoch, position % per_epoch))
         start = 0
-        if processes.rank:
-            continue
-        if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch:
-            logger.info(f'epoch {epoch + 1}: saved {checkpoint(epoch + 1, 0)}')
-        tiles = {f'translation_{s}2{OTHER[s]}': [[image_panel(i) for i, _ in rows],
-                                                [mask_panel(m) for _, m in rows]]
-                 for s, rows in visuals.items()}
-        save_pictures(args.monitor_path, epoch + 1, tiles, LOSS_NAMES)
+        if processes.rank == 0 and ((epoch + 1) % args.save_interval == 0
+                                    or epoch + 1 == args.max_epoch):
+            logger.info(f'epoch {epoch + 1}: saved {checkpoints.save(iteration, epoch + 1, 0)}')
+        monitors.save_pictures(epoch + 1, visuals, LOSS_NAMES)
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
         train(args)
-    except Stopped as error:
+    except RunError as error:
+        if getattr(error, 'status', 1) == 1:
+            sys.exit(f'train.py: {error}')
         print(f'train.py: {error}', file=sys.stderr)
         sys.exit(error.status)
-    except RunError as error:
-        sys.exit(f'train.py: {error}')
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ import numpy as np
 from nnabla.logger import logger
 
 from runtime import RunError
-from runtime.files import write_bytes, write_failed
+from runtime.files import WriteFailed, write_bytes, write_failed
 
 CHECKPOINT = re.compile(r'checkpoint_(\d{9})')
 PARAMETERS = 'parameters.h5'
@@ -357,3 +357,63 @@ def resume(args, solvers, training_state, dataset, fixed, changeable, rename=Non
         logger.info(f'--resume: --{name.replace("_", "-")} {shown(new)} (the checkpoint has '
                     f'{shown(old)})')
     return saved
+
+
+class Checkpoints:
+    """The checkpoints of one training run: what they hold (parameters, `solvers`, and the
+    state_dict of each of `parts`, so that a resumed run goes on exactly as an uninterrupted
+    one; `dataset` is the data.Loaders, identified in each), writing them (rank 0 of
+    `processes` alone) and resuming from them (every rank)."""
+
+    def __init__(self, args, solvers, dataset, run, processes, **parts):
+        self.args, self.solvers, self.loaders = args, solvers, dataset
+        self.run, self.processes, self.parts = run, processes, parts
+
+    def state_dict(self):
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for name, part in self.parts.items():  # in order: the monitors last, they rewrite files
+            part.load_state_dict(state[name])
+
+    def save(self, iteration, epoch, position):
+        """Write the checkpoint of `iteration`, `position` iterations of global batches into
+        `epoch`; returns its path (on rank 0, once every rank has finished the step)."""
+        if self.processes.rank:
+            return None
+        args = self.args
+        global_batch = args.batch_size * self.processes.size
+        saved = {'epoch': epoch, 'epoch_samples': position * global_batch, 'run': self.run.id,
+                 'args': vars(args), 'dataset': self.loaders.identity(),
+                 'processes': self.processes.size,
+                 'learning_rates': {k: s.learning_rate() for k, s in self.solvers.items()},
+                 'training_state': self.state_dict()}
+        try:
+            return save_checkpoint(args.model_save_path, iteration, saved, self.solvers,
+                                   args.keep_checkpoints)
+        except WriteFailed as error:
+            raise RunError(f'could not write the checkpoint of iteration {iteration} in '
+                           f'{args.model_save_path} ({error.reason}); the earlier ones are '
+                           'intact') from None
+
+    def resume(self, fixed, changeable, rename):
+        """Rank 0 restores the newest intact checkpoint; the others take its place in training
+        and, from the same checkpoint, the loaders' position (parameters and solver states
+        follow by broadcast; their pools start empty). Returns the iteration, the epoch and the
+        samples of that epoch already trained on, which any number of ranks can continue."""
+        place = [0, 0, 0]
+        if self.processes.rank == 0:
+            saved = resume(self.args, self.solvers, self, self.loaders.identity(), fixed,
+                           changeable, rename, check=lambda path, saved: self.run.continue_run(
+                               path, saved.get('run')))
+            place = [saved['iteration'], saved['epoch'], saved['epoch_samples']]
+            if saved['processes'] != self.processes.size:
+                logger.info(f'--resume: {self.processes.size} processes continue a checkpoint '
+                            f'of {saved["processes"]}: the data order goes on, the pools of '
+                            'ranks other than 0 start empty')
+        iteration, epoch, samples = (int(value) for value in self.processes.sum(place))
+        if self.processes.rank:
+            path = os.path.join(self.args.model_save_path, f'checkpoint_{iteration:09d}')
+            self.loaders.load_state_dict(
+                read_checkpoint(path, ['training_state'])['training_state']['loaders'])
+        return iteration, epoch, samples

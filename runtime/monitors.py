@@ -122,6 +122,15 @@ class Monitors:
             self.series[name].add(iteration, value)
         self.timer.add(iteration)
 
+    def save_pictures(self, epoch, visuals, loss_names):
+        """The epoch's translation tiles ({source: [(images, masks) of the batch, of the
+        translation, of the reconstruction]}) and losses.png."""
+        if self.writes:
+            tiles = {f'translation_{source}2{"y" if source == "x" else "x"}':
+                     [[image_panel(i) for i, _ in rows], [mask_panel(m) for _, m in rows]]
+                     for source, rows in visuals.items()}
+            save_pictures(self.folder, epoch, tiles, loss_names)
+
     def state_dict(self):
         return {'series': {name: s.state_dict() for name, s in self.series.items()},
                 'timer': self.timer.state_dict()}

@@ -20,7 +20,16 @@ from nnabla.logger import logger
 
 from runtime import RunError
 from runtime.files import make_writable_folder, write_text
-from runtime.signals import StopRequest
+from runtime.monitors import write_arguments
+from runtime.signals import StopRequest, exit_status
+
+
+class Stopped(RunError):
+    """A stop signal (on this rank, or on another: None) ended the run after a checkpoint."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.status = exit_status(signum) if signum else 1
 
 
 class FolderInUse(RunError):
@@ -120,8 +129,10 @@ class Run:
     holding any of it, and --overwrite deletes it (nothing else). A run has an identity `id`,
     kept in identity_folder/run.json and in its checkpoints."""
 
-    def __init__(self, folders, identity_folder, run_file, resume=False, overwrite=False):
+    def __init__(self, folders, identity_folder, run_file, resume=False, overwrite=False,
+                 arguments=None):
         self.identity_file = os.path.join(identity_folder, 'run.json')
+        self.arguments = arguments
         # One lock per real folder: -m and -o may name the same one.
         self.folders = list({os.path.realpath(path): (flag, path)
                              for flag, path in folders.items()}.values())
@@ -129,6 +140,14 @@ class Run:
         self.locks = []
         self.stop = StopRequest('saving a checkpoint after this iteration',
                                 before_exit=[self.release])
+
+    @classmethod
+    def for_training(cls, args, run_file, rank=0):
+        """train.py's run: rank 0 holds -o and -m (with run.json and Arguments.txt in -m);
+        the other ranks of a data-parallel run hold no folder, only their stop requests."""
+        folders = {'--model-save-path': args.model_save_path,
+                   '--monitor-path': args.monitor_path} if rank == 0 else {}
+        return cls(folders, args.monitor_path, run_file, args.resume, args.overwrite, args)
 
     def __enter__(self):
         self.cleanup = ExitStack()
@@ -141,6 +160,8 @@ class Run:
             if self.folders and not self.resume:
                 self.id = uuid.uuid4().hex
                 write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
+            if self.folders and self.arguments:
+                write_arguments(os.path.dirname(self.identity_file), self.arguments)
         except BaseException:
             self.cleanup.close()
             raise
@@ -152,6 +173,19 @@ class Run:
     def release(self):
         for lock in self.locks:
             lock.release()
+
+    def start_training(self):
+        """From here the first stop signal asks for a checkpoint after the iteration."""
+        self.stop.deferring = True
+        self.stop.at_once = '; the checkpoints written so far are kept (continue with --resume)'
+
+    def stopped(self, iteration, saved):
+        """End the run after a stop signal (this rank's, or another's: `saved` is None where
+        rank 0 wrote the checkpoint)."""
+        what = self.stop.name if self.stop.received else 'a stop on another rank'
+        where = saved or 'a checkpoint (rank 0 writes it)'
+        raise Stopped(f'{what} at iteration {iteration}: saved {where}; continue with --resume',
+                      self.stop.received)
 
     def read_identity(self):
         """The run named by the monitor folder's run.json, None where there is none."""
