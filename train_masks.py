@@ -167,7 +167,8 @@ def resume_from(model_path, args, solver, series):
     changed = [key for key in SAME_ON_RESUME if previous.get(key) != record[key]]
     if changed:
         raise ConfigError('--resume: the checkpoint was made with other ' + ', '.join(
-            f'--{key} ({previous.get(key)!r}, now {record[key]!r})' for key in changed))
+            f'{flag_name(key)} ({previous.get(key)!r}, now {record[key]!r})'
+            for key in changed))
     epoch, iteration = state['epoch'], state['iteration']
     if not (isinstance(epoch, int) and isinstance(iteration, int) and epoch >= 0
             and iteration >= 0):
@@ -179,6 +180,12 @@ def resume_from(model_path, args, solver, series):
         if saved is not None:
             one.load_state_dict(saved)
     return iteration, epoch + 1
+
+
+def flag_name(key):
+    """The flag of an argparse destination: --data_root keeps its underscore, as in
+    generate_ccp_dataset.py; the others have dashes."""
+    return '--' + (key if key == 'data_root' else key.replace('_', '-'))
 
 
 def run_record(args):
