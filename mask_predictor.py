@@ -255,9 +255,11 @@ def intersection_and_union(predicted, annotated):
 
 
 def iou(predicted, annotated):
-    """Intersection over union of bool masks (or pooled over a list of pairs of them); 1.0
-    when both are empty, as nothing was missed and nothing invented."""
-    pairs = [(predicted, annotated)] if np.ndim(predicted) == 2 else zip(predicted, annotated)
+    """Intersection over union of two bool masks (2-D arrays), or pooled over the pairs of
+    two lists of them (photos of any sizes); 1.0 when all are empty, as nothing was missed and
+    nothing invented."""
+    single = isinstance(predicted, np.ndarray) and predicted.ndim == 2
+    pairs = [(predicted, annotated)] if single else zip(predicted, annotated)
     overlap, union = np.sum([intersection_and_union(p, a) for p, a in pairs], axis=0)
     return 1.0 if union == 0 else overlap / union
 

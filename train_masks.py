@@ -230,7 +230,7 @@ def evaluate(predictor, data_root, names, label_maps, label_ids, split_instances
         overlap, union = np.sum(sums, axis=0)
         iou[category] = 1.0 if union == 0 else float(overlap / union)
     return dict(iou=iou,
-                count_accuracy={c: mp.instance_count_accuracy(*reversed(counts[c]))
+                count_accuracy={c: mp.instance_count_accuracy(*counts[c])
                                 for c in predictor.categories},
                 boundary_f={c: float(np.mean(f)) if f else 1.0 for c, f in boundary_f.items()},
                 per_photo=per_photo, photos=shown)

@@ -165,6 +165,9 @@ def test_iou_pools_pixels_over_photos():
     p = [box((10, 10), 0, 4, 0, 2), box((10, 10), 0, 1, 0, 8)]
     # overlap 8 + 0, union 16 + 8
     assert mp.iou(p, a) == pytest.approx(8 / 24)
+    # photos of different sizes
+    assert mp.iou([p[0], box((3, 5), 0, 1, 0, 1)], [a[0], box((3, 5), 0, 1, 0, 1)]) == \
+        pytest.approx(9 / 17)
 
 
 def test_instance_count_accuracy():
