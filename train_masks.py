@@ -5,7 +5,7 @@
     python train_masks.py --data_root datasets/clothing-co-parsing -o results/masks/models \\
         -m results/masks/monitor --max-epoch 40 --resume        # go on after a kill
     python train_masks.py --data_root datasets/clothing-co-parsing -o results/masks/models \\
-        --evaluate                                               # the newest checkpoint only
+        --evaluate --export results/masks/predictor   # the newest checkpoint only
 
 It trains on CCP's pixel-level photos except the held-out ones: for each of --categories, the
 photos that `datasets/generate_ccp_dataset.py --test-fraction F --split-seed S` puts in its
@@ -336,6 +336,9 @@ def train(args):
         nn.load_parameters(os.path.join(paths[-1], 'parameters.h5'))
         print(f'{paths[-1]}: epoch {state.get("epoch")}')
         held_out_evaluation(args, label_maps, label_ids, held_out_names)
+        if args.export:
+            export_predictor(args.export, args)
+            print(f'predictor: {args.export}')
         return
 
     os.makedirs(args.model_save_path, exist_ok=True)
@@ -450,6 +453,9 @@ def get_args(argv=None):
                         help='go on from the newest checkpoint in --model-save-path')
     parser.add_argument('--evaluate', action='store_true',
                         help='only evaluate the newest checkpoint on the held-out photos')
+    parser.add_argument('--export', type=path,
+                        help='with --evaluate: also write the checkpoint as a predictor folder '
+                             '(parameters.h5, predictor.json) here')
     parser.add_argument('--split-instances', action='store_true',
                         help='evaluation: count 8-connected components as instances')
     parser.add_argument('--min-instance-area', type=fraction, default=0.002,
@@ -458,6 +464,8 @@ def get_args(argv=None):
     parser.add_argument('--cases-image', type=path, default='imgs/mask_predictor_cases.png',
                         help='picture of the best and worst held-out photos')
     args = parser.parse_args(argv)
+    if args.export and not args.evaluate:
+        parser.error('--export goes with --evaluate (a finished run exports MODELS/predictor)')
     if len(set(args.categories)) != len(args.categories):
         parser.error('--categories: each category once')
     try:

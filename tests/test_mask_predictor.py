@@ -296,8 +296,10 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
         assert cases.size == (3 * 144, 5 * 216)  # the 3 best, then the other 2
 
     nn.clear_parameters()
-    train_masks.main(flags + ['--evaluate'])
+    train_masks.main(flags + ['--evaluate', '--export', str(tmp_path / 'exported')])
     assert 'checkpoint_000000010: epoch 1' in capsys.readouterr().out
+    assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == \
+        (('jeans', 'skirt'), (16, 16), 4, 2)
     with pytest.raises(SystemExit, match=r'other --width \(4, now 8\)'):
         train_masks.main([('8' if flag == '4' else flag) for flag in flags]
                          + ['--resume', '--max-epoch', '3'])
