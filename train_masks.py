@@ -43,8 +43,8 @@ from tqdm import tqdm  # noqa: E402
 
 import mask_predictor as mp  # noqa: E402
 from args import checked, device_id, path, positive_int, seed  # noqa: E402
-from checkpoints import (DamagedCheckpoint, checkpoint_paths, load_parameters_and_solvers,  # noqa: E402,E501
-                         read_checkpoint, save_checkpoint)
+from checkpoints import (DamagedCheckpoint, checkpoint_paths,  # noqa: E402
+                         load_parameters_and_solvers, read_checkpoint, save_checkpoint)
 from datasets import ccp  # noqa: E402
 from train import MonitorSeriesFile, graph_engine, save_tile  # noqa: E402
 
