@@ -1,6 +1,7 @@
 """mask_predictor.py, train_masks.py and datasets/ccp.py's split and instance rule, on tiny
 hand-made masks and a tiny CCP look-alike."""
 import json
+from pathlib import Path
 
 import numpy as np
 import nnabla as nn
@@ -303,3 +304,16 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r'other --width \(4, now 8\)'):
         train_masks.main([('8' if flag == '4' else flag) for flag in flags]
                          + ['--resume', '--max-epoch', '3'])
+
+
+def test_the_shipped_predictor_finds_masks_on_a_bundled_photo():
+    folder = Path(__file__).resolve().parents[1] / 'pretrained' / 'mask_predictor'
+    predictor = mp.load_predictor(folder)
+    assert predictor.categories == ('jeans', 'skirt')
+    sample = folder.parents[1] / 'datasets' / 'ccp_sample' / 'trainA' / '0016.png'  # jeans
+    with Image.open(sample) as image:
+        photo = np.asarray(image.convert('RGB'))
+    found = mp.predict_masks(predictor, photo)
+    assert found['jeans'].region.shape == photo.shape[:2]
+    assert len(found['jeans'].instances) == 1 and found['jeans'].region.mean() > 0.03
+    assert all(len(masks.instances) <= 1 for masks in found.values())
