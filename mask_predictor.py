@@ -153,7 +153,8 @@ def resize_probabilities(probabilities, size):
 @dataclass
 class MaskPredictor:
     """A built prediction graph: categories (class c + 1 is categories[c]), network size
-    (H, W), width and levels; image/logits are its input and output variables (batch 1)."""
+    (H, W), width and levels; image and probabilities (the softmax) are its input and output
+    variables (batch 1)."""
     categories: tuple
     size: tuple
     width: int
