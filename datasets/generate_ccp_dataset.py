@@ -43,10 +43,12 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import scipy.io
-import scipy.ndimage
 from PIL import Image
 from tqdm import tqdm
+
+# datasets/ is on sys.path when this script runs; top-level code imports `datasets.ccp`.
+from ccp import (DatasetError, check_layout, instance_masks, label_names, load_mat,
+                 load_photo, pick_test_names)
 
 
 MARKER = '.generate_ccp_dataset.json'
@@ -55,54 +57,10 @@ OUTPUT_NAMES = {MARKER, 'valA', 'valB'} | {f'{split}{domain}{seg}' for split in 
                                           for domain in 'AB' for seg in ('', '_seg')}
 
 
-class DatasetError(Exception):
-    """The input is not a usable CCP copy or the request cannot be met; the message is one line."""
-
-
-def load_mat(path, variable):
-    try:
-        return scipy.io.loadmat(str(path))[variable]
-    except Exception as error:  # scipy reports corrupt files with many unrelated exception types
-        raise DatasetError(f'{path}: unreadable .mat file or no variable {variable!r} '
-                           f'({type(error).__name__}: {error})') from None
-
-
-def load_photo(path):
-    try:
-        with Image.open(path) as photo:
-            return photo.convert('RGB')  # convert() decodes fully, so truncated files fail here
-    except Exception as error:  # PIL reports corrupt files with many unrelated exception types
-        raise DatasetError(f'{path}: unreadable photo ({type(error).__name__}: {error})') from None
-
-
 def leave_signals_to_main_process():
     """Pool initializer: Ctrl-C only stops the main process, which cleans up and ends the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that Pool.terminate() still works
-
-
-def label_names(data_root):
-    """Category names indexed by CCP label id (0 is 'null')."""
-    cells = load_mat(data_root / 'label_list.mat', 'label_list').ravel()
-    return [str(cell[0]) if cell.size else '' for cell in cells]
-
-
-def check_layout(data_root):
-    parts = ['photos', 'annotations/pixel-level', 'annotations/image-level', 'label_list.mat']
-    for path in [data_root] + [data_root / part for part in parts]:
-        if not path.exists():
-            raise DatasetError(f'{path}: not found (expected a Clothing Co-Parsing copy '
-                               f'at {data_root})')
-
-
-def instance_masks(region, split_instances, min_instance_area):
-    """A category's bool region as a list of instance masks, empty if nothing is left."""
-    if not split_instances:
-        return [region] if region.any() else []
-    components, count = scipy.ndimage.label(region, structure=np.ones((3, 3), bool))
-    areas = np.bincount(components.ravel(), minlength=count + 1) / region.size
-    return [components == index for index in range(1, count + 1)
-            if areas[index] >= min_instance_area]
 
 
 def find_instances(annotation_path, targets, split_instances, min_instance_area):
@@ -121,16 +79,6 @@ def pixel_level_domains(annotation_path, **instance_args):
 
 def pixel_level_labels(annotation_path):
     return np.unique(load_mat(annotation_path, 'groundtruth')).tolist()
-
-
-def pick_test_names(names, test_fraction, seed):
-    """The held-out subset of `names`, which must be sorted so that worker order does not matter."""
-    if test_fraction == 0 or len(names) < 2:
-        return frozenset()
-    # At least one photo so a small category still gets a test set, never all so training can run.
-    size = min(max(round(test_fraction * len(names)), 1), len(names) - 1)
-    order = np.random.RandomState(seed).permutation(len(names))  # the same on every machine
-    return frozenset(names[index] for index in order[:size])
 
 
 def export_pixel_level(annotation_path, photos, out, targets, test_names, **instance_args):
