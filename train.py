@@ -17,7 +17,6 @@ if __name__ == '__main__':  # until the run takes them over: nnabla's imports ta
     handle_stop_signals(exit_at_once)
 
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -81,6 +80,8 @@ class Trainer:
             with nn.parameter_scope(scope):
                 self.solvers[scope].set_parameters(nn.get_parameters())
         self.pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
+        logger.info(f'instance slots per image: {ins_max}, translated in {len(self.passes)} '
+                    f'pass(es) of {self.ins_per}')
 
     def mask_shape(self, slots):
         return self.image_shape[:1] + (slots,) + self.image_shape[2:]
@@ -365,9 +366,8 @@ def train(args):
             monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0)
             checkpoints = Checkpoints(args, trainer.solvers, loaders, run, processes,
                                       pools=trainer, loaders=loaders, monitors=monitors)
-            place = checkpoints.resume(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME,
-                                       models.current_parameter_name) if args.resume else (0, 0, 0)
-            processes.broadcast_parameters(nn.get_parameters(grad_only=False), trainer.solvers)
+            place = checkpoints.start(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME,
+                                      models.current_parameter_name)
             train_epochs(args, trainer, loaders, monitors, checkpoints, run, place)
 
 
@@ -378,13 +378,6 @@ def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
     iteration, epoch, samples = place
     processes, global_batch = trainer.processes, args.batch_size * trainer.processes.size
     per_epoch = math.ceil(max(loaders.sizes.values()) / global_batch)
-    if epoch >= args.max_epoch:
-        raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch {epoch}), '
-                       f'where --max-epoch {args.max_epoch} has ended: nothing to train; give '
-                       'a larger --max-epoch')
-    logger.info(f'instance slots per image: {loaders.ins_max}, translated in '
-                f'{len(trainer.passes)} pass(es) of {trainer.ins_per}; {processes.size} '
-                f'process(es), {per_epoch} iterations an epoch')
     run.start_training()
     visuals, start = {}, min(per_epoch, samples // global_batch)
     for epoch in range(epoch, args.max_epoch):
@@ -410,14 +403,10 @@ def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
 
 
 def main(argv=None):
-    args = get_args(argv)
     try:
-        train(args)
+        train(get_args(argv))
     except RunError as error:
-        if getattr(error, 'status', 1) == 1:
-            sys.exit(f'train.py: {error}')
-        print(f'train.py: {error}', file=sys.stderr)
-        sys.exit(error.status)
+        error.exit('train.py')
 
 
 if __name__ == '__main__':

@@ -7,5 +7,17 @@ flag; the programs print it and exit non-zero.
 """
 
 
+import sys
+
+
 class RunError(Exception):
     """A run cannot start or go on; the message is one line for the user."""
+
+    status = 1
+
+    def exit(self, program):
+        """End `program` with this line and the error's exit status."""
+        if self.status == 1:
+            sys.exit(f'{program}: {self}')  # SystemExit carries the line itself
+        print(f'{program}: {self}', file=sys.stderr)
+        sys.exit(self.status)

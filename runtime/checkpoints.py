@@ -396,6 +396,13 @@ class Checkpoints:
                            f'{args.model_save_path} ({error.reason}); the earlier ones are '
                            'intact') from None
 
+    def start(self, fixed, changeable, rename):
+        """Where training starts: (0, 0, 0), or with --resume where the newest intact checkpoint
+        left it; then every rank holds rank 0's parameters and solver states."""
+        place = self.resume(fixed, changeable, rename) if self.args.resume else (0, 0, 0)
+        self.processes.broadcast_parameters(nn.get_parameters(grad_only=False), self.solvers)
+        return place
+
     def resume(self, fixed, changeable, rename):
         """Rank 0 restores the newest intact checkpoint; the others take its place in training
         and, from the same checkpoint, the loaders' position (parameters and solver states
@@ -412,6 +419,10 @@ class Checkpoints:
                             f'of {saved["processes"]}: the data order goes on, the pools of '
                             'ranks other than 0 start empty')
         iteration, epoch, samples = (int(value) for value in self.processes.sum(place))
+        if epoch >= self.args.max_epoch:
+            raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch '
+                           f'{epoch}), where --max-epoch {self.args.max_epoch} has ended: '
+                           'nothing to train; give a larger --max-epoch')
         if self.processes.rank:
             path = os.path.join(self.args.model_save_path, f'checkpoint_{iteration:09d}')
             self.loaders.load_state_dict(
