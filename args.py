@@ -33,8 +33,17 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, 'a fi
 adam_beta = checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')
 device_id = checked(str, lambda v: re.fullmatch('[0-9]+', v), 'a device number')
 path = checked(str, lambda v: v != '', 'a path')
-# The generator's sizes (models.check_sizes); train.py also checks the discriminator's.
-network_size = checked(int, lambda v: v >= 8 and v % 4 == 0, 'a multiple of 4, at least 8')
+def generator_size(size):
+    """A height or width the generator takes (models.check_sizes); train.py also checks the
+    discriminator's."""
+    try:
+        models.check_sizes(size, size)
+    except ValueError:
+        return False
+    return True
+
+
+network_size = checked(int, generator_size, 'a multiple of 4, at least 8')
 
 
 def build_parser():

@@ -16,6 +16,7 @@ BAD_VALUES = {  # flag: values that must be refused
     '--what': ['0', '-1', 'x', ''],
     '--warmup': ['-1', '0.5', 'x', ''],
     '--iters': ['0', '-1', '0.5', 'x', ''],
+    '--processes': ['0', '-1', 'x', ''],
     '--json': ['0'],
 }
 
