@@ -7,8 +7,11 @@ import subprocess
 import sys
 import time
 
+import matplotlib
+import matplotlib.pyplot
 import numpy as np
 import pytest
+from nnabla.monitor import plot_series, plot_time_elapsed
 
 import data
 import runtime.files
@@ -74,6 +77,12 @@ def test_two_epochs_write_curves_tiles_and_checkpoints(tmp_path):
     assert list(timer[:, 0]) == [3, 7, 11, 15] and np.all(timer[:, 2] == 4)
     np.testing.assert_allclose(np.cumsum(timer[:, 1]), timer[:, 3], rtol=1e-4)
     assert (monitor / 'Arguments.txt').read_text().count('\n') == len(vars(train.get_args([])))
+    # nnabla's own plotting reads both files (matplotlib off screen).
+    matplotlib.use('Agg')
+    plot_series(str(monitor / 'generator_loss_x.series.txt'))
+    plot_time_elapsed(str(monitor / 'elapsed_time.timer.txt'), elapsed=True)
+    assert [len(line.get_xdata()) for line in matplotlib.pyplot.gca().lines] == [4, 4]
+    matplotlib.pyplot.close('all')
     assert (monitor / 'losses.png').stat().st_size > 0
     for epoch in [1, 2]:
         for direction in ['x2y', 'y2x']:
