@@ -225,3 +225,33 @@ def test_a_graph_is_accelerated_once():
     cpu_functions.accelerate(image_out)
     with pytest.raises(ValueError, match='accelerate each graph once'):
         cpu_functions.accelerate(image_out)
+
+
+def pretrained_inputs(size=(64, 44)):
+    """The seeded input tests/pretrained_outputs.npz was recorded on: a noise image and two
+    slots, a rectangle and an empty one (all -1)."""
+    rng = np.random.RandomState(0)
+    image = rng.uniform(-1, 1, (3,) + size).astype(np.float32)
+    masks = np.full((2,) + size, -1, np.float32)
+    masks[0, 16:48, 10:34] = 1
+    return image, masks
+
+
+@pytest.mark.parametrize('direction', ['AtoB', 'BtoA'])
+def test_pretrained_generator_gives_the_recorded_outputs(direction):
+    """tests/pretrained_outputs.npz holds what pretrained/jeans2skirt_64x44 gave on
+    pretrained_inputs() (K = 2, plain NNabla on the CPU) when instance_exists was still
+    F.greater_scalar(peak, -1) and the generator reshaped `exists` twice: changing the graph
+    for the ONNX converter changed no output (bit-identical on the machine that recorded it;
+    the tolerance is for other CPUs' float rounding)."""
+    from translator import Translator, find_parameters, network_config
+
+    params = find_parameters(os.path.join(os.path.dirname(__file__), '..', 'pretrained',
+                                          'jeans2skirt_64x44'))
+    config = network_config(params)
+    config.ins_per = 2
+    image_out, masks_out = Translator(params, direction, config)(*pretrained_inputs())
+    with np.load(os.path.join(os.path.dirname(__file__), 'pretrained_outputs.npz')) as recorded:
+        np.testing.assert_allclose(image_out, recorded[f'{direction}_image'], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(masks_out, recorded[f'{direction}_masks'], rtol=0, atol=1e-6)
+    assert (masks_out[1] == -1).all()  # the empty slot comes out unchanged
