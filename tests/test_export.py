@@ -1,7 +1,8 @@
 """export.py and exporting.py: the exported .nnp and ONNX files compute what the training graph
-computes and say what they are, and bad input is refused in one line. onnx and onnxruntime are
-dev requirements: nothing here skips."""
+computes, say what they are, and bad input is refused in one line; the onnxruntime example
+translates as Translator does. onnx and onnxruntime are dev requirements: nothing here skips."""
 
+import ast
 import json
 import os
 import pickle
@@ -33,7 +34,8 @@ import export
 import exporting
 import models
 from conftest import ROOT
-from translator import DIRECTIONS, network_config
+from data import largest_first, load_resized
+from translator import DIRECTIONS, Translator, network_config
 
 # Two network sizes (the file's own and another), one and two slots per pass.
 SIZES = [FINE, (16, 40)]
@@ -384,3 +386,53 @@ def test_ctrl_c_during_start_up_is_one_line(model, tmp_path):
     assert process.returncode == 130
     assert 'Traceback' not in stderr
     assert stderr.strip().splitlines()[-1].startswith('export.py: stopped by SIGINT')
+
+
+# examples/onnx_translate.py: onnxruntime alone.
+
+EXAMPLE = os.path.join(ROOT, 'examples', 'onnx_translate.py')
+
+
+def test_the_example_imports_neither_nnabla_nor_the_project():
+    tree = ast.parse(open(EXAMPLE, encoding='utf-8').read())
+    imported = {
+        alias.name.split('.')[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {'argparse', 'math', 'os', 'numpy', 'onnxruntime', 'PIL'}
+
+
+def test_the_onnxruntime_example_chains_passes_as_the_translator_does(model, tmp_path):
+    """Three instances, two slots a pass: two passes, the second padded with an empty slot."""
+    config = config_of(model, FINE, 2)
+    path = exported(model, 'AtoB', config, tmp_path)['onnx']
+    masks = [rectangle(5, 5, 20, 20), rectangle(30, 20, 60, 50), rectangle(60, 5, 30, 10)]
+    save_example(tmp_path / 'photos', 'testA', 'p', noise(8), masks)
+    image_file = tmp_path / 'photos' / 'testA' / 'p.png'
+    mask_files = [tmp_path / 'photos' / 'testA_seg' / f'p_{i}.png' for i in range(3)]
+    result = subprocess.run(
+        [sys.executable, EXAMPLE, str(path), '--image', str(image_file), '--masks',
+         *map(str, mask_files), '--out', str(tmp_path / 'out.png'), '--npz',
+         str(tmp_path / 'out.npz')],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / 'out.npz') as saved:
+        image_out, masks_out = saved['image'], saved['masks']
+
+    image, mask_values, photo_size = load_resized(image_file, mask_files, FINE)
+    order = largest_first(mask_values)
+    assert list(order) == [1, 0, 2]
+    nn.clear_parameters()
+    expected_image, sorted_masks = Translator(str(model), 'AtoB', config)(image, mask_values[order])
+    expected_masks = np.empty_like(sorted_masks)
+    expected_masks[order] = sorted_masks
+    np.testing.assert_allclose(image_out, expected_image, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(masks_out, expected_masks, rtol=0, atol=1e-4)
+
+    written = np.asarray(Image.open(tmp_path / 'out.png'))
+    assert written.shape == photo_size + (3,)
+    for index in range(3):
+        assert np.asarray(Image.open(tmp_path / f'out_{index}.png')).shape == photo_size
