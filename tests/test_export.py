@@ -289,15 +289,34 @@ def test_bad_flags_are_usage_errors(flags, words, model, tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+def test_the_size_flags_refuse_exactly_what_the_networks_refuse(capsys):
+    """--fineSizeH and --fineSizeW are parsed by the rule of models.check_sizes."""
+    for size in range(-4, 101):
+        try:
+            models.check_sizes(size, 8)
+            networks_take = True
+        except ValueError:
+            networks_take = False
+        parser = export.get_parser()
+        try:
+            parser.parse_args(['--params', 'x.h5', '--out', 'o', '--fineSizeH', str(size)])
+            flag_takes = True
+        except SystemExit:
+            flag_takes = False
+        assert flag_takes == networks_take, size
+
+
 def test_a_size_the_networks_refuse_in_the_models_state_is_refused(model, tmp_path, capsys):
-    """models.check_sizes through network_config: a state.json that asks for 30 rows."""
+    """A state.json that says 30 rows is refused as damaged, naming it."""
     params = save_generators(tmp_path / 'checkpoint')
     state = json.loads((params.parent / 'state.json').read_text())
     state['args']['fineSizeH'] = 30
     (params.parent / 'state.json').write_text(json.dumps(state))
     code = exit_of('--params', params, '--out', tmp_path / 'out')
-    assert one_line_error(code, capsys).startswith(f'export.py: {params.parent / "state.json"}')
-    assert "'30' is not a multiple of 4" in code
+    assert one_line_error(code, capsys) == (
+        f"export.py: {params.parent / 'state.json'}: damaged: args.fineSizeH: '30' is not a "
+        'multiple of 4, at least 8'
+    )
     assert not (tmp_path / 'out').exists()
 
 
