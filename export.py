@@ -168,16 +168,19 @@ def prepare(args):
 
 
 def seconds_per_input(runs, inputs, rounds):
-    """{name: the median over `rounds` of the seconds runs[name] takes per input}. The rounds
-    take every runner in turn, so that a busy moment of the machine falls on all alike; one
-    unmeasured round goes first."""
+    """{name: the median over `rounds` of the seconds runs[name] takes per input}. Each input
+    goes through every runner in turn, so that a busy moment of the machine (its cores are
+    shared) falls on all alike; one unmeasured round goes first."""
     times = {name: [] for name in runs}
     for _ in range(rounds + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for image, masks in inputs:
+        spent = dict.fromkeys(runs, 0.0)
+        for image, masks in inputs:
+            for name, run in runs.items():
+                start = time.perf_counter()
                 run(image, masks)
-            times[name].append((time.perf_counter() - start) / len(inputs))
+                spent[name] += time.perf_counter() - start
+        for name in runs:
+            times[name].append(spent[name] / len(inputs))
     return {name: float(np.median(measured[1:])) for name, measured in times.items()}
 
 

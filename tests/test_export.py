@@ -407,6 +407,17 @@ def test_ctrl_c_during_start_up_is_one_line(model, tmp_path):
     assert stderr.strip().splitlines()[-1].startswith('export.py: stopped by SIGINT')
 
 
+def test_time_reports_every_runtime(model, tmp_path, capsys):
+    code = exit_of('--params', model, '--out', tmp_path / 'out', '--direction', 'AtoB',
+                   '--time', 1)  # fmt: skip
+    assert code is None
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith('export.py: AtoB time per image (one pass, K=2, median of 1 rounds')
+    for runtime in ['NnpLoader (nnp)', 'onnxruntime (onnx)', 'NNabla --cpu-conv nnabla',
+                    'NNabla --cpu-conv blas']:  # fmt: skip
+        assert f'{runtime} ' in line and ' ms' in line
+
+
 # examples/onnx_translate.py: onnxruntime alone.
 
 EXAMPLE = os.path.join(ROOT, 'examples', 'onnx_translate.py')
@@ -455,3 +466,4 @@ def test_the_onnxruntime_example_chains_passes_as_the_translator_does(model, tmp
     assert written.shape == photo_size + (3,)
     for index in range(3):
         assert np.asarray(Image.open(tmp_path / f'out_{index}.png')).shape == photo_size
+
