@@ -466,4 +466,3 @@ def test_the_onnxruntime_example_chains_passes_as_the_translator_does(model, tmp
     assert written.shape == photo_size + (3,)
     for index in range(3):
         assert np.asarray(Image.open(tmp_path / f'out_{index}.png')).shape == photo_size
-
