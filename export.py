@@ -134,8 +134,11 @@ def check_out_folder(args, files_read):
     refusals = [
         (os.path.dirname(os.path.realpath(file)), f'holds the input {file}') for file in files_read
     ]
-    if args.model_save_path:
-        refusals.append((os.path.realpath(args.model_save_path), 'is the --model-save-path folder'))
+    for flag in ['model_save_path', 'check_dataroot']:
+        if getattr(args, flag):
+            refusals.append(
+                (os.path.realpath(getattr(args, flag)), f'is the --{flag.replace("_", "-")} folder')
+            )
     for folder, reason in refusals:
         if folder == out:
             raise DataError(f'--out {args.out} {reason}; choose another folder')

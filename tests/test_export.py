@@ -372,6 +372,11 @@ def test_out_that_would_overwrite_an_input_or_join_a_dataset_is_refused(model, t
         ),
         (
             ['--params', model, '--check-dataroot', photos],
+            photos,
+            'is the --check-dataroot folder; choose another folder',
+        ),
+        (
+            ['--params', model, '--check-dataroot', photos],
             photos / 'trainA',
             f"is a dataset's image folder (beside {photos / 'trainA'}_seg); choose another folder",
         ),
