@@ -11,7 +11,7 @@ on the previous pass's translated image, the slots padded with all -1 masks (doc
 
 The ONNX model is made by nnabla-converter's Python API (OnnxExporter on the protobuf that
 nnabla.utils.save writes into the .nnp); its command line would import TensorFlow, this does
-not. Neither path unpickles anything.
+not, and nothing on either path unpickles a file.
 """
 
 import io
