@@ -17,8 +17,11 @@ setup: .venv/.installed
 	bash setup.sh
 	touch $@
 
-.venv/.installed-dev: .venv/.installed requirements-dev.txt
+# requirements-export.txt goes in with --no-deps: nnabla-converter's declared requirements
+# would bring in TensorFlow, which export.py does not use.
+.venv/.installed-dev: .venv/.installed requirements-dev.txt requirements-export.txt
 	bash setup.sh requirements-dev.txt
+	$(PYTHON) -m pip install --quiet --no-deps -r requirements-export.txt
 	touch $@
 
 train: setup

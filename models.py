@@ -134,19 +134,32 @@ def decoder(feature, out_channels):
 
 
 def instance_exists(masks):
-    """(B, N) float 1/0: whether a slot holds an instance (any value above -1), as the paper's code."""
+    """(B, N) float 1/0: whether a slot holds an instance (any value above -1), as the paper's code.
+
+    sign(max(peak + 1, 0)) with sign(0) = 0 is F.greater_scalar(peak, -1) value for value (NaN
+    and -inf give 0, +inf 1), in float operations that the ONNX converter exports: its
+    GreaterScalar becomes a boolean Greater that it never casts back, which ReduceMax refuses.
+    alpha=0 (sign(0) = 0, as ONNX's Sign) must be given: NNabla's default is 1, and the
+    converter drops the argument.
+    """
     peak = F.max(masks, axis=(2, 3))
-    peak.need_grad = False  # a 0/1 indicator has no gradient (and GreaterScalar has no backward)
-    return F.greater_scalar(peak, -1.0)
+    peak.need_grad = False  # a 0/1 indicator has no gradient (Sign's backward is a pass-through)
+    return F.sign(F.maximum_scalar(peak + 1, 0), alpha=0)
 
 
-def encode_set(masks, exists, encode):
+def slot_weights(exists):
+    """(B, N) -> (B, N, 1, 1, 1), the shape encode_set multiplies the features by."""
+    return F.reshape(exists, exists.shape + (1, 1, 1))
+
+
+def encode_set(masks, weights, encode):
     """Encode every slot with the shared `encode`; return per-instance features (B, N, C, h, w),
-    zero for empty slots, and the set feature (B, C, h, w), their sum over the slots."""
+    zero for empty slots (`weights`: slot_weights of instance_exists), and the set feature
+    (B, C, h, w), their sum over the slots."""
     batch, slots, height, width = masks.shape
     features = encode(F.reshape(masks, (batch * slots, 1, height, width)))
     features = F.reshape(features, (batch, slots) + features.shape[1:])
-    features = features * F.reshape(exists, (batch, slots, 1, 1, 1))
+    features = features * weights
     return features, F.sum(features, axis=1)
 
 
@@ -156,12 +169,15 @@ def generator(image, masks, ngf=64, n_blocks=9):
     Empty slots (all -1) contribute nothing to the set feature and come out unchanged.
     """
     batch, slots, height, width = masks.shape
-    exists = instance_exists(masks)
+    # `exists` is reshaped once, and its other shape is taken from that reshape: the ONNX
+    # converter names a Reshape's shape constant after its input, so two Reshapes of one
+    # variable would clash.
+    weights = slot_weights(instance_exists(masks))
     with nn.parameter_scope('image_encoder'):
         image_feature = encoder(image, ngf, n_blocks)
     with nn.parameter_scope('mask_encoder'):
         instance_features, set_feature = encode_set(
-            masks, exists, lambda x: encoder(x, ngf, n_blocks))
+            masks, weights, lambda x: encoder(x, ngf, n_blocks))
     with nn.parameter_scope('image_decoder'):
         image_out = decoder(F.concatenate(image_feature, set_feature, axis=1), 3)
 
@@ -174,7 +190,7 @@ def generator(image, masks, ngf=64, n_blocks=9):
     with nn.parameter_scope('mask_decoder'):
         decoded = decoder(F.reshape(per_instance, (batch * slots,) + per_instance.shape[2:]), 1)
     decoded = F.reshape(decoded, (batch, slots, height, width))
-    exists = F.reshape(exists, (batch, slots, 1, 1))
+    exists = F.reshape(weights, (batch, slots, 1, 1))
     masks_out = exists * decoded + (1 - exists) * masks
     return image_out, masks_out
 
@@ -207,7 +223,7 @@ def discriminator(image, masks, ndf=64, n_layers=3, fix_parameters=False):
     with nn.parameter_scope('image_features'):
         image_feature = patch_features(image, ndf, n_layers, fix_parameters)
     with nn.parameter_scope('mask_features'):
-        _, set_feature = encode_set(masks, instance_exists(masks),
+        _, set_feature = encode_set(masks, slot_weights(instance_exists(masks)),
                                     lambda x: patch_features(x, ndf, n_layers, fix_parameters))
     with nn.parameter_scope('classifier'):
         h = F.concatenate(image_feature, set_feature, axis=1)

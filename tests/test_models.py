@@ -225,3 +225,97 @@ def test_a_graph_is_accelerated_once():
     cpu_functions.accelerate(image_out)
     with pytest.raises(ValueError, match='accelerate each graph once'):
         cpu_functions.accelerate(image_out)
+
+
+def pretrained_inputs(size=(64, 44)):
+    """The seeded input tests/pretrained_outputs.npz was recorded on: a noise image and two
+    slots, a rectangle and an empty one (all -1)."""
+    rng = np.random.RandomState(0)
+    image = rng.uniform(-1, 1, (3,) + size).astype(np.float32)
+    masks = np.full((2,) + size, -1, np.float32)
+    masks[0, 16:48, 10:34] = 1
+    return image, masks
+
+
+@pytest.mark.parametrize('direction', ['AtoB', 'BtoA'])
+def test_pretrained_generator_gives_the_recorded_outputs(direction):
+    """tests/pretrained_outputs.npz holds what pretrained/jeans2skirt_64x44 gave on
+    pretrained_inputs() (K = 2, plain NNabla on the CPU) when instance_exists was still
+    F.greater_scalar(peak, -1) and the generator reshaped `exists` twice: changing the graph
+    for the ONNX converter changed no output (bit-identical on the machine that recorded it;
+    the tolerance is for other CPUs' float rounding)."""
+    from translator import Translator, find_parameters, network_config
+
+    params = find_parameters(os.path.join(os.path.dirname(__file__), '..', 'pretrained',
+                                          'jeans2skirt_64x44'))
+    config = network_config(params)
+    config.ins_per = 2
+    image_out, masks_out = Translator(params, direction, config)(*pretrained_inputs())
+    with np.load(os.path.join(os.path.dirname(__file__), 'pretrained_outputs.npz')) as recorded:
+        np.testing.assert_allclose(image_out, recorded[f'{direction}_image'], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(masks_out, recorded[f'{direction}_masks'], rtol=0, atol=1e-6)
+    assert (masks_out[1] == -1).all()  # the empty slot comes out unchanged
+
+
+def greater_scalar_exists(masks):
+    """instance_exists as it was until the ONNX export: F.greater_scalar(peak, -1)."""
+    return F.greater_scalar(F.max(masks, axis=(2, 3)), -1.0)
+
+
+def exists_bits(function, masks):
+    exists = function(nn.Variable.from_numpy_array(masks))
+    exists.forward()
+    return exists.d.view(np.uint32).copy()
+
+
+def test_instance_exists_is_greater_scalar_bit_for_bit():
+    """The converter-friendly form gives the same float32 bits as F.greater_scalar(peak, -1):
+    on a million peaks (1x1 masks) of every kind, from NaN and +-inf through the floats next
+    to -1 to denormals, and on masks with empty slots and NaN or infinite pixels."""
+    rng = np.random.RandomState(0)
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, -1, 0, -0.0, 1, -2,
+                        np.nextafter(np.float32(-1), np.float32(0)),
+                        np.nextafter(np.float32(-1), np.float32(-2)),
+                        np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                        np.finfo(np.float32).tiny, -np.finfo(np.float32).tiny, 1e-45, -1e-45],
+                       np.float32)
+    peaks = np.concatenate([
+        special,
+        rng.choice(special, 200_000),
+        -1 + rng.uniform(-1e-6, 1e-6, 200_000).astype(np.float32),
+        rng.uniform(-2, 2, 200_000).astype(np.float32),
+        (rng.standard_normal(200_000) * 10.0 ** rng.randint(-40, 38, 200_000)).astype(np.float32),
+        rng.randint(0, 2 ** 32, 200_000 - len(special), dtype=np.uint64).astype(np.uint32)
+        .view(np.float32),  # any bit pattern, NaN payloads included
+    ])
+    assert len(peaks) == 1_000_000
+    peaks = peaks.reshape(1000, 1000, 1, 1)
+    assert np.isnan(peaks).any() and np.isposinf(peaks).any() and np.isneginf(peaks).any()
+    new, old = exists_bits(models.instance_exists, peaks), exists_bits(greater_scalar_exists, peaks)
+    assert np.array_equal(new, old)
+    assert set(np.unique(new).tolist()) == {0, np.float32(1).view(np.uint32)}
+
+    _, masks = random_inputs(4, 3, empty={(0, 1), (2, 0), (3, 0), (3, 1), (3, 2)})
+    masks[1, 0, 3, 4] = np.nan
+    masks[1, 2, 5, 6] = np.inf
+    masks[2, 1] = -np.inf
+    masks[2, 2] = -1
+    masks[2, 2, 7, 7] = np.nextafter(np.float32(-1), np.float32(0))
+    new, old = exists_bits(models.instance_exists, masks), exists_bits(greater_scalar_exists, masks)
+    assert np.array_equal(new, old)
+    assert (new.view(np.float32)[3] == 0).all() and new.view(np.float32)[2, 2] == 1
+
+
+def test_no_variable_of_the_generator_is_reshaped_twice():
+    """The ONNX converter names each Reshape's shape constant `<input>_shape`: two Reshapes of
+    one variable would make two constants of one name."""
+    image, masks = random_inputs(1, 2)
+    with nn.parameter_scope('generator'):
+        image_out, masks_out, active = models.generator_pass(
+            nn.Variable(image.shape), nn.Variable(masks.shape), ngf=4, n_blocks=1)
+    functions = []
+    F.sink(image_out, masks_out, active).visit(functions.append)
+    reshaped = Counter(function.inputs[0] for function in functions
+                       if function.info.type_name == 'Reshape')
+    assert reshaped and max(reshaped.values()) == 1
+    assert 'GreaterScalar' not in {function.info.type_name for function in functions}
