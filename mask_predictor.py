@@ -24,15 +24,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import nnabla as nn
 import nnabla.functions as F
 import nnabla.parametric_functions as PF
+import numpy as np
 import scipy.ndimage
 from PIL import Image
 
 from datasets import ccp
 from models import instance_norm
+from runtime.files import write_text
 
 SCOPE = 'mask_predictor'
 CONFIG = 'predictor.json'  # written next to parameters.h5
@@ -183,7 +184,7 @@ def build_predictor(categories=DEFAULT_CATEGORIES, size=DEFAULT_SIZE, width=DEFA
 def write_config(folder, categories, size, width, levels):
     """The JSON that load_predictor needs beside parameters.h5."""
     config = dict(categories=list(categories), size=list(size), width=width, levels=levels)
-    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=1) + '\n')
+    write_text(str(Path(folder) / CONFIG), json.dumps(config, indent=1) + '\n')
 
 
 def read_config(path):
