@@ -162,6 +162,25 @@ def test_bad_configurations_are_refused(saved_predictor, change, message):
         mp.load_predictor(saved_predictor)
 
 
+@pytest.mark.parametrize('edit, message', [
+    (lambda: nn.parameter.pop_parameter('mask_predictor/classifier/conv/b'),
+     'parameters.h5 lacks mask_predictor/classifier/conv/b'),
+    (lambda: nn.parameter.get_parameter_or_create('mask_predictor/extra', (1,)),
+     'parameters.h5 holds a parameter the network lacks: mask_predictor/extra'),
+    (lambda: nn.parameter.set_parameter('mask_predictor/classifier/conv/b',
+                                        nn.Variable.from_numpy_array(np.zeros(4))),
+     r'classifier/conv/b is \(4,\), the network needs \(3,\)'),
+])
+def test_parameters_that_are_not_the_network_are_refused(saved_predictor, edit, message):
+    """A parameter left at its random start would predict noise without a word."""
+    nn.load_parameters(str(saved_predictor / 'parameters.h5'))
+    edit()
+    nn.save_parameters(str(saved_predictor / 'parameters.h5'))
+    nn.clear_parameters()
+    with pytest.raises(ValueError, match=message):
+        mp.load_predictor(saved_predictor)
+
+
 # --- the measures, on hand-made masks --------------------------------------------------------
 
 def test_iou_of_overlapping_squares():
