@@ -1,4 +1,4 @@
-"""translate.py with masks from a mask predictor: tiny predictors built here
+"""translate.py and evaluate.py with masks from a mask predictor: tiny predictors built here
 whose outcome is known (jeans nowhere, everywhere, or where the photo is red) and the tiny
 random generators of test_translate.py."""
 import json
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_data import save_example
+from test_evaluate import write_dataset
 from test_translate import PHOTO, noise, save_generators
 
+import evaluate
 import mask_predictor as mp
 import translate
 from conftest import ROOT
@@ -269,6 +271,87 @@ def test_a_predicted_name_taken_by_another_input_is_refused(model, predictors, t
                                        'b_mask_pred_0_full.png', 'b_mask_pred_0_tile.png',
                                        'index.html']
     assert (np.asarray(Image.open(out / 'b_mask_pred_0.png')).ndim == 3)  # the translation
+
+
+# --- evaluate.py --predicted-masks ------------------------------------------------------------
+
+def strip_dataset(root, red=True):
+    """64x48 photos: in train, grey with a strip mask (A on the left, B on the right); in test
+    the same, the strips drawn red where red, plus in each domain one grey photo whose strip
+    the red predictor cannot see."""
+    size = (64, 48)
+    for phase, count in [('train', 6), ('test', 4)]:
+        for domain, left in [('A', 6), ('B', 30)]:
+            images, masks = [], []
+            for index in range(count):
+                mask = np.full(size, -1, np.float32)
+                mask[10 + 2 * index:50 + 2 * index, left + index:left + index + 12] = 1
+                image = np.full((3,) + size, -0.6, np.float32)
+                if phase == 'test' and red and index < 3:
+                    image[:, mask > 0] = np.array([0.8, -0.8, -0.8])[:, None]
+                images.append(image)
+                masks.append(mask[None])
+            write_dataset(root, phase, domain, images, masks)
+    return root
+
+
+def evaluate_json(*flags):
+    evaluate.main([str(flag) for flag in flags] + ['--json'])
+
+
+def test_evaluate_with_predicted_masks(model, predictors, tmp_path, capsys):
+    root = strip_dataset(tmp_path / 'data')
+    base = ['-o', model, '--dataroot', root, '--phase', 'test']
+    evaluate_json(*base, '--out', tmp_path / 'annotated')
+    annotated = json.loads(capsys.readouterr().out)
+    assert annotated['masks'] == {'source': 'annotated'}
+
+    evaluate_json(*base, '--out', tmp_path / 'predicted', '--predicted-masks', predictors['red'],
+                  '--categories', 'jeans', 'jeans')
+    report = json.loads(capsys.readouterr().out)
+    assert report['masks'] == {'source': 'predicted', 'predictor': str(predictors['red']),
+                               'categories': {'A': 'jeans', 'B': 'jeans'},
+                               'split_instances': False, 'min_instance_area': 0.002}
+    assert report['classifier'] == annotated['classifier']  # fitted on the annotated masks
+    for direction in evaluate.DIRECTIONS:
+        figures = report[direction]
+        assert set(figures) == set(annotated[direction]) | {
+            'photos_without_instance', 'predicted_region_iou', 'domain_score_all_photos'}
+        assert figures['images'] == figures['instances'] == 3
+        assert figures['photos_without_instance'] == 1
+        assert 0.6 < figures['predicted_region_iou'] < 1
+        assert figures['domain_score_all_photos'] == pytest.approx(
+            figures['domain_score'] * 3 / 4)
+    tiles = sorted(os.listdir(tmp_path / 'predicted'))
+    assert tiles == ['AtoB_000.png', 'AtoB_001.png', 'AtoB_002.png', 'BtoA_000.png',
+                     'BtoA_001.png', 'BtoA_002.png', 'index.html']
+    assert 'source masks: predicted by {} (jeans in A, jeans in B; each region one ' \
+        'instance)'.format(predictors['red']) in evaluate.format_table(report)
+    assert 'photos without one (not scored)' in evaluate.format_table(report)
+
+
+def test_evaluate_with_predicted_masks_refuses_in_one_line(model, predictors, tmp_path,
+                                                           capsys):
+    root = strip_dataset(tmp_path / 'data')
+    base = ['-o', model, '--dataroot', root, '--phase', 'test', '--out', tmp_path / 'out']
+    with pytest.raises(SystemExit) as end:
+        evaluate_json(*base, '--predicted-masks', predictors['red'])  # categories.json: skirt
+    assert end.value.code == (f'evaluate.py: {root}/testB: the mask predictor finds skirt in 0 '
+                              'of 4 photos; cross-validation needs at least 2')
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    for name in ['parameters.h5', 'state.json']:
+        (bare / name).write_bytes((model / name).read_bytes())
+    with pytest.raises(SystemExit) as end:
+        evaluate_json('-o', bare, *base[2:], '--predicted-masks', predictors['red'])
+    assert end.value.code == (
+        'evaluate.py: --predicted-masks: give --categories CAT_A CAT_B, the categories the '
+        f'predictor finds; no categories.json beside {bare}/parameters.h5 names them')
+    with pytest.raises(SystemExit) as end:
+        evaluate_json(*base, '--categories', 'jeans', 'skirt')
+    assert end.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        'error: --categories goes with --predicted-masks')
 
 
 def test_make_translate_translates_a_bundled_photo_alone(tmp_path, capsys):
