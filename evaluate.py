@@ -433,17 +433,18 @@ def get_args(argv=None):
     predicted.add_argument('--predicted-masks', nargs='?', const=mp.DEFAULT_FOLDER,
                            metavar='FOLDER', type=path,
                            help='translate with the masks this mask predictor finds, not the '
-                                'annotated ones (FOLDER: default pretrained/mask_predictor)')
+                                'annotated ones (FOLDER: pretrained/mask_predictor when not '
+                                'given)')
     predicted.add_argument('--categories', nargs=2, metavar=('CAT_A', 'CAT_B'),
                            help='the categories of domains A and B, which the predictor finds '
-                                f'(default: from the {CATEGORIES} beside the model)')
+                                f'(from the {CATEGORIES} beside the model when not given)')
     predicted.add_argument('--split-instances', action='store_true',
                            help='each 8-connected part of a region is an instance, as with '
                                 'generate_ccp_dataset.py --split-instances')
     predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
                                                                'a number in [0, 1)'),
                            help='with --split-instances: the smallest instance, as a share of '
-                                'the photo (default: 0.002, as generate_ccp_dataset.py)')
+                                'the photo (0.002 when not given, as generate_ccp_dataset.py)')
     args = parser.parse_args(argv)
     if not args.predicted_masks:
         for flag in ['categories', 'split_instances', 'min_instance_area']:

@@ -96,19 +96,20 @@ def get_parser():
         'predicted masks', 'for an image without masks: --image without --masks, or an image '
         'of --dataroot without masks in its _seg folder')
     predicted.add_argument('--mask-predictor', type=path,
-                           help='a mask predictor folder (default: pretrained/mask_predictor)')
+                           help='a mask predictor folder (pretrained/mask_predictor when not '
+                                'given)')
     predicted.add_argument('--source-category', type=checked(str, bool, 'a category name'),
                            help='the category of the direction\'s source domain, which the '
-                                f'predictor finds (default: from the {CATEGORIES} beside the '
-                                'model)')
+                                f'predictor finds (from the {CATEGORIES} beside the model when '
+                                'not given)')
     predicted.add_argument('--split-instances', action='store_true',
                            help='each 8-connected part of the region is an instance, as with '
-                                'generate_ccp_dataset.py --split-instances (default: the whole '
-                                'region is one)')
+                                'generate_ccp_dataset.py --split-instances (without it the '
+                                'whole region is one)')
     predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
                                                                'a number in [0, 1)'),
                            help='with --split-instances: the smallest instance, as a share of '
-                                'the image (default: 0.002, as generate_ccp_dataset.py)')
+                                'the image (0.002 when not given, as generate_ccp_dataset.py)')
     parser.add_argument('--no-full', dest='full', action='store_false',
                         help='do not write NAME_full.png, the translated region pasted into '
                              'the input at its own resolution')
