@@ -1,7 +1,9 @@
 # make train: set up .venv and train on the bundled CCP sample (CPU, a few minutes), replacing
 #             the previous demo run in results/demo
 # make test:  set up .venv with the dev tools, lint (ruff), then run the test suite
-# make translate: set up .venv and translate the bundled sample with the pretrained generators
+# make translate: set up .venv and translate the bundled sample with the pretrained generators,
+#                 then one photo from the photo alone (its masks predicted by
+#                 pretrained/mask_predictor)
 PYTHON := .venv/bin/python
 DEMO_FLAGS := --dataroot datasets/ccp_sample --loadSizeH 72 --loadSizeW 48 \
 	--fineSizeH 64 --fineSizeW 44 --ngf 16 --ndf 16 --max-epoch 25 --lr-decay-start-epoch 15 \
@@ -39,3 +41,5 @@ translate: setup
 		--phase train --out results/pretrained/jeans2skirt
 	$(PYTHON) translate.py -o $(PRETRAINED) --direction BtoA --dataroot datasets/ccp_sample \
 		--phase train --out results/pretrained/skirt2jeans
+	$(PYTHON) translate.py -o $(PRETRAINED) --direction AtoB \
+		--image datasets/ccp_sample/valA/1065.png --out results/pretrained/from_photo

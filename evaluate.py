@@ -35,9 +35,21 @@ cycle_error_image        mean |x - F(G(x))| over every pixel, at network size
 cycle_error_masks        mean |m - F(G(m))| over every pixel of every instance mask (in [-1, 1])
 
 The mask classifier's accuracy on the real {phase} masks (held out unless --phase is train)
-is reported once. Output: a table (or with --json one JSON line) on stdout, and
-OUT/index.html with a tile per photo (input | masks | translation | translated masks), sorted
-by the classifier's probability of the target domain, best first.
+is reported once.
+
+With --predicted-masks [FOLDER] the same photos are translated and scored with the masks that
+the mask predictor in FOLDER (default pretrained/mask_predictor) finds for the source
+category of each direction (--categories, else the categories.json beside the model), split
+into instances as generate_ccp_dataset.py does (--split-instances, --min-instance-area), in
+place of the annotated ones: what translating a photo alone gives. Photos where it finds no
+instance are counted and left out of the figures; more rows give the IoU of the predicted
+source regions against the annotated ones (pooled over all the phase's photos) and the domain
+score over all the phase's photos, a photo left out counting as a failure. The classifiers are
+the same, fitted on the annotated train masks.
+
+Output: a table (or with --json one JSON line) on stdout, and OUT/index.html with a tile per
+photo (input | masks | translation | translated masks), sorted by the classifier's
+probability of the target domain, best first.
 """
 from runtime.signals import exit_at_once, handle_stop_signals
 
@@ -58,7 +70,8 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from tqdm import tqdm
 
-from args import device_id, path
+import mask_predictor as mp
+from args import checked, device_id, path
 from data import (
     DataError,
     check_not_in_dataset,
@@ -68,14 +81,16 @@ from data import (
     load_mask,
     load_resized,
     mask_paths,
+    read_photo,
     resize,
+    resize_with_masks,
 )
 from runtime import RunError
 from runtime.device import CONTEXTS, TYPE_CONFIGS, cuda_installed, set_context
 from runtime.files import make_writable_folder, write_text
 from runtime.monitors import image_panel, mask_panel, save_tile
 from runtime.signals import StopRequest, exit_status
-from translator import load_translators
+from translator import CATEGORIES, load_translators, read_categories
 
 FEATURE_SIZE = (32, 22)  # (H, W) of the masks the classifiers see: CCP photos are about 3:2
 L2 = 1e-2  # the best of 1e-5 ... 1 in 5-fold cross-validation on the CCP train masks
@@ -107,18 +122,51 @@ def load_phase(dataroot, phase, domain, size):
     keeps its file paths; the photo-size copies are read only when they are scored."""
     folder = os.path.join(dataroot, phase + domain)
     samples = []
-    for path in list_images(folder):
-        masks = mask_paths(path)
+    for image_path in list_images(folder):
+        masks = mask_paths(image_path)
         if not masks:
-            raise DataError(f'{path}: no instance mask in {folder}_seg; evaluate.py needs a phase with '
-                            'masks (val has none)')
-        image, small_masks, _ = load_resized(path, masks, size)
+            raise DataError(f'{image_path}: no instance mask in {folder}_seg; evaluate.py needs '
+                            'a phase with masks (val has none)')
+        image, small_masks, _ = load_resized(image_path, masks, size)
         order = largest_first(small_masks)
-        samples.append(SimpleNamespace(name=path.stem, image_path=path, mask_paths=masks,
-                                       image=image, masks=small_masks[order]))
+        samples.append(SimpleNamespace(name=image_path.stem, image_path=image_path,
+                                       mask_paths=masks, photo_masks=None, image=image,
+                                       masks=small_masks[order]))
     if len(samples) < 2:
         raise DataError(f'{folder}: one image; cross-validation needs at least 2')
     return samples
+
+
+def predicted_phase(samples, predictor, category, size, split_instances, min_instance_area):
+    """The samples with the instances of `category` that the predictor finds in their photos
+    in place of the annotated masks: (those where it finds one, the number where it finds
+    none, the IoU of the predicted region against the annotated one pooled over all)."""
+    found, predicted_regions, annotated_regions = [], [], []
+    for sample in tqdm(samples, desc=f'predicting {category}', dynamic_ncols=True, leave=False):
+        photo = read_photo(sample.image_path)
+        masks = mp.source_instances(predictor, photo, category, split_instances,
+                                    min_instance_area)
+        annotated = np.any([load_mask(path) for path in sample.mask_paths], axis=0)
+        predicted_regions.append(np.any(masks, axis=0) if masks else np.zeros_like(annotated))
+        annotated_regions.append(annotated)
+        if masks:
+            image, small_masks = resize_with_masks(photo, masks, size)
+            found.append(SimpleNamespace(name=sample.name, image_path=sample.image_path,
+                                         mask_paths=None, photo_masks=masks, image=image,
+                                         masks=small_masks[largest_first(small_masks)]))
+    if len(found) < 2:
+        folder = os.path.dirname(samples[0].image_path)
+        raise DataError(f'{folder}: the mask predictor finds {category} in {len(found)} of '
+                        f'{len(samples)} photos; cross-validation needs at least 2')
+    return found, len(samples) - len(found), float(mp.iou(predicted_regions, annotated_regions))
+
+
+def full_size_masks(sample):
+    """(N, H, W) bool masks of a sample at its photo's size: predicted ones as kept, annotated
+    ones read again."""
+    if sample.photo_masks is not None:
+        return np.stack(sample.photo_masks)
+    return np.stack([load_mask(path) for path in sample.mask_paths])
 
 
 def union(masks):
@@ -247,10 +295,12 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
 
         photo = load_image(sample.image_path)
         full_size = photo.shape[1:]
-        photo_masks = np.stack([load_mask(path) for path in sample.mask_paths])
-        outside = ~(photo_masks.any(axis=0) | union(resize_channels(masks, full_size)))
-        errors['background_full'].add(photo, np.clip(resize_channels(image, full_size), -1, 1), outside)
-        errors['floor_full'].add(photo, np.clip(resize_channels(sample.image, full_size), -1, 1), outside)
+        outside = ~(full_size_masks(sample).any(axis=0) | union(resize_channels(masks,
+                                                                                full_size)))
+        errors['background_full'].add(photo, np.clip(resize_channels(image, full_size), -1, 1),
+                                      outside)
+        errors['floor_full'].add(photo, np.clip(resize_channels(sample.image, full_size), -1, 1),
+                                 outside)
 
         iou = mask_iou(sample.masks, masks)
         ious.extend(iou)
@@ -299,8 +349,9 @@ def write_page(out, results_by_direction, report, stop):
             written += 1
             tile = f'{direction}_{result.name}.png'
             save_tile(os.path.join(out, tile), [result.panels])
-            rows.append(f'<p>{html.escape(result.name)} p(target) {result.target_probability:.3f}, IoU {result.iou:.3f}, background {result.background:.4f}<br>'
-                        f'<img src="{html.escape(tile)}"></p>')
+            rows.append(f'<p>{html.escape(result.name)} p(target) '
+                        f'{result.target_probability:.3f}, IoU {result.iou:.3f}, background '
+                        f'{result.background:.4f}<br><img src="{html.escape(tile)}"></p>')
         sections.append('<h2>{}</h2>\n{}'.format(direction, '\n'.join(rows)))
     write_text(os.path.join(out, 'index.html'),
                '<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
@@ -317,13 +368,32 @@ def format_table(report):
                  classifier['train_images']['A'], classifier['train_images']['B'],
                  classifier['accuracy'], sum(classifier['phase_images'].values()),
                  report['phase']),
+             masks_line(report['masks']),
              '',
              '{:42}{:>9}{:>9}'.format('', *DIRECTIONS),
              '{:42}{:>9}{:>9}'.format('images', *(report[d]['images'] for d in DIRECTIONS)),
              '{:42}{:>9}{:>9}'.format('instances', *(report[d]['instances'] for d in DIRECTIONS))]
-    lines += ['{:42}{:>9.3f}{:>9.3f}'.format(label, *(report[d][key] for d in DIRECTIONS))
-              for key, label in METRICS]
+    if report['masks']['source'] == 'predicted':
+        lines += ['{:42}{:>9}{:>9}'.format('  photos without one (not scored)', *(
+                      report[d]['photos_without_instance'] for d in DIRECTIONS)),
+                  '{:42}{:>9.3f}{:>9.3f}'.format('source region IoU, predicted vs annotated', *(
+                      report[d]['predicted_region_iou'] for d in DIRECTIONS))]
+    for key, label in METRICS:
+        lines.append('{:42}{:>9.3f}{:>9.3f}'.format(label, *(report[d][key] for d in DIRECTIONS)))
+        if key == 'domain_score' and report['masks']['source'] == 'predicted':
+            lines.append('{:42}{:>9.3f}{:>9.3f}'.format('  of all photos (none predicted: 0)', *(
+                report[d]['domain_score_all_photos'] for d in DIRECTIONS)))
     return '\n'.join(lines)
+
+
+def masks_line(masks):
+    if masks['source'] == 'annotated':
+        return 'source masks: annotated'
+    split = (f'--split-instances --min-instance-area {masks["min_instance_area"]}'
+             if masks['split_instances'] else 'each region one instance')
+    return 'source masks: predicted by {} ({}; {})'.format(
+        masks['predictor'], ', '.join(f'{c} in {d}' for d, c in masks['categories'].items()),
+        split)
 
 
 # Command line --------------------------------------------------------------------------------
@@ -359,22 +429,73 @@ def get_args(argv=None):
                         default='cudnn' if cuda_installed() else 'cpu')
     parser.add_argument('--device-id', '-d', type=device_id, default='0')
     parser.add_argument('--type-config', '-t', choices=TYPE_CONFIGS, default='float')
-    return parser.parse_args(argv)
+    predicted = parser.add_argument_group('predicted masks')
+    predicted.add_argument('--predicted-masks', nargs='?', const=mp.DEFAULT_FOLDER,
+                           metavar='FOLDER', type=path,
+                           help='translate with the masks this mask predictor finds, not the '
+                                'annotated ones (FOLDER: pretrained/mask_predictor when not '
+                                'given)')
+    predicted.add_argument('--categories', nargs=2, metavar=('CAT_A', 'CAT_B'),
+                           help='the categories of domains A and B, which the predictor finds '
+                                f'(from the {CATEGORIES} beside the model when not given)')
+    predicted.add_argument('--split-instances', action='store_true',
+                           help='each 8-connected part of a region is an instance, as with '
+                                'generate_ccp_dataset.py --split-instances')
+    predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
+                                                               'a number in [0, 1)'),
+                           help='with --split-instances: the smallest instance, as a share of '
+                                'the photo (0.002 when not given, as generate_ccp_dataset.py)')
+    args = parser.parse_args(argv)
+    if not args.predicted_masks:
+        for flag in ['categories', 'split_instances', 'min_instance_area']:
+            if getattr(args, flag) not in (None, False):
+                parser.error(f'--{flag.replace("_", "-")} goes with --predicted-masks')
+    if args.min_instance_area is not None and not args.split_instances:
+        parser.error('--min-instance-area goes with --split-instances')
+    if args.min_instance_area is None:
+        args.min_instance_area = 0.002
+    return args
+
+
+def masks_record(args, params_file):
+    """How the source masks are made: annotated, or by the predictor (which, of what)."""
+    if not args.predicted_masks:
+        return {'source': 'annotated'}
+    categories = dict(zip('AB', args.categories)) if args.categories else \
+        read_categories(params_file)
+    if not categories:
+        raise DataError(f'--predicted-masks: give --categories CAT_A CAT_B, the categories '
+                        f'the predictor finds; no {CATEGORIES} beside {params_file} names them')
+    folder = args.predicted_masks
+    shown = os.path.relpath(folder) if folder == mp.DEFAULT_FOLDER else folder
+    return {'source': 'predicted', 'predictor': shown, 'categories': categories,
+            'split_instances': args.split_instances,
+            'min_instance_area': args.min_instance_area}
 
 
 def main(argv=None):
     args = get_args(argv)
-    out = args.out or os.path.join('results', 'evaluate', args.phase)
+    out = args.out or os.path.join('results', 'evaluate', args.phase + (
+        '_predicted' if args.predicted_masks else ''))
     try:
         _, accelerate = set_context(args.context, args.device_id, args.type_config)
         params_file, config, generators = load_translators(
             args.model_save_path, DIRECTIONS, accelerate=accelerate)
         size = config.size
+        masks = masks_record(args, params_file)
         phase = {d: load_phase(args.dataroot, args.phase, d, size) for d in 'AB'}
         train_features = {d: mask_features(s.masks for s in load_phase(
             args.dataroot, 'train', d, size)) for d in 'AB'}
         check_not_in_dataset(out, '--out')
         make_writable_folder(out, '--out')  # refuse an unwritable --out before any work
+        sources, predicted = phase, {}
+        if masks['source'] == 'predicted':
+            predictor = mp.open_predictor(args.predicted_masks,
+                                          list(masks['categories'].values()), accelerate)
+            predicted = {d: predicted_phase(phase[d], predictor, masks['categories'][d], size,
+                                            args.split_instances, args.min_instance_area)
+                         for d in 'AB'}
+            sources = {d: found for d, (found, _, _) in predicted.items()}
     except RunError as error:
         sys.exit(f'evaluate.py: {error}')
 
@@ -385,7 +506,7 @@ def main(argv=None):
                == (d == 'B') for d in 'AB']
     report = {
         'checkpoint': os.path.dirname(params_file), 'dataroot': args.dataroot,
-        'phase': args.phase, 'size': list(size),
+        'phase': args.phase, 'size': list(size), 'masks': masks,
         'classifier': {'train_images': {d: len(train_features[d]) for d in 'AB'},
                        'phase_images': {d: len(phase[d]) for d in 'AB'},
                        'accuracy': float(np.mean(np.concatenate(correct))),
@@ -395,8 +516,14 @@ def main(argv=None):
     for direction, (source, target) in DIRECTIONS.items():
         reverse = 'BtoA' if direction == 'AtoB' else 'AtoB'
         report[direction], results[direction] = evaluate_direction(
-            phase[source], generators[direction], generators[reverse], classifier, target,
+            sources[source], generators[direction], generators[reverse], classifier, target,
             train_features[target])
+        if predicted:
+            _, without, region_iou = predicted[source]
+            figures = report[direction]
+            figures.update(photos_without_instance=without, predicted_region_iou=region_iou,
+                           domain_score_all_photos=figures['domain_score'] * figures['images']
+                           / (figures['images'] + without))
     # Every tile and index.html is written whole or not at all; a stop waits for the file.
     with StopRequest('stopping after this file') as stop:
         stop.deferring = True

@@ -24,15 +24,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import nnabla as nn
 import nnabla.functions as F
 import nnabla.parametric_functions as PF
+import numpy as np
 import scipy.ndimage
 from PIL import Image
 
 from datasets import ccp
 from models import instance_norm
+from runtime import RunError
+from runtime.checkpoints import read_parameters
+from runtime.files import write_image, write_text
 
 SCOPE = 'mask_predictor'
 CONFIG = 'predictor.json'  # written next to parameters.h5
@@ -183,7 +186,7 @@ def build_predictor(categories=DEFAULT_CATEGORIES, size=DEFAULT_SIZE, width=DEFA
 def write_config(folder, categories, size, width, levels):
     """The JSON that load_predictor needs beside parameters.h5."""
     config = dict(categories=list(categories), size=list(size), width=width, levels=levels)
-    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=1) + '\n')
+    write_text(str(Path(folder) / CONFIG), json.dumps(config, indent=1) + '\n')
 
 
 def read_config(path):
@@ -208,11 +211,31 @@ def read_config(path):
 
 def load_predictor(folder):
     """The predictor in `folder` (parameters.h5 and predictor.json, as train_masks.py and
-    pretrained/mask_predictor hold them), its parameters loaded under SCOPE."""
+    pretrained/mask_predictor hold them), its parameters loaded under SCOPE. Raises ValueError
+    naming the file unless the parameters are exactly the network's, in names and shapes: a
+    parameter left at its random start would predict noise without a word."""
     folder = Path(folder)
     categories, size, width, levels = read_config(folder / CONFIG)
-    nn.load_parameters(str(folder / 'parameters.h5'))
+    file = folder / 'parameters.h5'
+    try:
+        saved = read_parameters(str(file))
+    except Exception as error:  # h5py reports damage with several exception types
+        reason = str(error).split('\n')[0]
+        raise ValueError(f'{file}: unreadable or not a parameter file ({type(error).__name__}: '
+                         f'{reason})') from None
+    with nn.parameter_scope(SCOPE):
+        nn.clear_parameters()  # a predictor loaded before keeps its own; this one starts afresh
     predictor = build_predictor(categories, size, width, levels)
+    with nn.parameter_scope(SCOPE):
+        needed = {f'{SCOPE}/{name}': p for name, p in nn.get_parameters(grad_only=False).items()}
+    for name in sorted(set(needed) | set(saved)):
+        if name not in saved or name not in needed:
+            what = 'lacks' if name not in saved else 'holds a parameter the network lacks:'
+            raise ValueError(f'{file} {what} {name} (not the network of {folder / CONFIG})')
+        if saved[name].shape != needed[name].shape:
+            raise ValueError(f'{file}: {name} is {saved[name].shape}, the network needs '
+                             f'{needed[name].shape}')
+        needed[name].d = saved[name]
     return predictor
 
 
@@ -244,6 +267,52 @@ def predict_masks(predictor, photo, split_instances=False, min_instance_area=0.0
         found[category] = CategoryMasks(region, ccp.instance_masks(region, split_instances,
                                                                    min_instance_area))
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks for a translation, shared by translate.py and evaluate.py
+
+DEFAULT_FOLDER = str(Path(__file__).resolve().parent / 'pretrained' / 'mask_predictor')
+
+
+class PredictorError(RunError):
+    """A mask predictor folder that cannot serve; the message is one line naming it."""
+
+
+def open_predictor(folder, categories, accelerate=None):
+    """The predictor in `folder`, checked to know each of `categories` (the source categories
+    of the translations to make); `accelerate` (runtime.device.set_context's) is applied to
+    its graph."""
+    try:
+        predictor = load_predictor(folder)
+    except ValueError as error:
+        raise PredictorError(f'mask predictor {folder}: {error}') from None
+    unknown = [category for category in categories if category not in predictor.categories]
+    if unknown:
+        raise PredictorError(f'mask predictor {folder} finds {", ".join(predictor.categories)}, '
+                             f'not {", ".join(unknown)}')
+    if accelerate:
+        accelerate(predictor.probabilities)
+    return predictor
+
+
+def source_instances(predictor, photo, category, split_instances=False,
+                     min_instance_area=0.002):
+    """The instance masks (bool, the photo's size) of `category` in a photo (H, W, 3) uint8, by
+    the instance rule of generate_ccp_dataset.py and its flags; empty if none is found."""
+    return predict_masks(predictor, photo, split_instances, min_instance_area)[category].instances
+
+
+def predicted_mask_names(stem, count):
+    """NAME_mask_pred_K.png: the predicted masks written beside a translation of NAME."""
+    return [f'{stem}_mask_pred_{index}.png' for index in range(count)]
+
+
+def write_predicted_masks(folder, stem, masks):
+    """The masks as predicted_mask_names in `folder`, 0/255 at the photo's size: what --masks
+    reads, so that a user can correct them and translate again."""
+    for name, mask in zip(predicted_mask_names(stem, len(masks)), masks):
+        write_image(str(Path(folder) / name), np.where(mask, 255, 0).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

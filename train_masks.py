@@ -3,9 +3,11 @@
     python train_masks.py --data_root datasets/clothing-co-parsing -o results/masks/models \\
         -m results/masks/monitor --max-epoch 40
     python train_masks.py --data_root datasets/clothing-co-parsing -o results/masks/models \\
-        -m results/masks/monitor --max-epoch 40 --resume        # go on after a kill
+        -m results/masks/monitor --max-epoch 40 --resume   # go on after a stop or a kill
     python train_masks.py --data_root datasets/clothing-co-parsing -o results/masks/models \\
-        --evaluate --export results/masks/predictor   # the newest checkpoint only
+        --evaluate --export results/masks/predictor       # the newest checkpoint only
+    python train_masks.py --data_root datasets/clothing-co-parsing \\
+        -o pretrained/mask_predictor --evaluate            # a predictor folder
 
 It trains on CCP's pixel-level photos except the held-out ones: for each of --categories, the
 photos that `datasets/generate_ccp_dataset.py --test-fraction F --split-seed S` puts in its
@@ -14,50 +16,62 @@ measured on photos neither has seen. Every photo is read once, resized, into mem
 is every training photo showing one of the categories and as many others (--negatives times
 as many), drawn afresh each epoch; each sample is flipped, cropped and rescaled at random.
 
-Written: MONITOR/loss.series.txt (nnabla.monitor's `iteration value` lines) and
-MONITOR/heldout_iou_CATEGORY.series.txt; MODELS/checkpoint_ITERATION (runtime/checkpoints.py's
-layout: parameters.h5, solver.h5, state.json) after every epoch, the newest two kept; at the
-end MODELS/predictor (parameters.h5 + predictor.json, what mask_predictor.load_predictor
-reads) and the evaluation of the held-out photos, printed and drawn into --cases-image.
-"""
-import os
-import sys
+The run's folders, checkpoints, series and device are the project's run machinery (runtime/),
+as for train.py: -o and -m are locked while the run lasts (FOLDER/train.lock); a fresh run
+refuses folders holding another run's files unless given --resume (continue it) or
+--overwrite (delete them); --resume continues from the newest intact checkpoint exactly where
+it was saved; the first SIGINT or SIGTERM saves a checkpoint after the current iteration and
+ends the run (exit status 130 or 143), a second one ends it at once.
 
+Written: MONITOR/loss.series.txt (nnabla.monitor's `iteration value` lines),
+MONITOR/epoch_time.series.txt and MONITOR/heldout_iou_CATEGORY.series.txt (`epoch value`),
+MONITOR/run.json and Arguments.txt; MODELS/checkpoint_ITERATION (runtime/checkpoints.py's
+layout) after every epoch and on a stop, the newest two kept; at the end MODELS/predictor
+(parameters.h5 + predictor.json, what mask_predictor.load_predictor reads) and the evaluation
+of the held-out photos, printed and drawn into --cases-image.
+"""
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # before the slow imports, so that a Ctrl-C during them ends alike
     handle_stop_signals(exit_at_once)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import io
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import nnabla as nn  # noqa: E402
-import nnabla.solvers as S  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import nnabla as nn
+import nnabla.solvers as S
+import numpy as np
+from PIL import Image
 
-import mask_predictor as mp  # noqa: E402
-from args import checked, device_id, path, positive_int, seed  # noqa: E402
-from runtime.checkpoints import (DamagedCheckpoint, checkpoint_paths,  # noqa: E402
-                                 load_parameters_and_solvers, read_checkpoint, save_checkpoint)
-from datasets import ccp  # noqa: E402
-from runtime import device  # noqa: E402
-from runtime.monitors import SeriesFile as MonitorSeriesFile  # noqa: E402
-from runtime.monitors import save_tile  # noqa: E402
+import mask_predictor as mp
+from args import checked, device_id, path, positive_int, seed
+from datasets import ccp
+from runtime import RunError
+from runtime.checkpoints import (
+    DamagedCheckpoint,
+    checkpoint_paths,
+    load_parameters_and_solvers,
+    read_checkpoint,
+    resume_newest,
+    save_checkpoint,
+)
+from runtime.device import set_context
+from runtime.files import make_writable_folder, write_bytes
+from runtime.monitors import Progress, SeriesFile, save_tile
+from runtime.run import Run, run_files
 
 # What a resumed run must share with the run it continues: the data and the network.
 SAME_ON_RESUME = ['data_root', 'categories', 'test_fraction', 'split_seed', 'size', 'width',
                   'levels', 'seed']
 PRELOAD_SCALE = 1.125  # photos are kept this much larger than --size, for the random crops
 CROP_SCALES = (0.8, 1.0)  # side of the random crop, as a share of the kept photo
-
-
-class ConfigError(Exception):
-    """A flag or the data does not allow the run; the message is one line."""
+KEEP_CHECKPOINTS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,12 +94,12 @@ def read_ccp(data_root, categories, test_fraction, split_seed):
     label_ids = [ccp.label_of(names, category) for category in categories]
     label_maps = ccp.read_label_maps(data_root)
     if not label_maps:
-        raise ConfigError(f'{data_root}: no pixel-level annotations')
+        raise RunError(f'{data_root}: no pixel-level annotations')
     held_out = {category: ccp.held_out_names(label_maps, label, test_fraction, split_seed)
                 for category, label in zip(categories, label_ids)}
     for category, label in zip(categories, label_ids):
         if not ccp.photos_with(label_maps, label):
-            raise ConfigError(f'--categories {category}: no pixel-level annotation contains it')
+            raise RunError(f'--categories {category}: no pixel-level annotation contains it')
     return label_maps, label_ids, held_out
 
 
@@ -95,14 +109,16 @@ def load_training_data(data_root, names, label_maps, label_ids, size):
     kept = tuple(round(s * PRELOAD_SCALE) for s in size)
     photos = np.empty((len(names), *kept, 3), np.uint8)
     classes = np.empty((len(names), *kept), np.uint8)
-    for index, name in enumerate(tqdm(names, desc='load photos', unit='photo')):
-        photo = ccp.load_photo(Path(data_root) / 'photos' / f'{name}.jpg')
-        labels = label_maps[name]
-        if photo.size != labels.shape[::-1]:
-            raise ConfigError(f'{name}: annotation is {labels.shape[1]}x{labels.shape[0]} but '
-                              f'its photo is {photo.width}x{photo.height}')
-        photos[index] = np.asarray(photo.resize(kept[::-1], Image.BILINEAR))
-        classes[index] = mp.resize_labels(class_map(labels, label_ids), kept)
+    with Progress(len(names), 0, 'load photos') as progress:
+        for index, name in enumerate(names):
+            photo = ccp.load_photo(Path(data_root) / 'photos' / f'{name}.jpg')
+            labels = label_maps[name]
+            if photo.size != labels.shape[::-1]:
+                raise RunError(f'{name}: annotation is {labels.shape[1]}x{labels.shape[0]} but '
+                               f'its photo is {photo.width}x{photo.height}')
+            photos[index] = np.asarray(photo.resize(kept[::-1], Image.BILINEAR))
+            classes[index] = mp.resize_labels(class_map(labels, label_ids), kept)
+            progress.update()
     return photos, classes
 
 
@@ -135,52 +151,28 @@ def epoch_order(classes, negatives, seed, epoch):
     return rng.permutation(chosen)
 
 
-def batches(photos, classes, order, batch_size, size, rng):
-    """(images, labels) numpy batches of the epoch; the last partial batch is dropped."""
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        samples = [augment(photos[i], classes[i], size, rng)
-                   for i in order[start:start + batch_size]]
+def batches(photos, classes, order, batch_size, size, seed, epoch, start=0):
+    """(images, labels) numpy batches of the epoch from its sample `start` on; the last partial
+    batch is dropped. The k-th sample of an epoch is augmented by a generator of its own, seeded
+    with (seed, epoch, k), so that a run resumed within an epoch draws what an uninterrupted
+    one would."""
+    for first in range(start, len(order) - batch_size + 1, batch_size):
+        samples = [augment(photos[i], classes[i], size, np.random.RandomState([seed, epoch, 1, k]))
+                   for k, i in enumerate(order[first:first + batch_size], start=first)]
         yield (np.stack([image for image, _ in samples]),
                np.stack([labels for _, labels in samples])[:, None].astype(np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint and resume: the whole of it, kept apart for the shared run machinery to replace
+# The run: its files, checkpoints and resuming
 
-def save_epoch(model_path, iteration, epoch, args, solver, series):
-    """A checkpoint after `epoch`, so that a killed run can resume with the next."""
-    state = dict(epoch=epoch, args=run_record(args),
-                 series={name: s.state_dict() for name, s in series.items()})
-    save_checkpoint(model_path, iteration, state, {'solver': solver}, keep=2)
+def series_names(categories):
+    return ['loss', 'epoch_time'] + [f'heldout_iou_{category}' for category in categories]
 
 
-def resume_from(model_path, args, solver, series):
-    """Load the newest checkpoint of model_path into the parameters, solver and series;
-    return (iteration, next epoch). Refuses one made with other data or network flags."""
-    paths = checkpoint_paths(model_path)
-    if not paths:
-        raise ConfigError(f'--resume: no checkpoint in {model_path}')
-    state = read_checkpoint(paths[-1], ['epoch', 'args', 'series'])
-    previous = state['args']
-    if not isinstance(previous, dict):
-        raise DamagedCheckpoint(f'{paths[-1]}/state.json: args is not a record')
-    record = run_record(args)
-    changed = [key for key in SAME_ON_RESUME if previous.get(key) != record[key]]
-    if changed:
-        raise ConfigError('--resume: the checkpoint was made with other ' + ', '.join(
-            f'{flag_name(key)} ({previous.get(key)!r}, now {record[key]!r})'
-            for key in changed))
-    epoch, iteration = state['epoch'], state['iteration']
-    if not (isinstance(epoch, int) and isinstance(iteration, int) and epoch >= 0
-            and iteration >= 0):
-        raise DamagedCheckpoint(f'{paths[-1]}/state.json: epoch and iteration must be '
-                                'integers >= 0')
-    load_parameters_and_solvers(paths[-1], {'solver': solver})
-    for name, one in series.items():
-        saved = state['series'].get(name) if isinstance(state['series'], dict) else None
-        if saved is not None:
-            one.load_state_dict(saved)
-    return iteration, epoch + 1
+def mask_run_files(categories):
+    """Every name a run writes into -o and -m: train.py's kinds of file, and MODELS/predictor."""
+    return re.compile(rf'{run_files(series_names(categories)).pattern}|predictor')
 
 
 def flag_name(key):
@@ -197,6 +189,64 @@ def run_record(args):
     return record
 
 
+def save(args, run, solver, series, iteration, epoch, samples, seconds):
+    """The checkpoint of `iteration`: `samples` of epoch `epoch` trained on (all of them at the
+    end of an epoch), in `seconds`; returns its path."""
+    state = dict(next_epoch=epoch, samples=samples, epoch_seconds=seconds, run=run.id,
+                 args=run_record(args), series={name: s.state_dict() for name, s in series.items()})
+    return save_checkpoint(args.model_save_path, iteration, state, {'solver': solver},
+                           KEEP_CHECKPOINTS)
+
+
+def place_of(path, state):
+    """(iteration, epoch, samples of it trained on, seconds spent on them) where the checkpoint
+    `path` left off."""
+    try:
+        if 'next_epoch' in state:
+            place = (state['iteration'], state['next_epoch'], state['samples'],
+                     state['epoch_seconds'])
+        else:  # earlier versions saved after an epoch only, and named that epoch
+            place = (state['iteration'], state['epoch'] + 1, 0, 0.0)
+    except (KeyError, TypeError) as error:
+        raise DamagedCheckpoint(f'{path}/state.json: no place in training '
+                                f'({type(error).__name__}: {error})') from None
+    if not (all(type(v) is int and v >= 0 for v in place[:3])
+            and isinstance(place[3], (int, float)) and place[3] >= 0):
+        raise DamagedCheckpoint(f'{path}/state.json: iteration, epoch and samples must be '
+                                'integers >= 0, the seconds a number >= 0')
+    return place
+
+
+def resume(args, run, solver, series):
+    """Restore the newest intact checkpoint of -o into the parameters, the solver and the
+    series; returns its place_of. Refuses one made with other data or network flags."""
+    def restore(path):
+        state = read_checkpoint(path, ['args', 'series'])
+        previous = state['args']
+        if not isinstance(previous, dict) or not isinstance(state['series'], dict):
+            raise DamagedCheckpoint(f'{path}/state.json: args and series must be records')
+        record = run_record(args)
+        changed = [key for key in SAME_ON_RESUME if previous.get(key) != record[key]]
+        if changed:
+            raise RunError(f'--resume: {path} was made with other ' + ', '.join(
+                f'{flag_name(key)} ({previous.get(key)!r}, now {record[key]!r})'
+                for key in changed))
+        place = place_of(path, state)
+        run.continue_run(path, state.get('run'))
+        load_parameters_and_solvers(path, {'solver': solver})
+        for name, one in series.items():
+            saved = state['series'].get(name)
+            if saved is not None:
+                try:
+                    one.load_state_dict(saved)
+                except (KeyError, TypeError, ValueError) as error:
+                    raise DamagedCheckpoint(f'{path}/state.json: series {name}: {error}') \
+                        from None
+        return place
+
+    return resume_newest(args.model_save_path, restore)[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -211,21 +261,24 @@ def evaluate(predictor, data_root, names, label_maps, label_ids, split_instances
     counts = {category: ([], []) for category in predictor.categories}
     boundary_f = {category: [] for category in predictor.categories}
     per_photo, shown = {}, {}
-    for name in tqdm(sorted(names), desc='evaluate', unit='photo'):
-        photo = np.asarray(ccp.load_photo(Path(data_root) / 'photos' / f'{name}.jpg'))
-        annotated = class_map(label_maps[name], label_ids)
-        predicted = mp.predict_labels(predictor, photo)
-        scores = []
-        for index, category in enumerate(predictor.categories, start=1):
-            truth, guess = annotated == index, predicted == index
-            pairs[category].append(mp.intersection_and_union(guess, truth))
-            for found, mask in zip(counts[category], (guess, truth)):
-                found.append(len(ccp.instance_masks(mask, split_instances, min_instance_area)))
-            if truth.any() or guess.any():
-                boundary_f[category].append(mp.boundary_f_score(guess, truth, tolerance))
-                scores.append(mp.iou(guess, truth))
-        per_photo[name] = float(np.mean(scores)) if scores else 1.0
-        shown[name] = (photo, annotated, predicted)
+    with Progress(len(names), 0, 'evaluate') as progress:
+        for name in sorted(names):
+            photo = np.asarray(ccp.load_photo(Path(data_root) / 'photos' / f'{name}.jpg'))
+            annotated = class_map(label_maps[name], label_ids)
+            predicted = mp.predict_labels(predictor, photo)
+            scores = []
+            for index, category in enumerate(predictor.categories, start=1):
+                truth, guess = annotated == index, predicted == index
+                pairs[category].append(mp.intersection_and_union(guess, truth))
+                for found, mask in zip(counts[category], (guess, truth)):
+                    found.append(len(ccp.instance_masks(mask, split_instances,
+                                                        min_instance_area)))
+                if truth.any() or guess.any():
+                    boundary_f[category].append(mp.boundary_f_score(guess, truth, tolerance))
+                    scores.append(mp.iou(guess, truth))
+            per_photo[name] = float(np.mean(scores)) if scores else 1.0
+            shown[name] = (photo, annotated, predicted)
+            progress.update()
     iou = {}
     for category, sums in pairs.items():
         overlap, union = np.sum(sums, axis=0)
@@ -261,7 +314,7 @@ def draw_cases(path, results, count=3, size=(216, 144)):
         rows.append([np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR))
                      / 255, label_panel(photo, annotated, size),
                      label_panel(photo, predicted, size)])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_writable_folder(os.path.dirname(os.path.abspath(path)), '--cases-image')
     save_tile(path, rows)
     return best, worst
 
@@ -273,6 +326,17 @@ def report(results, categories):
                      f'{results["count_accuracy"][category]:.3f}, boundary F '
                      f'{results["boundary_f"][category]:.3f}')
     return '\n'.join(lines)
+
+
+def held_out_evaluation(args, predictor, names, label_maps, label_ids):
+    """Evaluate `predictor` on the held-out photos `names`; print, draw the cases."""
+    results = evaluate(predictor, args.data_root, names, label_maps, label_ids,
+                       args.split_instances, args.min_instance_area)
+    print(report(results, predictor.categories))
+    best, worst = draw_cases(args.cases_image, results)
+    print(f'{args.cases_image}: best {", ".join(best)}; worst {", ".join(worst)} (top to '
+          'bottom)')
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,113 +360,140 @@ def build_training_graph(args):
     return image, labels, one_hot, loss
 
 
-def export_predictor(folder, args):
+def export_predictor(folder, args, flag='--export'):
     """parameters.h5 (the predictor's only) and predictor.json into `folder`."""
-    os.makedirs(folder, exist_ok=True)
+    make_writable_folder(folder, flag)
     with nn.parameter_scope(mp.SCOPE):
         parameters = nn.get_parameters(grad_only=False)
-    nn.save_parameters(os.path.join(folder, 'parameters.h5'),
-                       {f'{mp.SCOPE}/{name}': value for name, value in parameters.items()})
+    buffer = io.BytesIO()
+    nn.save_parameters(buffer, {f'{mp.SCOPE}/{name}': value
+                                for name, value in parameters.items()}, extension='.h5')
+    write_bytes(os.path.join(folder, 'parameters.h5'), buffer.getvalue())
     mp.write_config(folder, args.categories, args.size, args.width, args.levels)
-
-
-def held_out_evaluation(args, label_maps, label_ids, held_out_names):
-    """Evaluate the current parameters on the held-out photos; print, draw the cases."""
-    predictor = mp.build_predictor(args.categories, args.size, args.width, args.levels)
-    results = evaluate(predictor, args.data_root, held_out_names, label_maps, label_ids,
-                       args.split_instances, args.min_instance_area)
-    print(report(results, args.categories))
-    best, worst = draw_cases(args.cases_image, results)
-    print(f'{args.cases_image}: best {", ".join(best)}; worst {", ".join(worst)} (top to '
-          'bottom)')
-    return results
 
 
 def train(args):
     label_maps, label_ids, held_out = read_ccp(args.data_root, args.categories,
                                                args.test_fraction, args.split_seed)
     held_out_names = sorted(set().union(*held_out.values()))
-    accelerate = device.set_context(args.context, args.device_id)[1]
+    accelerate = set_context(args.context, args.device_id)[1]
     nn.clear_parameters()
     nn.seed(args.seed)
+    folders = {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
+    with Run(folders, args.monitor_path, mask_run_files(args.categories), args.resume,
+             args.overwrite, args) as run:
+        train_names = [name for name in label_maps if name not in set(held_out_names)]
+        print(f'training photos: {len(train_names)}; held out: {len(held_out_names)} ('
+              + ', '.join(f'{c} {len(n)}' for c, n in held_out.items()) + ')')
+        photos, classes = load_training_data(args.data_root, train_names, label_maps, label_ids,
+                                             args.size)
+        graph = build_training_graph(args)
+        accelerate(graph[-1])
+        solver = S.Adam(args.learning_rate)
+        with nn.parameter_scope(mp.SCOPE):
+            solver.set_parameters(nn.get_parameters())
+        series = {name: SeriesFile(args.monitor_path, name, args.log_step if name == 'loss' else 1)
+                  for name in series_names(args.categories)}
+        place = (0, 0, 0, 0.0)
+        if args.resume:
+            place = resume(args, run, solver, series)
+            print(f'resumed at epoch {place[1]}, iteration {place[0]}'
+                  + (f', sample {place[2]} of the epoch' if place[2] else ''))
+        run.start_training()
+        held_out = (held_out_names, label_maps, label_ids)
+        train_epochs(args, run, graph, solver, series, (photos, classes), place, held_out)
+        run.end_training()
+        export_predictor(os.path.join(args.model_save_path, 'predictor'), args,
+                         '--model-save-path')
+        print(f'predictor: {os.path.join(args.model_save_path, "predictor")}')
+        held_out_evaluation(args, mp.build_predictor(args.categories, args.size, args.width,
+                                                     args.levels), *held_out)
 
-    if args.evaluate:
-        paths = checkpoint_paths(args.model_save_path) if os.path.isdir(
-            args.model_save_path) else []
-        if not paths:
-            raise ConfigError(f'--evaluate: no checkpoint in {args.model_save_path}')
-        state = read_checkpoint(paths[-1], ['args'])
-        for key in ['size', 'width', 'levels', 'categories']:  # the network it was made with
-            setattr(args, key, state['args'][key])
-        nn.load_parameters(os.path.join(paths[-1], 'parameters.h5'))
-        print(f'{paths[-1]}: epoch {state.get("epoch")}')
-        held_out_evaluation(args, label_maps, label_ids, held_out_names)
-        if args.export:
-            export_predictor(args.export, args)
-            print(f'predictor: {args.export}')
-        return
 
-    os.makedirs(args.model_save_path, exist_ok=True)
-    os.makedirs(args.monitor_path, exist_ok=True)
-    if checkpoint_paths(args.model_save_path) and not args.resume:
-        raise ConfigError(f'{args.model_save_path} holds checkpoints: pass --resume to go on, '
-                          'or choose another --model-save-path')
-    train_names = [name for name in label_maps if name not in set(held_out_names)]
-    print(f'training photos: {len(train_names)}; held out: {len(held_out_names)} ('
-          + ', '.join(f'{c} {len(n)}' for c, n in held_out.items()) + ')')
-    photos, classes = load_training_data(args.data_root, train_names, label_maps, label_ids,
-                                         args.size)
-
-    image, labels, one_hot, loss = build_training_graph(args)
-    accelerate(loss)
-    solver = S.Adam(args.learning_rate)
-    with nn.parameter_scope(mp.SCOPE):
-        solver.set_parameters(nn.get_parameters())
-    series = {name: MonitorSeriesFile(args.monitor_path, name, interval)
-              for name, interval in [('loss', args.log_step), ('epoch_time', 1)]
-              + [(f'heldout_iou_{c}', 1) for c in args.categories]}
-    iteration, first_epoch = 0, 0
-    if args.resume and checkpoint_paths(args.model_save_path):
-        iteration, first_epoch = resume_from(args.model_save_path, args, solver, series)
-        print(f'resumed at epoch {first_epoch}, iteration {iteration}')
+def train_epochs(args, run, graph, solver, series, data, place, held_out):
+    """From `place` (iteration, epoch, samples of it trained on, seconds they took) to the end
+    of --max-epoch, with a checkpoint after every epoch and where a stop signal asks for one;
+    `held_out` is what evaluate needs besides the predictor and the data root."""
+    image, labels, one_hot, loss = graph
+    photos, classes = data
+    iteration, first_epoch, samples, seconds = place
     n_classes = 1 + len(args.categories)
     for epoch in range(first_epoch, args.max_epoch):
-        started = time.time()
+        started = time.monotonic() - seconds  # a resumed epoch counts its earlier part
         solver.set_learning_rate(learning_rate(args.learning_rate, epoch, args.max_epoch))
         order = epoch_order(classes, args.negatives, args.seed, epoch)
-        rng = np.random.RandomState([args.seed, epoch, 1])
         steps = len(order) // args.batch_size
-        progress = tqdm(batches(photos, classes, order, args.batch_size, args.size, rng),
-                        total=steps, desc=f'epoch {epoch + 1}/{args.max_epoch}', unit='batch',
-                        mininterval=5)
-        for images, batch_labels in progress:
-            image.d, labels.d = images, batch_labels
-            one_hot.d = mp.one_hot_planes(batch_labels, n_classes)
-            loss.forward(clear_no_need_grad=True)
-            solver.zero_grad()
-            loss.backward(clear_buffer=True)
-            solver.update()
-            value = float(loss.d)
-            if not math.isfinite(value):
-                raise ConfigError(f'the loss is {value} at iteration {iteration}; lower '
-                                  '--learning-rate')
-            series['loss'].add(iteration, value)
-            progress.set_postfix(loss=f'{value:.3f}', refresh=False)
-            iteration += 1
-        progress.close()
-        series['epoch_time'].add(epoch, time.time() - started)
+        with Progress(steps, samples // args.batch_size, f'epoch {epoch + 1}/{args.max_epoch}',
+                      names=['loss']) as progress:
+            for images, batch_labels in batches(photos, classes, order, args.batch_size,
+                                                args.size, args.seed, epoch, samples):
+                image.d, labels.d = images, batch_labels
+                one_hot.d = mp.one_hot_planes(batch_labels, n_classes)
+                loss.forward(clear_no_need_grad=True)
+                solver.zero_grad()
+                loss.backward(clear_buffer=True)
+                solver.update()
+                value = float(loss.d)
+                if not math.isfinite(value):
+                    raise RunError(f'the loss is {value} at iteration {iteration}; lower '
+                                   '--learning-rate')
+                series['loss'].add(iteration, value)
+                iteration += 1
+                samples += args.batch_size
+                progress.update({'loss': value})
+                if run.stop.received:
+                    run.stopped(iteration, save(args, run, solver, series, iteration, epoch,
+                                                samples, time.monotonic() - started))
+        series['epoch_time'].add(epoch, time.monotonic() - started)
         if args.eval_interval and ((epoch + 1) % args.eval_interval == 0
                                    or epoch + 1 == args.max_epoch):
             predictor = mp.build_predictor(args.categories, args.size, args.width, args.levels)
-            results = evaluate(predictor, args.data_root, held_out_names, label_maps, label_ids)
+            results = evaluate(predictor, args.data_root, *held_out)
             for category in args.categories:
                 series[f'heldout_iou_{category}'].add(epoch, results['iou'][category])
             print(f'epoch {epoch + 1}: held-out IoU ' + ', '.join(
                 f'{c} {results["iou"][c]:.3f}' for c in args.categories), flush=True)
-        save_epoch(args.model_save_path, iteration, epoch, args, solver, series)
-    export_predictor(os.path.join(args.model_save_path, 'predictor'), args)
-    print(f'predictor: {os.path.join(args.model_save_path, "predictor")}')
-    held_out_evaluation(args, label_maps, label_ids, held_out_names)
+        samples, seconds = 0, 0.0
+        saved = save(args, run, solver, series, iteration, epoch + 1, 0, 0.0)
+        if run.stop.received:
+            run.stopped(iteration, saved)
+
+
+def evaluate_saved(args):
+    """--evaluate: the predictor folder -o, or the newest checkpoint in it, on the held-out
+    photos; with --export, that predictor written as a predictor folder."""
+    folder = args.model_save_path
+    set_context(args.context, args.device_id)
+    nn.clear_parameters()
+    if os.path.isfile(os.path.join(folder, mp.CONFIG)):
+        try:
+            predictor = mp.load_predictor(folder)
+        except (OSError, ValueError) as error:
+            raise RunError(f'{folder}: {error}') from None
+        print(f'{folder}: predictor of {", ".join(predictor.categories)} at '
+              f'{predictor.size[0]}x{predictor.size[1]}')
+    else:
+        paths = checkpoint_paths(folder) if os.path.isdir(folder) else []
+        if not paths:
+            raise RunError(f'--evaluate: neither a checkpoint nor {mp.CONFIG} in {folder}')
+        state = read_checkpoint(paths[-1], ['args'])
+        try:  # the network it was made with
+            saved = {key: state['args'][key] for key in ['categories', 'size', 'width', 'levels']}
+            predictor = mp.build_predictor(**saved)
+        except (KeyError, TypeError, ValueError) as error:
+            raise DamagedCheckpoint(f'{paths[-1]}/state.json: no predictor network in its args '
+                                    f'({type(error).__name__}: {error})') from None
+        load_parameters_and_solvers(paths[-1], {})
+        _, epoch, samples, _ = place_of(paths[-1], state)
+        print(f'{paths[-1]}: {epoch} epoch(s)' + (f' and {samples} samples' if samples else ''))
+    args.categories, args.size = list(predictor.categories), list(predictor.size)
+    args.width, args.levels = predictor.width, predictor.levels
+    label_maps, label_ids, held_out = read_ccp(args.data_root, args.categories,
+                                               args.test_fraction, args.split_seed)
+    held_out_evaluation(args, predictor, set().union(*held_out.values()), label_maps, label_ids)
+    if args.export:
+        export_predictor(args.export, args)
+        print(f'predictor: {args.export}')
 
 
 fraction = checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')
@@ -420,7 +511,8 @@ def get_args(argv=None):
     parser.add_argument('--learning-rate', type=positive_float, default=1e-3,
                         help='Adam step size at the start; cosine decay to 1/20 of it')
     parser.add_argument('--monitor-path', '-m', type=path, default='results/masks/monitor')
-    parser.add_argument('--model-save-path', '-o', type=path, default='results/masks/models')
+    parser.add_argument('--model-save-path', '-o', type=path, default='results/masks/models',
+                        help='checkpoints; with --evaluate also a predictor folder')
     parser.add_argument('--data_root', type=path, default='datasets/clothing-co-parsing',
                         help='a Clothing Co-Parsing copy')
     parser.add_argument('--categories', nargs='+', default=list(mp.DEFAULT_CATEGORIES),
@@ -443,13 +535,18 @@ def get_args(argv=None):
                         help='iterations per line of loss.series.txt')
     parser.add_argument('--eval-interval', type=checked(int, lambda v: v >= 0, 'an integer >= 0'),
                         default=5, help='epochs between held-out IoU lines (0: none)')
-    parser.add_argument('--resume', action='store_true',
-                        help='go on from the newest checkpoint in --model-save-path')
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument('--resume', action='store_true',
+                       help='go on from the newest intact checkpoint in --model-save-path')
+    start.add_argument('--overwrite', action='store_true',
+                       help="start afresh where another run wrote: delete that run's "
+                            'checkpoints, predictor and series first')
     parser.add_argument('--evaluate', action='store_true',
-                        help='only evaluate the newest checkpoint on the held-out photos')
+                        help='only evaluate, on the held-out photos, the predictor folder '
+                             '--model-save-path or the newest checkpoint in it')
     parser.add_argument('--export', type=path,
-                        help='with --evaluate: also write the checkpoint as a predictor folder '
-                             '(parameters.h5, predictor.json) here')
+                        help='with --evaluate: also write the evaluated predictor as a '
+                             'predictor folder (parameters.h5, predictor.json) here')
     parser.add_argument('--split-instances', action='store_true',
                         help='evaluation: count 8-connected components as instances')
     parser.add_argument('--min-instance-area', type=fraction, default=0.002,
@@ -460,6 +557,8 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.export and not args.evaluate:
         parser.error('--export goes with --evaluate (a finished run exports MODELS/predictor)')
+    if args.evaluate and (args.resume or args.overwrite):
+        parser.error('--evaluate reads --model-save-path; it neither resumes nor overwrites')
     if len(set(args.categories)) != len(args.categories):
         parser.error('--categories: each category once')
     try:
@@ -472,9 +571,11 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        train(args)
-    except (ConfigError, ccp.DatasetError, DamagedCheckpoint, OSError) as error:
+        evaluate_saved(args) if args.evaluate else train(args)
+    except (ccp.DatasetError, OSError) as error:
         sys.exit(f'train_masks.py: {error}')
+    except RunError as error:
+        error.exit('train_masks.py')
 
 
 if __name__ == '__main__':

@@ -4,12 +4,21 @@
         --dataroot datasets/ccp_sample --phase train --out results/translated
     python translate.py --params results/models/checkpoint_000000160/parameters.h5 \\
         --image photo.png --masks photo_0.png photo_1.png --out results/one
+    python translate.py -o pretrained/jeans2skirt_64x44 --image photo.jpg --out results/one
 
 Instances are translated K = --ins-per at a time, each pass on top of the previous pass's
 image, as in training. Inputs of any size are resized to the network size and the results
 written back at the input size: NAME.png, NAME_0.png, ... (the translation of mask 0, ...),
 NAME_full.png (the photo at its own resolution with only the translated region replaced) and
 NAME_tile.png (input | masks | output | output masks), with index.html listing every tile.
+
+An image without masks (--image without --masks, or an image of {phase}A or {phase}B without
+masks in its _seg folder) gets them from a mask predictor (mask_predictor.py, by default
+pretrained/mask_predictor): the regions of the direction's source category (--source-category,
+else the categories.json beside the model), split into instances as generate_ccp_dataset.py
+does (--split-instances, --min-instance-area). They are written as NAME_mask_pred_0.png, ...
+(0/255, the image's size), to be corrected and given back with --masks. An image in which the
+predictor finds no instance is not translated.
 """
 from runtime.signals import exit_at_once, handle_stop_signals
 
@@ -26,7 +35,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from args import device_id, path
+import mask_predictor as mp
+from args import checked, device_id, path
 from data import (
     DataError,
     check_not_in_dataset,
@@ -34,6 +44,7 @@ from data import (
     list_images,
     load_with_masks,
     mask_paths,
+    read_photo,
     resize,
     resize_with_masks,
 )
@@ -42,7 +53,7 @@ from runtime.device import CONTEXTS, TYPE_CONFIGS, cuda_installed, set_context
 from runtime.files import make_writable_folder, write_image, write_text
 from runtime.monitors import image_panel, mask_panel, save_tile
 from runtime.signals import StopRequest, exit_status
-from translator import DIRECTIONS, FLAG_TYPES, load_translators
+from translator import CATEGORIES, DIRECTIONS, FLAG_TYPES, load_translators, source_category
 
 
 def h5_file(text):
@@ -75,11 +86,30 @@ def get_parser():
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument('--dataroot', type=path,
                         help='a dataset folder: translates {phase}A or {phase}B')
-    inputs.add_argument('--image', type=path, help='one image, with --masks')
+    inputs.add_argument('--image', type=path,
+                        help='one image, with --masks or with masks predicted')
     parser.add_argument('--phase', type=path, help='with --dataroot: train, test, ... '
                                                    '(test when not given)')
     parser.add_argument('--masks', nargs='+', type=path,
-                        help='with --image: its instance masks')
+                        help='with --image: its instance masks (default: predicted)')
+    predicted = parser.add_argument_group(
+        'predicted masks', 'for an image without masks: --image without --masks, or an image '
+        'of --dataroot without masks in its _seg folder')
+    predicted.add_argument('--mask-predictor', type=path,
+                           help='a mask predictor folder (pretrained/mask_predictor when not '
+                                'given)')
+    predicted.add_argument('--source-category', type=checked(str, bool, 'a category name'),
+                           help='the category of the direction\'s source domain, which the '
+                                f'predictor finds (from the {CATEGORIES} beside the model when '
+                                'not given)')
+    predicted.add_argument('--split-instances', action='store_true',
+                           help='each 8-connected part of the region is an instance, as with '
+                                'generate_ccp_dataset.py --split-instances (without it the '
+                                'whole region is one)')
+    predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
+                                                               'a number in [0, 1)'),
+                           help='with --split-instances: the smallest instance, as a share of '
+                                'the image (0.002 when not given, as generate_ccp_dataset.py)')
     parser.add_argument('--no-full', dest='full', action='store_false',
                         help='do not write NAME_full.png, the translated region pasted into '
                              'the input at its own resolution')
@@ -100,30 +130,43 @@ def get_args(argv=None):
     if args.dataroot and args.masks:
         parser.error('--masks goes with --image; with --dataroot the masks are read from '
                      '{phase}A_seg or {phase}B_seg')
-    if args.image and not args.masks:
-        parser.error('--image needs its instance masks: --masks NAME_0.png ...')
+    if args.masks:
+        for flag in ['mask_predictor', 'source_category', 'split_instances',
+                     'min_instance_area']:
+            if getattr(args, flag) not in (None, False):
+                parser.error(f'--{flag.replace("_", "-")} goes with predicted masks, not with '
+                             '--masks')
+    if args.min_instance_area is not None and not args.split_instances:
+        parser.error('--min-instance-area goes with --split-instances')
     if args.image and args.phase:
         parser.error('--phase goes with --dataroot, not with --image')
     if args.dataroot and not args.phase:
         args.phase = 'test'
+    if args.min_instance_area is None:
+        args.min_instance_area = 0.002
     return args
 
 
 def list_inputs(args):
-    """[(image path, [mask paths])] to translate."""
+    """[(image path, [mask paths])] to translate; no mask paths: masks to predict."""
     if args.image:
-        for file in [args.image] + args.masks:
+        masks = args.masks or []
+        for file in [args.image] + masks:
             if not os.path.isfile(file):
                 raise DataError(f'{file}: file not found')
-        return [(args.image, args.masks)]
+        return [(args.image, masks)]
     folder = os.path.join(args.dataroot, args.phase + args.direction[0])
     return [(str(image), mask_paths(image)) for image in list_images(folder)]
+
+
+def stem(image_path):
+    return os.path.splitext(os.path.basename(image_path))[0]
 
 
 def output_names(image_path, mask_count, full):
     """The files translate_one writes for an input: the translated image, the tile, the
     full-resolution photo (None without `full`) and the translated masks."""
-    name = os.path.splitext(os.path.basename(image_path))[0]
+    name = stem(image_path)
     return (name + '.png', name + '_tile.png', name + '_full.png' if full else None,
             [f'{name}_{i}.png' for i in range(mask_count)])
 
@@ -147,16 +190,31 @@ def check_out_folder(args, files_read):
         raise DataError(f'--out {args.out} is a file')
 
 
+def claim(writers, out, image, names):
+    """Record in `writers` ({file name: input}) that `image` writes `names`; refuse a name
+    another input writes (a.png and a_0.png: a's first mask)."""
+    for name in filter(None, names):
+        first = writers.setdefault(name, image)
+        if first != image:
+            raise DataError(f'{first} and {image} would both write {os.path.join(out, name)}; '
+                            'rename one')
+
+
+def predicted_names(image, masks, full):
+    """The files an input with predicted masks writes."""
+    *names, mask_names = output_names(image, len(masks), full)
+    return names + mask_names + mp.predicted_mask_names(stem(image), len(masks))
+
+
 def check_output_names(args, inputs):
-    """Refuse two inputs that would write the same file (a.png and a_0.png: a's first mask)."""
-    writer = {}
+    """The writers of the output files ({name: input}), two inputs writing one refused. Of an
+    input whose masks are to be predicted, only the names that do not depend on their number
+    are known: the others are claimed once predicted."""
+    writers = {}
     for image, masks in inputs:
         *names, mask_names = output_names(image, len(masks), args.full)
-        for name in filter(None, names + mask_names):
-            first = writer.setdefault(name, image)
-            if first != image:
-                raise DataError(f'{first} and {image} would both write '
-                                f'{os.path.join(args.out, name)}; rename one')
+        claim(writers, args.out, image, names + mask_names)
+    return writers
 
 
 def to_size(array, size):
@@ -182,11 +240,17 @@ def paste_full(photo, translated, region, width):
 
 
 def translate_one(translator, image_path, masks, out, full=True):
-    """Translate one input and write its files; returns the tile's file name."""
-    if not masks:
-        raise DataError(f'{image_path}: no instance mask given or found')
-    image_name, tile_name, full_name, mask_names = output_names(image_path, len(masks), full)
+    """Translate one input, its masks given as files, and write its files; returns the tile's
+    file name."""
     photo, photo_masks = load_with_masks(image_path, masks)
+    return translate_photo(translator, image_path, photo, photo_masks, out, full)
+
+
+def translate_photo(translator, image_path, photo, photo_masks, out, full=True):
+    """Translate the photo (uint8 (H, W, 3)) of `image_path` with its masks (bool (H, W) each)
+    and write its files; returns the tile's file name."""
+    image_name, tile_name, full_name, mask_names = output_names(image_path, len(photo_masks),
+                                                                full)
     image, mask_values = resize_with_masks(photo, photo_masks, translator.size)
     order = largest_first(mask_values)  # as in training
     image_out, sorted_out = translator(image, mask_values[order])
@@ -218,27 +282,85 @@ def write_index(out, tiles):
                f'<p>input | masks | output | output masks</p>\n{rows}\n')
 
 
+class Prediction:
+    """The masks of the inputs given none: the instances of the direction's source category
+    that the mask predictor finds in each image."""
+
+    def __init__(self, args, params_file, accelerate, unmasked):
+        domain = args.direction[0]
+        self.category = source_category(params_file, args.direction, args.source_category)
+        if self.category is None:
+            raise DataError(f'{unmasked} no masks: to predict them, give --source-category, the '
+                            f'category of domain {domain} (no {CATEGORIES} beside {params_file} '
+                            'names it)')
+        folder = args.mask_predictor or mp.DEFAULT_FOLDER
+        self.shown = args.mask_predictor or os.path.relpath(mp.DEFAULT_FOLDER)
+        self.predictor = mp.open_predictor(folder, [self.category], accelerate)
+        self.split_instances, self.min_instance_area = args.split_instances, args.min_instance_area
+
+    def __call__(self, image_path):
+        """(photo uint8 (H, W, 3), its predicted instance masks); DataError where none."""
+        photo = read_photo(image_path)
+        masks = mp.source_instances(self.predictor, photo, self.category, self.split_instances,
+                                    self.min_instance_area)
+        if not masks:
+            raise DataError(f'{image_path}: the mask predictor ({self.shown}) finds no '
+                            f'{self.category} in it; not translated')
+        return photo, masks
+
+
 def prepare(args):
-    """The inputs and the translator, every check made before anything is written."""
+    """The inputs, the translator, what predicts the masks of the inputs without (None where
+    every input has masks), the masks predicted for --image ({image: (photo, masks)}) and the
+    writers of the output files (check_output_names); every check made, --image's masks
+    predicted, before anything is written."""
     model = args.model_save_path or args.params
     inputs = list_inputs(args)
     given = {name: getattr(args, name) for name in SAVED_FLAGS}
     _, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
-    # Slots beyond the most masks any input has would stay empty, which changes nothing.
-    most = max(1, max(len(masks) for _, masks in inputs))
+    unmasked = [image for image, masks in inputs if not masks]
+    # Slots beyond the most masks any input has would stay empty, which changes nothing; how
+    # many masks are predicted is not known yet.
+    most = None if unmasked else max(len(masks) for _, masks in inputs)
     params_file, _, translators = load_translators(model, [args.direction], given, accelerate,
                                                    ins_cap=most)
     check_out_folder(args, [params_file] + [path for image, masks in inputs
                                             for path in [image] + masks])
-    check_output_names(args, inputs)
+    writers = check_output_names(args, inputs)
+    prediction, predicted = None, {}
+    if unmasked:
+        prediction = Prediction(args, params_file, accelerate, f'{unmasked[0]} has' if args.image
+                                else f'{len(unmasked)} of {len(inputs)} inputs have')
+    if args.image and prediction:
+        predicted[args.image] = prediction(args.image)
     make_writable_folder(args.out, '--out')
-    return inputs, translators[args.direction]
+    if args.image and prediction:
+        count = len(predicted[args.image][1])
+        print(f'translate.py: no --masks: predicted {count} {prediction.category} instance(s) '
+              f'with {prediction.shown}; see '
+              f'{os.path.join(args.out, stem(args.image))}_mask_pred_*.png', file=sys.stderr)
+    elif prediction:
+        seg = os.path.join(args.dataroot, args.phase + args.direction[0]) + '_seg'
+        print(f'translate.py: {len(unmasked)} of {len(inputs)} inputs have no masks in {seg}: '
+              f'their {prediction.category} instances are predicted with {prediction.shown}',
+              file=sys.stderr)
+    return inputs, translators[args.direction], prediction, predicted, writers
+
+
+def translate_input(args, translator, prediction, predicted, writers, image_path, masks):
+    """Translate one input, predicting its masks if it has none; returns the tile's name."""
+    if masks:
+        return translate_one(translator, image_path, masks, args.out, args.full)
+    photo, found = predicted.get(image_path) or prediction(image_path)
+    claim(writers, args.out, image_path, predicted_names(image_path, found, args.full))
+    mp.write_predicted_masks(args.out, stem(image_path), found)
+    return translate_photo(translator, image_path, photo, found, args.out, args.full)
 
 
 def main(argv=None):
     args = get_args(argv)
     try:
-        inputs, translator = prepare(args)
+        inputs, translator, prediction, predicted, writers = prepare(args)
     except RunError as error:
         sys.exit(f'translate.py: {error}')
 
@@ -251,8 +373,8 @@ def main(argv=None):
                     if stop.received:
                         break
                     try:
-                        tiles.append(translate_one(translator, image_path, masks, args.out,
-                                                   args.full))
+                        tiles.append(translate_input(args, translator, prediction, predicted,
+                                                     writers, image_path, masks))
                     except DataError as error:
                         failures += 1
                         tqdm.write(f'translate.py: {error}', file=sys.stderr)

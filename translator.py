@@ -5,7 +5,9 @@ A model is found in any form this project writes: a run's --model-save-path fold
 complete checkpoint), a checkpoint folder, a pretrained/ folder, or a parameters.h5 file. The
 network flags (--ngf, --n-blocks, --ins-per, the network size) come from the state.json beside
 the parameters where there is one, --ngf and --n-blocks also from the parameters' own shapes;
-whatever is given explicitly wins.
+whatever is given explicitly wins. The categories of its domains (what a mask predictor looks
+for in a photo to translate) come from the categories.json beside the parameters where there
+is one, {"A": "jeans", "B": "skirt"} for pretrained/jeans2skirt_64x44.
 """
 import argparse
 import json
@@ -21,6 +23,7 @@ from data import DataError
 from runtime.checkpoints import checkpoint_paths, read_parameters
 
 DIRECTIONS = {'AtoB': 'generator_x2y', 'BtoA': 'generator_y2x'}
+CATEGORIES = 'categories.json'
 
 
 # The flags that size a generator, and their types.
@@ -76,6 +79,29 @@ def read_saved_flags(params_file):
             except argparse.ArgumentTypeError as error:
                 raise DataError(f'{path}: damaged: args.{name}: {error}') from None
     return flags
+
+
+def read_categories(params_file):
+    """{domain: category} of the categories.json beside a parameter file, {} without one."""
+    path = os.path.join(os.path.dirname(params_file), CATEGORIES)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            categories = json.load(f)
+        if not (isinstance(categories, dict) and set(categories) == {'A', 'B'} and all(
+                isinstance(name, str) and name for name in categories.values())):
+            raise ValueError('not {"A": category, "B": category}')
+    except (OSError, ValueError) as error:
+        raise DataError(f'{path}: unreadable or damaged ({type(error).__name__}: {error})') \
+            from None
+    return categories
+
+
+def source_category(params_file, direction, given=None):
+    """The category of the direction's source domain: `given`, else categories.json's; None
+    where neither names it."""
+    return given or read_categories(params_file).get(direction[0])
 
 
 def generator_parameters(params_file, direction):

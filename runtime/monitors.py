@@ -143,13 +143,14 @@ class Monitors:
 
 class Progress:
     """Progress through `total` steps: a tqdm bar on a terminal; where stderr is not one (a log
-    file), a plain line every `every` seconds and at the end, not a bar's carriage returns."""
+    file), a plain line every `every` seconds and at the end, not a bar's carriage returns.
+    The values named in `names` of what update() is given are shown beside the count."""
 
     SHOWN = ['generator_loss_x', 'discriminator_loss_y']
 
-    def __init__(self, total, initial, description, every=60, shown=True):
+    def __init__(self, total, initial, description, every=60, shown=True, names=SHOWN):
         self.total, self.count, self.description, self.every = total, initial, description, every
-        self.shown, self.bar = shown, None
+        self.shown, self.names, self.bar = shown, names, None
 
     def __enter__(self):
         if self.shown and sys.stderr.isatty():
@@ -162,17 +163,17 @@ class Progress:
         if self.bar is not None:
             self.bar.close()  # before any message, so that the bar is gone
 
-    def update(self, losses):
+    def update(self, losses=None):
         self.count += 1
-        shown = {name: f'{losses[name]:.3g}' for name in self.SHOWN if name in losses}
+        shown = {name: f'{losses[name]:.3g}' for name in self.names if name in (losses or {})}
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(shown)
         elif self.shown and (time.monotonic() - self.last >= self.every
                              or self.count == self.total):
             self.last = time.monotonic()
-            values = ' '.join(f'{name} {value}' for name, value in shown.items())
-            logger.info(f'{self.description}: {self.count}/{self.total} {values}')
+            values = ''.join(f' {name} {value}' for name, value in shown.items())
+            logger.info(f'{self.description}: {self.count}/{self.total}{values}')
 
 
 def image_panel(images):

@@ -81,12 +81,12 @@ class FolderLock:
             return
         except (OSError, ValueError, KeyError, TypeError):
             if time.time() - os.path.getmtime(self.path) < 10:  # a new run is writing it
-                raise FolderInUse(f'{self.folder} is in use by a train.py run that is starting')
+                raise FolderInUse(f'{self.folder} is in use by a run that is starting') from None
             raise FolderInUse(f'{self.folder} is locked by {self.path}, which names no process; '
-                              'delete it if no train.py run uses the folder')
+                              'delete it if no run uses the folder') from None
         if host != self.owner['host'] or process_exists(pid):
             where = '' if host == self.owner['host'] else f' on {host}'
-            raise FolderInUse(f'{self.folder} is in use by another train.py run (pid {pid}'
+            raise FolderInUse(f'{self.folder} is in use by another run (pid {pid}'
                               f'{where}); wait for it to end or choose other folders')
         logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer runs')
         try:
@@ -178,6 +178,10 @@ class Run:
         """From here the first stop signal asks for a checkpoint after the iteration."""
         self.stop.deferring = True
         self.stop.at_once = '; the checkpoints written so far are kept (continue with --resume)'
+
+    def end_training(self):
+        """From here (every checkpoint written) a stop signal ends the program at once."""
+        self.stop.deferring = False
 
     def stopped(self, iteration, saved):
         """End the run after a stop signal (this rank's, or another's: `saved` is None where

@@ -1,20 +1,31 @@
 """mask_predictor.py, train_masks.py and datasets/ccp.py's split and instance rule, on tiny
 hand-made masks and a tiny CCP look-alike."""
 import json
+import os
+import signal
 from pathlib import Path
 
-import numpy as np
+import h5py
 import nnabla as nn
 import nnabla.solvers as S
+import numpy as np
 import pytest
 from PIL import Image
+from test_generate_ccp_dataset import (
+    JEANS,
+    LABELS,
+    SKIRT,
+    SPLIT_LEVEL,
+    SPLIT_PIXEL_LEVEL,
+    TWO_BLOBS,
+    generate,
+    label_map,
+    write_ccp,
+)
 
 import mask_predictor as mp
 import train_masks
 from datasets import ccp
-from test_generate_ccp_dataset import (JEANS, LABELS, SKIRT, SPLIT_LEVEL, SPLIT_PIXEL_LEVEL,
-                                       TWO_BLOBS, label_map, write_ccp)
-from generate_ccp_dataset import generate
 
 
 def box(shape, top, bottom, left, right):
@@ -151,6 +162,25 @@ def test_bad_configurations_are_refused(saved_predictor, change, message):
         mp.load_predictor(saved_predictor)
 
 
+@pytest.mark.parametrize('edit, message', [
+    (lambda: nn.parameter.pop_parameter('mask_predictor/classifier/conv/b'),
+     'parameters.h5 lacks mask_predictor/classifier/conv/b'),
+    (lambda: nn.parameter.get_parameter_or_create('mask_predictor/extra', (1,)),
+     'parameters.h5 holds a parameter the network lacks: mask_predictor/extra'),
+    (lambda: nn.parameter.set_parameter('mask_predictor/classifier/conv/b',
+                                        nn.Variable.from_numpy_array(np.zeros(4))),
+     r'classifier/conv/b is \(4,\), the network needs \(3,\)'),
+])
+def test_parameters_that_are_not_the_network_are_refused(saved_predictor, edit, message):
+    """A parameter left at its random start would predict noise without a word."""
+    nn.load_parameters(str(saved_predictor / 'parameters.h5'))
+    edit()
+    nn.save_parameters(str(saved_predictor / 'parameters.h5'))
+    nn.clear_parameters()
+    with pytest.raises(ValueError, match=message):
+        mp.load_predictor(saved_predictor)
+
+
 # --- the measures, on hand-made masks --------------------------------------------------------
 
 def test_iou_of_overlapping_squares():
@@ -273,17 +303,23 @@ def test_epoch_order_is_seeded_and_balances_the_photos():
     assert len(train_masks.epoch_order(classes, 5.0, 3, 2)) == 10
 
 
+def training_flags(tmp_path, root):
+    return ['--data_root', str(root), '-o', str(tmp_path / 'models'), '-m',
+            str(tmp_path / 'monitor'), '--size', '16', '16', '--levels', '2', '--width', '4',
+            '-b', '2', '--log-step', '1', '--test-fraction', '0.3',
+            '--cases-image', str(tmp_path / 'cases.png')]
+
+
 def test_train_resume_and_evaluate(tmp_path, capsys):
     root = write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, {})
-    flags = ['--data_root', str(root), '-o', str(tmp_path / 'models'), '-m',
-             str(tmp_path / 'monitor'), '--size', '16', '16', '--levels', '2', '--width', '4',
-             '-b', '2', '--log-step', '1', '--eval-interval', '1', '--test-fraction', '0.3',
-             '--cases-image', str(tmp_path / 'cases.png')]
+    flags = training_flags(tmp_path, root) + ['--eval-interval', '1']
     train_masks.main(flags + ['--max-epoch', '1'])
     out = capsys.readouterr().out
     assert 'training photos: 10; held out: 5 (jeans 2, skirt 3)' in out
     assert 'jeans: IoU' in out and 'skirt: IoU' in out
-    with pytest.raises(SystemExit, match='holds checkpoints: pass --resume'):
+    with pytest.raises(SystemExit, match=(
+            r'models holds another run \(checkpoint_000000005, predictor\): continue it with '
+            '--resume, or delete its files with --overwrite')):
         train_masks.main(flags + ['--max-epoch', '2'])
     nn.clear_parameters()
     train_masks.main(flags + ['--max-epoch', '2', '--resume'])
@@ -291,6 +327,9 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     lines = (tmp_path / 'monitor' / 'loss.series.txt').read_text().split('\n')[:-1]
     assert [int(line.split()[0]) for line in lines] == list(range(10))
     assert (tmp_path / 'monitor' / 'heldout_iou_skirt.series.txt').read_text().count('\n') == 2
+    assert (tmp_path / 'monitor' / 'run.json').exists()
+    assert 'max_epoch: 2' in (tmp_path / 'monitor' / 'Arguments.txt').read_text()
+    assert not list(tmp_path.rglob('train.lock'))
     predictor = mp.load_predictor(tmp_path / 'models' / 'predictor')
     assert predictor.size == (16, 16) and predictor.categories == ('jeans', 'skirt')
     with Image.open(tmp_path / 'cases.png') as cases:
@@ -298,12 +337,74 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
 
     nn.clear_parameters()
     train_masks.main(flags + ['--evaluate', '--export', str(tmp_path / 'exported')])
-    assert 'checkpoint_000000010: epoch 1' in capsys.readouterr().out
+    assert 'checkpoint_000000010: 2 epoch(s)' in capsys.readouterr().out
     assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == \
         (('jeans', 'skirt'), (16, 16), 4, 2)
     with pytest.raises(SystemExit, match=r'other --width \(4, now 8\)'):
         train_masks.main([('8' if flag == '4' else flag) for flag in flags]
                          + ['--resume', '--max-epoch', '3'])
+
+    nn.clear_parameters()
+    train_masks.main(flags + ['--max-epoch', '1', '--overwrite'])
+    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000005', 'predictor']
+    lines = (tmp_path / 'monitor' / 'loss.series.txt').read_text().split('\n')[:-1]
+    assert [int(line.split()[0]) for line in lines] == list(range(5))
+
+
+def parameters_of(folder):
+    with h5py.File(folder / 'parameters.h5', 'r') as f:
+        arrays = {}
+        f.visititems(lambda name, item: arrays.update({name: item[()]})
+                     if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def test_a_stop_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp_path,
+                                                                              monkeypatch):
+    """SIGINT during iteration 3 of the first epoch (of 5): a checkpoint after it, exit status
+    130; --resume then ends where a run never stopped ends, series included."""
+    root = write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, {})
+    whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
+    train_masks.main(training_flags(whole, root) + ['--max-epoch', '2', '--eval-interval', '0'])
+
+    one_hot_planes, calls = mp.one_hot_planes, []
+
+    def stop_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return one_hot_planes(*args)
+
+    flags = training_flags(stopped, root) + ['--max-epoch', '2', '--eval-interval', '0']
+    monkeypatch.setattr(mp, 'one_hot_planes', stop_at_the_third)
+    nn.clear_parameters()
+    with pytest.raises(SystemExit) as stop:
+        train_masks.main(flags)
+    assert stop.value.code == 130
+    assert os.listdir(stopped / 'models') == ['checkpoint_000000003']
+    assert not list(stopped.rglob('train.lock'))
+    monkeypatch.undo()
+    nn.clear_parameters()
+    train_masks.main(flags + ['--resume'])
+    for name in ['loss.series.txt', 'epoch_time.series.txt']:
+        assert len((stopped / 'monitor' / name).read_text().splitlines()) == \
+            len((whole / 'monitor' / name).read_text().splitlines())
+    np.testing.assert_allclose(np.loadtxt(stopped / 'monitor' / 'loss.series.txt'),
+                               np.loadtxt(whole / 'monitor' / 'loss.series.txt'), rtol=1e-5)
+    expected = parameters_of(whole / 'models' / 'predictor')
+    for name, value in parameters_of(stopped / 'models' / 'predictor').items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluate_a_predictor_folder(saved_predictor, tmp_path, capsys):
+    root = write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, {})
+    train_masks.main(['--data_root', str(root), '-o', str(saved_predictor), '--evaluate',
+                      '--test-fraction', '0.3', '--cases-image', str(tmp_path / 'cases.png')])
+    out = capsys.readouterr().out
+    assert f'{saved_predictor}: predictor of jeans, skirt at 8x12' in out
+    assert 'held-out photos: 5' in out and 'skirt: IoU' in out
+    with pytest.raises(SystemExit, match='neither a checkpoint nor predictor.json in'):
+        train_masks.main(['--data_root', str(root), '-o', str(tmp_path), '--evaluate'])
 
 
 def test_the_shipped_predictor_finds_masks_on_a_bundled_photo():

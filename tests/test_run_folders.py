@@ -61,7 +61,7 @@ def write_lock(folder, pid):
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, two_images, caplog):
     write_lock(tmp_path / 'monitor', os.getppid())
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
-        f'train.py: {tmp_path / "monitor"} is in use by another train.py run (pid '
+        f'train.py: {tmp_path / "monitor"} is in use by another run (pid '
         f'{os.getppid()}); wait for it to end or choose other folders')
     assert not (tmp_path / 'models' / 'train.lock').exists()  # taken first, released
     finished = subprocess.Popen(['true'])
@@ -83,7 +83,7 @@ def test_an_unreadable_old_lock_refuses(tmp_path, two_images):
     os.utime(lock, (time.time() - 60,) * 2)
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path / "models"} is locked by {lock}, which names no process; delete '
-        'it if no train.py run uses the folder')
+        'it if no run uses the folder')
 
 
 @pytest.mark.parametrize('picture', ['translation_x2y_epoch_0001', 'losses'])
@@ -190,7 +190,7 @@ def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two
     process = start(tmp_path, two_images, '--max-epoch', '200')
     wait_for(tmp_path / 'models' / 'checkpoint_000000002', process)
     assert exit_message(tmp_path, two_images, '--max-epoch', '200', '--resume') == (
-        f'train.py: {tmp_path / "models"} is in use by another train.py run (pid '
+        f'train.py: {tmp_path / "models"} is in use by another run (pid '
         f'{process.pid}); wait for it to end or choose other folders')
     assert (tmp_path / 'models' / 'train.lock').exists()  # the refused run left it alone
     process.send_signal(signal.SIGINT)

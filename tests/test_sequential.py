@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from test_models import random_inputs
 from test_train import TINY
+from test_translate_predicted import save_predictor
 
 import models
 import train
@@ -129,13 +130,15 @@ def test_translate_reports_each_bad_input_and_runs_the_rest(trained, tmp_path):
     (inputs / 'valA' / corrupt).write_bytes(b'not a png')
     wrong_mask = inputs / 'valA_seg' / (os.path.splitext(wrong_size)[0] + '_0.png')
     Image.new('L', (10, 10)).save(wrong_mask)
+    predictor = save_predictor(tmp_path / 'predictor', 'nothing')
     code, stderr = translate('--model-save-path', str(trained / 'models'), '--dataroot',
-                             str(inputs), '--phase', 'val', '--out', str(tmp_path / 'out'))
+                             str(inputs), '--phase', 'val', '--out', str(tmp_path / 'out'),
+                             '--source-category', 'jeans', '--mask-predictor', str(predictor))
     assert code == 1
     lines = [l for l in stderr.splitlines() if l.startswith('translate.py:')]
     assert lines[-1] == f'translate.py: 3 of {len(names)} inputs failed'
-    assert 'translate.py: {}: no instance mask given or found'.format(
-        inputs / 'valA' / no_masks) in lines
+    assert 'translate.py: {}: the mask predictor ({}) finds no jeans in it; not translated'.format(
+        inputs / 'valA' / no_masks, predictor) in lines
     assert any(l.startswith('translate.py: {}: unreadable image'.format(
         inputs / 'valA' / corrupt)) for l in lines)
     assert f'translate.py: {wrong_mask}: mask is 10x10 (WxH) but its image is 220x330' in lines
@@ -155,12 +158,14 @@ def test_translate_one_image_and_refuse_other_network_sizes(trained, tmp_path):
                              '--masks', *masks, '--ins-per', '1', '--out', str(tmp_path / 'one'))
     assert code == 0, stderr
     assert (tmp_path / 'one' / (stem + '_tile.png')).exists()
+    checkpoint = checkpoint_paths(str(trained / 'models'))[-1]
     code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
                              '--out', str(tmp_path / 'none'))
-    assert code == 2
+    assert code == 1
     assert stderr.strip().splitlines()[-1] == (
-        'translate.py: error: --image needs its instance masks: --masks NAME_0.png ...')
-    checkpoint = checkpoint_paths(str(trained / 'models'))[-1]
+        f'translate.py: {image} has no masks: to predict them, give --source-category, the '
+        'category of domain A (no categories.json beside {} names it)'.format(
+            os.path.join(checkpoint, 'parameters.h5')))
     for flags, made in [(['--ngf', '8'], '--ngf 4'), (['--n-blocks', '2'], '--n-blocks 1')]:
         code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
                                  '--masks', *masks, '--out', str(tmp_path / 'x'), *flags)

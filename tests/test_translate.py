@@ -119,6 +119,9 @@ BAD_VALUES = {
     '--ins-per': ['0', '-1', '1.5'],
     '--fineSizeH': ['0', '-4', '4', '30', 'x'],
     '--fineSizeW': ['0', '-4', '4', '22', '1e3'],
+    '--mask-predictor': ['', '0'],
+    '--source-category': [''],
+    '--min-instance-area': ['-0.1', '1', 'x', 'nan'],
 }
 
 
@@ -164,7 +167,12 @@ def test_bad_numbers_end_the_process_with_argparse_usage(flag, value, model, pho
 @pytest.mark.parametrize('flags, message', [
     (['--masks', 'x_0.png'], '--masks goes with --image; with --dataroot the masks are read '
                              'from {phase}A_seg or {phase}B_seg'),
-    (['--image', 'x.png'], '--image needs its instance masks: --masks NAME_0.png ...'),
+    (['--image', 'x.png', '--masks', 'x_0.png', '--mask-predictor', 'p'],
+     '--mask-predictor goes with predicted masks, not with --masks'),
+    (['--image', 'x.png', '--masks', 'x_0.png', '--split-instances'],
+     '--split-instances goes with predicted masks, not with --masks'),
+    (['--image', 'x.png', '--min-instance-area', '0.1'],
+     '--min-instance-area goes with --split-instances'),
     (['--image', 'x.png', '--masks', 'x_0.png', '--phase', 'train'],
      '--phase goes with --dataroot, not with --image'),
 ])
