@@ -21,10 +21,10 @@ no component left are skipped. Everything is written to a hidden sibling folder 
 renamed into place at the end, so an interrupted run never leaves a half-written dataset behind.
 
 Every dataset holds .generate_ccp_dataset.json, a record of the arguments and counts it was made
-with. --overwrite replaces only such a folder, and only while it holds nothing else the script
-did not write; --save_root may neither be, contain nor lie inside --data_root. A category that no
-pixel-level annotation contains (CCP's clogs, for one) is refused, as its train folder would be
-empty. All of this is checked before anything is written.
+with and of every file it wrote. --overwrite replaces only such a folder, and only while it holds
+nothing but those files, anywhere in its tree; --save_root may neither be, contain nor lie inside
+--data_root. A category that no pixel-level annotation contains (CCP's clogs, for one) is
+refused, as its train folder would be empty. All of this is checked before anything is written.
 
 --test-fraction F moves round(F * count) of each category's pixel-annotated photos (at least one
 and never all of them when there are two or more) from train to test. The photos are drawn with
@@ -50,9 +50,9 @@ from tqdm import tqdm
 
 
 MARKER = '.generate_ccp_dataset.json'
-# Everything a run writes into save_root: --overwrite refuses a folder holding anything else.
-OUTPUT_NAMES = {MARKER, 'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
-                                          for domain in 'AB' for seg in ('', '_seg')}
+# The folders a run makes in save_root; the files it writes are listed in the marker.
+OUTPUT_FOLDERS = {'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
+                                    for domain in 'AB' for seg in ('', '_seg')}
 
 
 class DatasetError(Exception):
@@ -207,6 +207,43 @@ def is_within(path, folder):
                for candidate in [path, *path.parents])
 
 
+def written_files(save_root):
+    """The files (paths relative to save_root) its marker says this script wrote."""
+    try:
+        files = json.loads((save_root / MARKER).read_text())['files']
+        if not isinstance(files, list) or not all(isinstance(file, str) for file in files):
+            raise TypeError('files is not a list of paths')
+    except KeyError:
+        raise DatasetError(f'--save_root {save_root}: its {MARKER} does not list the files this '
+                           'script wrote (an earlier version made it), so --overwrite cannot '
+                           'tell them from yours; delete the folder yourself') from None
+    except (OSError, ValueError, TypeError) as error:
+        raise DatasetError(f'--save_root {save_root}: {MARKER} is unreadable ('
+                           f'{type(error).__name__}: {error}); delete the folder yourself') \
+            from None
+    return set(files)
+
+
+def foreign_paths(save_root, written):
+    """Everything under save_root that this script did not write, sorted: files other than the
+    marker and those in `written`, links, and folders other than its output folders (a foreign
+    folder is listed alone, not what it holds)."""
+    ours = written | {MARKER}
+    foreign = []
+    for folder, folders, files in os.walk(save_root):
+        relative = Path(folder).relative_to(save_root)
+        for name in sorted(folders):
+            path = relative / name
+            if len(path.parts) > 1 or name not in OUTPUT_FOLDERS or (save_root / path).is_symlink():
+                foreign.append(path)
+                folders.remove(name)
+        folders.sort()
+        foreign += [relative / name for name in sorted(files)
+                    if (relative / name).as_posix() not in ours
+                    or (save_root / relative / name).is_symlink()]
+    return sorted(foreign)
+
+
 def check_save_root(save_root, data_root, overwrite):
     """Refuse a save_root whose writing or replacement could lose data; both paths are resolved."""
     inside, contains = is_within(save_root, data_root), is_within(data_root, save_root)
@@ -226,10 +263,11 @@ def check_save_root(save_root, data_root, overwrite):
     if not overwrite:
         raise DatasetError(f'--save_root {save_root}: already exists; pass --overwrite to '
                            'replace it')
-    others = sorted(set(os.listdir(save_root)) - OUTPUT_NAMES)
-    if others:
-        raise DatasetError(f'--save_root {save_root}: holds {", ".join(others)}, which this '
-                           'script did not write; move it out before using --overwrite')
+    foreign = foreign_paths(save_root, written_files(save_root))
+    if foreign:
+        more = f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''
+        raise DatasetError(f'--save_root {save_root}: holds {save_root / foreign[0]}{more}, which '
+                           'this script did not write; move it out before using --overwrite')
 
 
 def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
@@ -289,9 +327,12 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
             found |= run_export(pool, partial(export_image_level, **export_args),
                                 annotations / 'image-level', 'val (image-level)')
             counts = {folder: found.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
+            files = sorted(path.relative_to(out).as_posix() for path in out.rglob('*')
+                           if path.is_file())
             record = dict(data_root=str(data_root), cat1=cat1, cat2=cat2,
                           split_instances=split_instances, min_instance_area=min_instance_area,
-                          test_fraction=test_fraction, split_seed=split_seed, counts=counts)
+                          test_fraction=test_fraction, split_seed=split_seed, counts=counts,
+                          files=files)
             (out / MARKER).write_text(json.dumps(record, indent=2) + '\n')
             check_save_root(save_root, data_root, overwrite)  # in case it appeared meanwhile
             if save_root.exists():

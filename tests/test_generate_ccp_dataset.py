@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +133,12 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
 def test_dataset_records_its_arguments_and_counts(ccp, tmp_path):
     save_root = tmp_path / 'out'
     counts = generate(ccp, save_root, split_instances=True, min_instance_area=0.01)
+    written = sorted(str(path.relative_to(save_root)) for path in save_root.rglob('*')
+                     if path.is_file() and path.name != MARKER)
     assert json.loads((save_root / MARKER).read_text()) == dict(
         data_root=str(ccp), cat1='jeans', cat2='skirt', split_instances=True,
-        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts)
+        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts, files=written)
+    assert 'trainA_seg/0001_0.png' in written
 
 
 def test_categories_are_configurable(ccp, tmp_path):
@@ -183,7 +187,50 @@ def test_overwrite_refuses_a_dataset_holding_other_files(ccp, tmp_path):
     (save_root / 'notes.txt').write_text('keep me')
     before = snapshot(save_root)
     result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
-    assert_one_line_error(result, f'--save_root {save_root}: holds notes.txt, translated, which')
+    assert_one_line_error(result, f'--save_root {save_root}: holds {save_root / "notes.txt"} and '
+                                  '1 more, which this script did not write')
+    assert snapshot(save_root) == before
+
+
+@pytest.mark.parametrize('added', ['trainA/mine.png', 'trainA_seg/mine_0.png', 'valA/edits/a.png',
+                                   'trainB_seg/old/', 'notes.txt', 'trainA/link.png@'])
+def test_overwrite_refuses_anything_it_did_not_write_anywhere_in_the_tree(ccp, tmp_path, added):
+    """Files, folders (even empty) and links the user put inside the script's own folders."""
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    path = save_root / added.rstrip('/@')
+    if added.endswith('/'):
+        path.mkdir()
+    elif added.endswith('@'):
+        path.symlink_to(save_root / 'trainA' / '0001.png')
+    else:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b'keep me')
+    first = save_root / added.split('/')[0] / 'edits' if 'edits' in added else path
+    before = snapshot(save_root)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root}: holds {first}, which this script '
+                                  'did not write; move it out before using --overwrite')
+    assert snapshot(save_root) == before
+    if first.is_dir() and not first.is_symlink():
+        shutil.rmtree(first)
+    else:
+        first.unlink()
+    assert run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite').returncode == 0
+
+
+@pytest.mark.parametrize('marker, reason', [
+    ({'cat1': 'jeans'}, 'does not list the files this script wrote (an earlier version made it)'),
+    ('{"files": ', f'{MARKER} is unreadable (JSONDecodeError'),
+    ({'files': 'trainA/0001.png'}, f'{MARKER} is unreadable (TypeError: files is not a list'),
+])
+def test_overwrite_refuses_a_marker_without_a_readable_file_list(ccp, tmp_path, marker, reason):
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    (save_root / MARKER).write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    before = snapshot(save_root)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root}: ', reason)
     assert snapshot(save_root) == before
 
 
@@ -440,3 +487,4 @@ def test_every_bad_flag_value_is_refused_in_one_line(ccp, tmp_path, flag, value)
         assert result.stderr.startswith('usage: ')
         assert f'error: argument {flag}' in result.stderr
     assert snapshot(tmp_path) == before
+
