@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_train import SAMPLE, TINY
+from test_train import TINY
 
 import args
 import train
@@ -19,24 +19,6 @@ MARKER = 'unpickled'  # made in the working directory by Malicious if it is ever
 class Malicious:
     def __reduce__(self):
         return os.mkdir, (MARKER,)
-
-
-@pytest.fixture(scope='module')
-def two_images(tmp_path_factory):
-    """The first two images of each domain of the bundled sample, with their masks."""
-    root = tmp_path_factory.mktemp('two_images')
-    for letter in 'AB':
-        images = sorted(os.listdir(os.path.join(SAMPLE, f'train{letter}')))[:2]
-        for folder in [f'train{letter}', f'train{letter}_seg']:
-            os.makedirs(root / folder)
-        for image in images:
-            shutil.copy(os.path.join(SAMPLE, f'train{letter}', image), root / f'train{letter}')
-            stem = os.path.splitext(image)[0]
-            for mask in os.listdir(os.path.join(SAMPLE, f'train{letter}_seg')):
-                if mask.startswith(stem + '_'):
-                    shutil.copy(os.path.join(SAMPLE, f'train{letter}_seg', mask),
-                                root / f'train{letter}_seg')
-    return root
 
 
 def run_in(folder, dataroot, *flags):
