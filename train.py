@@ -38,7 +38,7 @@ from losses import (
     lsgan_loss,
 )
 from runtime import RunError
-from runtime.checkpoints import resume, save_checkpoint
+from runtime.checkpoints import checkpoint_paths, resume, save_checkpoint
 from runtime.device import set_context
 from runtime.files import WriteFailed
 from runtime.monitors import (
@@ -437,7 +437,12 @@ def train_epochs(args, trainer, loaders, monitors, state, run, iteration):
             while iteration < (epoch + 1) * per_epoch:
                 losses, _, step_visuals = trainer.step(*loaders.next_batches(), iteration)
                 visuals.update(step_visuals)
-                monitors.add(iteration, losses)
+                try:
+                    monitors.add(iteration, losses)
+                except WriteFailed as error:
+                    # The files now lag the monitors' state: no checkpoint may hold it.
+                    raise RunError(f'{error}; stopped at iteration {iteration}'
+                                   f'{last_checkpoint(args.model_save_path)}') from None
                 iteration += 1
                 progress.update(losses)
                 if run.stop.received:
@@ -449,6 +454,14 @@ def train_epochs(args, trainer, loaders, monitors, state, run, iteration):
                                                 [mask_panel(m) for _, m in rows]]
                  for s, rows in visuals.items()}
         save_pictures(args.monitor_path, epoch + 1, tiles, LOSS_NAMES)
+
+
+def last_checkpoint(model_path):
+    """What a run stopped by a failed write can continue from, as the end of its message."""
+    paths = checkpoint_paths(model_path)
+    if not paths:
+        return ', before its first checkpoint'
+    return f'; {paths[-1]} is intact: continue from it with --resume'
 
 
 def main(argv=None):
