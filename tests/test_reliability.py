@@ -10,11 +10,18 @@ import socket
 import subprocess
 import sys
 
+import nnabla as nn
 import pytest
+from PIL import Image
 from test_checkpoints import run_in
+from test_data import save_example
+from test_evaluate import left_and_right
 from test_train import SERIES, TINY
+from test_translate import noise, rectangle, save_generators
 
+import evaluate
 import runtime.files
+import translate
 from conftest import ROOT
 from runtime.processes import boot_id, start_time, this_process
 from runtime.run import FolderInUse, FolderLock
@@ -308,3 +315,47 @@ def test_a_lock_of_another_host_says_how_to_clear_it(tmp_path, two_images):
     assert json.loads(lock.read_text())['host'] == 'gpu-7'
     lock.unlink()
     run_in(tmp_path, two_images, '--max-epoch', '1')
+
+
+# 5. translate.py --out and evaluate.py --out on a full disk -----------------------------------
+
+@pytest.fixture
+def restore_context():
+    """translate.main and evaluate.main set the default context for the whole process."""
+    context = nn.get_current_context()
+    yield
+    nn.set_default_context(context)
+
+
+def test_translate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
+                                                           restore_context):
+    """Three noise photos of 96x72 (20 kB each as PNG, and as much again at full size)."""
+    out = small_disk('disk', '64k') / 'out'
+    params = save_generators(tmp_path / 'model')
+    root = tmp_path / 'photos'
+    for i, name in enumerate('abc'):
+        save_example(root, 'testA', name, noise(i), [rectangle(20, 10, 40, 30)])
+    with pytest.raises(SystemExit) as error:
+        translate.main(['--params', str(params), '--dataroot', str(root), '--out', str(out)])
+    message = str(error.value)
+    assert re.fullmatch(rf'translate\.py: could not write {out}/[abc](_\w+)?\.png \({NO_SPACE}\); '
+                        r'stopped after [012] of 3 inputs', message), message
+    written = sorted(os.listdir(out))
+    assert written and not [name for name in written if '.partial' in name]
+    assert all(Image.open(out / name).load() is not None for name in written)
+
+
+def test_evaluate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
+                                                          restore_context):
+    out = small_disk('disk', '16k') / 'out'
+    model = save_generators(tmp_path / 'model').parent
+    left_and_right(tmp_path / 'data', 'train', 6)
+    left_and_right(tmp_path / 'data', 'test', 3)
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(['--model-save-path', str(model), '--dataroot', str(tmp_path / 'data'),
+                       '--out', str(out)])
+    message = str(error.value)
+    assert re.fullmatch(rf'evaluate\.py: could not write {out}/(AtoB|BtoA)_\d+\.png '
+                        rf'\({NO_SPACE}\)', message), message
+    written = os.listdir(out)
+    assert written and not [name for name in written if '.partial' in name]
