@@ -29,7 +29,7 @@ from nnabla.logger import logger
 
 import models
 from args import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, get_args
-from data import Loaders
+from data import Loaders, check_not_in_dataset
 from losses import (
     LOSS_NAMES,
     context_preserving_loss,
@@ -376,6 +376,9 @@ class Stopped(RunError):
 
 
 def train(args):
+    # A run's files in a dataset's folders would be read as its images or masks.
+    check_not_in_dataset(args.model_save_path, '--model-save-path')
+    check_not_in_dataset(args.monitor_path, '--monitor-path')
     args.context, accelerate = set_context(args.context, args.device_id, args.type_config,
                                            args.cpu_conv)
     nn.clear_parameters()

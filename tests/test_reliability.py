@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -359,3 +360,48 @@ def test_evaluate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
                         rf'\({NO_SPACE}\)', message), message
     written = os.listdir(out)
     assert written and not [name for name in written if '.partial' in name]
+
+
+# 7. Output folders inside a dataset -----------------------------------------------------------
+
+@pytest.mark.parametrize('flag, inside, what', [
+    ('--monitor-path', 'trainB_seg', "is a dataset's mask folder"),
+    ('--model-save-path', 'testA_seg/x', "lies in {data}/testA_seg, which is a dataset's mask "
+                                         'folder'),
+    ('--monitor-path', 'trainA/run', "lies in {data}/trainA, which is a dataset's image folder "
+                                     '(beside {data}/trainA_seg)'),
+])
+def test_train_refuses_output_folders_in_a_dataset(tmp_path, two_images, flag, inside, what):
+    data = tmp_path / 'data'
+    shutil.copytree(two_images, data)
+    (data / 'testA_seg').mkdir()
+    before = snapshot_tree(data)
+    assert exit_message(tmp_path, data, flag, str(data / inside)) == (
+        f'train.py: {flag} {data / inside} {what.format(data=data)}; choose another folder')
+    assert snapshot_tree(data) == before
+    assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
+
+
+def snapshot_tree(folder):
+    return {path: path.read_bytes() if path.is_file() else None for path in folder.rglob('*')}
+
+
+@pytest.mark.parametrize('inside', ['trainA_seg', 'testA_seg/x', 'testB'])
+def test_translate_and_evaluate_refuse_an_out_in_a_dataset(tmp_path, restore_context, inside):
+    model = save_generators(tmp_path / 'model')
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 6)
+    left_and_right(data, 'test', 3)
+    before = snapshot_tree(data)
+    out = data / inside
+    folder, what = (data / inside.split('/')[0]), "a dataset's mask folder" if '_seg' in inside \
+        else f"a dataset's image folder (beside {data / inside}_seg)"
+    where = '' if folder == out else f' lies in {folder}, which'
+    for program, argv in [(translate, ['--params', str(model), '--dataroot', str(data)]),
+                          (evaluate, ['--model-save-path', str(model.parent),
+                                      '--dataroot', str(data)])]:
+        with pytest.raises(SystemExit) as error:
+            program.main(argv + ['--out', str(out)])
+        name = program.__name__
+        assert str(error.value) == f'{name}.py: --out {out}{where} is {what}; choose another folder'
+    assert snapshot_tree(data) == before
