@@ -320,10 +320,12 @@ class ImagePool:
         """`state` of a pool of this size holding (3, H, W) images with (M, H, W) masks."""
         images, masks = state['images'], state['masks']
         if not isinstance(images, np.ndarray) or not isinstance(masks, np.ndarray) or not (
+                images.dtype.kind == masks.dtype.kind == 'f') or not (
                 len(images) == len(masks) <= self.size) or len(images) and (
                 images.shape[1:] != image_shape or masks.shape[1:] != mask_shape):
-            raise ValueError(f'a pool of {np.shape(images)} images and {np.shape(masks)} masks '
-                             f'does not fit a pool of {self.size} {image_shape} and {mask_shape}')
+            raise ValueError(f'a pool of {np.shape(images)} images of {np.asarray(images).dtype} '
+                             f'and {np.shape(masks)} masks does not fit a pool of {self.size} '
+                             f'{image_shape} and {mask_shape}')
         self.images, self.masks = list(images), list(masks)
         self.rng.set_state(tuple(state['rng']))
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from nnabla.logger import logger
 
 from runtime import RunError
+from runtime.checkpoints import DamagedCheckpoint
 from runtime.files import create_exclusive, make_writable_folder, write_text
 from runtime.processes import this_process, why_gone
 from runtime.signals import StopRequest
@@ -171,6 +172,9 @@ class Run:
     def continue_run(self, checkpoint, run):
         """On resume: the checkpoint's run (None from earlier versions) must be the one whose
         monitor folder this is, so that no run writes into another's series and pictures."""
+        if not isinstance(run, (str, type(None))):
+            raise DamagedCheckpoint(f'{checkpoint}/state.json is unreadable (run is {run!r}, not '
+                                    'the id of a run)')
         held = self.read_identity()
         monitor = os.path.dirname(self.identity_file)
         foreign = held != run if held else run is not None and any(
