@@ -310,3 +310,34 @@ def test_a_nan_loss_under_nan_policy_warn_is_checkpointed_and_resumed(tmp_path, 
     run_in(tmp_path, two_images, '--max-epoch', '2', '--nan-policy', 'warn', '--resume')
     series = np.loadtxt(tmp_path / 'monitor' / 'generator_loss_x.series.txt', ndmin=2)
     assert list(series[:, 0]) == [3] and np.isnan(series[0, 1])
+
+
+@pytest.mark.parametrize('change, changes', [
+    ('rename', 'the names of the files in {A} or {A}_seg changed'),
+    ('add a mask', 'the names of the files in {A} or {A}_seg changed; its images had at most 1 '
+                   'instance masks and now have 2'),
+])
+def test_resume_names_a_dataset_changed_in_place(run, two_images, change, changes):
+    """The image count stays; a file name, or the instance slots, do not."""
+    image = sorted((two_images / 'trainA').iterdir())[0]
+    mask = two_images / 'trainA_seg' / f'{image.stem}_0.png'
+    if change == 'rename':
+        moves = [(image, image.with_name('renamed.png')), (mask, mask.with_name('renamed_0.png'))]
+    else:
+        moves = [(None, mask.with_name(f'{image.stem}_1.png'))]
+    for old, new in moves:
+        shutil.copy(old or mask, new)
+        if old:
+            old.unlink()
+    try:
+        message = exit_message(run, '--max-epoch', '3', '--resume')
+    finally:
+        for old, new in moves:
+            if old:
+                shutil.copy(new, old)
+            new.unlink()
+    assert message == (
+        f'train.py: {checkpoint(run, 4)}: the dataset changed since: '
+        f'{changes.format(A=two_images / "trainA")}; resume with the data it was trained on, or '
+        'start afresh')
+    assert not checkpoint(run, 6).exists()
