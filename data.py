@@ -8,8 +8,19 @@ A dataset folder holds, for each phase (train, val, ...) and domain (A, B):
 MaskedImageIterator yields batches of one domain: images in [-1, 1] and a fixed number of
 instance masks per image in [-1, 1] (1 inside, -1 outside, soft at the edges), resized,
 cropped and flipped together; Loaders holds the two unaligned domains of a training set.
-Every image is read by read_photo and every mask by load_mask (imageio decodes, Pillow only
-resizes), whose rules cover every kind of pixel the decoders return.
+
+Every image is read by read_photo and every mask by load_mask, through read_pixels, whose rules
+cover every kind of pixel a file can hold, by its Pillow mode:
+
+    1, L, LA, P, RGB, RGBA        decoded by imageio: bool or uint8, grey or colour, with alpha
+    I;16 (16-bit grey PNG)        decoded by imageio as uint16; a photo is scaled to 8 bits
+    16-bit RGB(A), LA             Pillow keeps the high byte of each value (scaled, not clipped)
+    CMYK (JPEG)                   converted to RGB by Pillow: imageio returns the ink values
+    a transparent colour (tRNS)   converted to RGBA by Pillow: imageio drops that transparency,
+                                  and a mask may be drawn in it
+    anything else                 refused in one line: I (32-bit integer) and F (float) hold
+                                  values of no fixed scale, LAB and the like are no RGB
+(Files are recognised by their content, whatever their extension.) Pillow also resizes.
 """
 import hashlib
 import os
@@ -30,13 +41,31 @@ class DataError(RunError):
     """A dataset file or folder is missing or unusable; the message is one line naming it."""
 
 
+# The modes imageio decodes as the rules above read them, and those Pillow converts first.
+DECODED_MODES = {'1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I;16L'}
+CONVERTED_MODES = {'CMYK': 'RGB', 'PA': 'RGBA'}
+KEYED_MODES = {'L', 'P', 'RGB'}  # with a transparent colour: converted to RGBA
+
+
 def read_pixels(path, kind):
-    """The decoded array of an image file: (H, W) or (H, W, C) of bool, uint8 or uint16."""
+    """The decoded pixels of an image file (see the table above): bool, uint8 or uint16
+    (H, W, C), C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA)."""
     try:
-        pixels = imageio.imread(path)
+        with Image.open(path) as image:  # reads the header; convert() decodes
+            mode = image.mode
+            if mode in CONVERTED_MODES:
+                pixels = np.asarray(image.convert(CONVERTED_MODES[mode]))
+            elif mode in KEYED_MODES and 'transparency' in image.info:
+                pixels = np.asarray(image.convert('RGBA'))
+            elif mode in DECODED_MODES:
+                pixels = imageio.imread(path)
     except Exception as error:  # the decoders report damage with many exception types
         reason = str(error).split('\n')[0]
         raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
+    if mode not in DECODED_MODES | set(CONVERTED_MODES):
+        raise DataError(f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or '
+                        'grey values of a known scale); save it as an 8-bit or 16-bit grey, RGB '
+                        'or RGBA PNG')
     if pixels.dtype not in (bool, np.uint8, np.uint16) or pixels.ndim not in (2, 3) or (
             pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4)):
         raise DataError(f'{path}: a {kind} of {pixels.dtype} values in {pixels.shape} is not '

@@ -28,7 +28,7 @@ from nnabla.logger import logger
 
 import models
 from args import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, get_args
-from data import Loaders
+from data import Loaders, check_not_in_dataset
 from losses import (
     LOSS_NAMES,
     context_preserving_loss,
@@ -328,10 +328,12 @@ class ImagePool:
         """`state` of a pool of this size holding (3, H, W) images with (M, H, W) masks."""
         images, masks = state['images'], state['masks']
         if not isinstance(images, np.ndarray) or not isinstance(masks, np.ndarray) or not (
+                images.dtype.kind == masks.dtype.kind == 'f') or not (
                 len(images) == len(masks) <= self.size) or len(images) and (
                 images.shape[1:] != image_shape or masks.shape[1:] != mask_shape):
-            raise ValueError(f'a pool of {np.shape(images)} images and {np.shape(masks)} masks '
-                             f'does not fit a pool of {self.size} {image_shape} and {mask_shape}')
+            raise ValueError(f'a pool of {np.shape(images)} images of {np.asarray(images).dtype} '
+                             f'and {np.shape(masks)} masks does not fit a pool of {self.size} '
+                             f'{image_shape} and {mask_shape}')
         self.images, self.masks = list(images), list(masks)
         self.rng.set_state(tuple(state['rng']))
 
@@ -351,6 +353,8 @@ def keep_values(*variables):
 
 
 def train(args):
+    for flag in ['model_save_path', 'monitor_path']:  # its files would be read as images
+        check_not_in_dataset(getattr(args, flag), f'--{flag.replace("_", "-")}')
     processes, args.device_id = start_processes(args.context, args.device_id)
     args.context, accelerate = set_context(args.context, args.device_id, args.type_config,
                                            args.cpu_conv)
@@ -363,7 +367,8 @@ def train(args):
         with Run.for_training(args, run_files(SERIES), processes.rank) as run:
             trainer = Trainer(args, loaders.ins_max, processes)
             accelerate(*trainer.graph_outputs())
-            monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0)
+            monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0,
+                                resume_from=args.model_save_path)
             checkpoints = Checkpoints(args, trainer.solvers, loaders, run, processes,
                                       pools=trainer, loaders=loaders, monitors=monitors)
             place = checkpoints.start(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME,

@@ -19,12 +19,15 @@ region that covers at least --min-instance-area of the photo becomes an instance
 (NAME_0.png, NAME_1.png, ... in scan order), e.g. each shoe of a pair; training photos with
 no component left are skipped. Everything is written to a hidden sibling folder that is
 renamed into place at the end, so an interrupted run never leaves a half-written dataset behind.
+That staging folder names the process writing it (staging.json); a run killed too hard to remove
+its own (kill -9, a lost machine) has it removed by the next run for the same --save_root, once
+that process is seen to be gone.
 
 Every dataset holds .generate_ccp_dataset.json, a record of the arguments and counts it was made
-with. --overwrite replaces only such a folder, and only while it holds nothing else the script
-did not write; --save_root may neither be, contain nor lie inside --data_root. A category that no
-pixel-level annotation contains (CCP's clogs, for one) is refused, as its train folder would be
-empty. All of this is checked before anything is written.
+with and of every file it wrote. --overwrite replaces only such a folder, and only while it holds
+nothing but those files, anywhere in its tree; --save_root may neither be, contain nor lie inside
+--data_root. A category that no pixel-level annotation contains (CCP's clogs, for one) is
+refused, as its train folder would be empty. All of this is checked before anything is written.
 
 --test-fraction F moves round(F * count) of each category's pixel-annotated photos (at least one
 and never all of them when there are two or more) from train to test. The photos are drawn with
@@ -35,9 +38,11 @@ and in trainB. The default F = 0 writes no test folders.
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -46,21 +51,33 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# datasets/ is on sys.path when this script runs; top-level code imports `datasets.ccp`.
+# datasets/ is on sys.path when this script runs (top-level code imports `datasets.ccp`);
+# the project root goes after it, for runtime/.
 from ccp import (DatasetError, check_layout, instance_masks, label_names, load_mat,
                  load_photo, pick_test_names)
 
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from runtime.processes import this_process, why_gone
 
 MARKER = '.generate_ccp_dataset.json'
-# Everything a run writes into save_root: --overwrite refuses a folder holding anything else.
-OUTPUT_NAMES = {MARKER, 'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
-                                          for domain in 'AB' for seg in ('', '_seg')}
+# The folders a run makes in save_root; the files it writes are listed in the marker.
+OUTPUT_FOLDERS = {'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
+                                    for domain in 'AB' for seg in ('', '_seg')}
+STAGING_OWNER = 'staging.json'
 
 
 def leave_signals_to_main_process():
-    """Pool initializer: Ctrl-C only stops the main process, which cleans up and ends the pool."""
+    """Pool initializer: stop signals reach only the main process, which cleans up and ends
+    the pool. A worker ignores Ctrl-C and leaves the process group, so that a signal to the
+    group (kill -- -PGID) does not kill it while it holds the pool's task queue lock, which
+    would make Pool.terminate() wait forever. On Linux it also ends with the main process:
+    orphaned by kill -9, it would go on writing the tasks already sent to it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that Pool.terminate() still works
+    os.setpgrp()
+    if sys.platform == 'linux':
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def find_instances(annotation_path, targets, split_instances, min_instance_area):
@@ -155,6 +172,43 @@ def is_within(path, folder):
                for candidate in [path, *path.parents])
 
 
+def written_files(save_root):
+    """The files (paths relative to save_root) its marker says this script wrote."""
+    try:
+        files = json.loads((save_root / MARKER).read_text())['files']
+        if not isinstance(files, list) or not all(isinstance(file, str) for file in files):
+            raise TypeError('files is not a list of paths')
+    except KeyError:
+        raise DatasetError(f'--save_root {save_root}: its {MARKER} does not list the files this '
+                           'script wrote (an earlier version made it), so --overwrite cannot '
+                           'tell them from yours; delete the folder yourself') from None
+    except (OSError, ValueError, TypeError) as error:
+        raise DatasetError(f'--save_root {save_root}: {MARKER} is unreadable ('
+                           f'{type(error).__name__}: {error}); delete the folder yourself') \
+            from None
+    return set(files)
+
+
+def foreign_paths(save_root, written):
+    """Everything under save_root that this script did not write, sorted: files other than the
+    marker and those in `written`, links, and folders other than its output folders (a foreign
+    folder is listed alone, not what it holds)."""
+    ours = written | {MARKER}
+    foreign = []
+    for folder, folders, files in os.walk(save_root):
+        relative = Path(folder).relative_to(save_root)
+        for name in sorted(folders):
+            path = relative / name
+            if len(path.parts) > 1 or name not in OUTPUT_FOLDERS or (save_root / path).is_symlink():
+                foreign.append(path)
+                folders.remove(name)
+        folders.sort()
+        foreign += [relative / name for name in sorted(files)
+                    if (relative / name).as_posix() not in ours
+                    or (save_root / relative / name).is_symlink()]
+    return sorted(foreign)
+
+
 def check_save_root(save_root, data_root, overwrite):
     """Refuse a save_root whose writing or replacement could lose data; both paths are resolved."""
     inside, contains = is_within(save_root, data_root), is_within(data_root, save_root)
@@ -174,10 +228,46 @@ def check_save_root(save_root, data_root, overwrite):
     if not overwrite:
         raise DatasetError(f'--save_root {save_root}: already exists; pass --overwrite to '
                            'replace it')
-    others = sorted(set(os.listdir(save_root)) - OUTPUT_NAMES)
-    if others:
-        raise DatasetError(f'--save_root {save_root}: holds {", ".join(others)}, which this '
-                           'script did not write; move it out before using --overwrite')
+    foreign = foreign_paths(save_root, written_files(save_root))
+    if foreign:
+        more = f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''
+        raise DatasetError(f'--save_root {save_root}: holds {save_root / foreign[0]}{more}, which '
+                           'this script did not write; move it out before using --overwrite')
+
+
+def remove_stale_staging(save_root):
+    """Remove the staging folders of earlier runs for save_root whose process is gone (kill -9
+    leaves one behind). Only those naming a process of this host are judged; any other is left
+    alone."""
+    prefix = f'.{save_root.name}.'  # tempfile.mkdtemp's, below
+    for path in sorted(save_root.parent / name for name in os.listdir(save_root.parent)
+                       if name.startswith(prefix)):
+        try:
+            owner = json.loads((path / STAGING_OWNER).read_text())
+            gone = owner['host'] == this_process()['host'] and why_gone(owner)
+        except (OSError, ValueError, KeyError, TypeError):  # not a staging folder of this script
+            continue
+        if gone and not path.is_symlink():
+            if (path / 'replaced').is_dir() and not save_root.exists():  # killed between renames
+                os.rename(path / 'replaced', save_root)
+                print(f'generate_ccp_dataset.py: restored {save_root} from {path}',
+                      file=sys.stderr)
+            shutil.rmtree(path)
+            print(f'generate_ccp_dataset.py: removed {path}, the staging folder of an interrupted '
+                  f'run (pid {owner["pid"]}: {gone})', file=sys.stderr)
+
+
+@contextmanager
+def staging_folder(save_root):
+    """A new hidden folder next to save_root, so that the final rename stays on one file system;
+    it names this process, and is removed with everything in it (a replaced old dataset too)
+    when the block ends, on success and failure alike."""
+    staging = Path(tempfile.mkdtemp(prefix=f'.{save_root.name}.', dir=save_root.parent))
+    try:
+        (staging / STAGING_OWNER).write_text(json.dumps(this_process()) + '\n')
+        yield staging
+    finally:
+        shutil.rmtree(staging)
 
 
 def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
@@ -186,6 +276,8 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
     with testA and testB only when test_fraction > 0. main()'s argparse types check the ranges
     of the numbers."""
     data_root, save_root = Path(data_root).resolve(), Path(save_root).resolve()
+    if save_root.parent.is_dir():
+        remove_stale_staging(save_root)
     check_save_root(save_root, data_root, overwrite)
     check_layout(data_root)
     names = label_names(data_root)
@@ -218,32 +310,37 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
                       for domain, domain_names in photo_names.items()}
 
         save_root.parent.mkdir(parents=True, exist_ok=True)
-        # The staging folder sits next to save_root so the final rename stays on one file
-        # system; TemporaryDirectory removes it (and any replaced old dataset) on success and
-        # failure alike.
-        with tempfile.TemporaryDirectory(prefix=f'.{save_root.name}.',
-                                         dir=save_root.parent) as staging:
-            out = Path(staging) / save_root.name
+        with staging_folder(save_root) as staging:
+            out = staging / save_root.name
             photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0
                                                     else [])
-            for folder in photo_folders + ['valA', 'valB']:
-                (out / folder).mkdir(parents=True)
-            for folder in photo_folders:
-                (out / f'{folder}_seg').mkdir()
-            export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
-            found = run_export(pool, partial(export_pixel_level, **export_args,
-                                             test_names=test_names, **instance_args),
-                               annotations / 'pixel-level', 'train (pixel-level)')
-            found |= run_export(pool, partial(export_image_level, **export_args),
-                                annotations / 'image-level', 'val (image-level)')
+            try:
+                for folder in photo_folders + ['valA', 'valB']:
+                    (out / folder).mkdir(parents=True)
+                for folder in photo_folders:
+                    (out / f'{folder}_seg').mkdir()
+                export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
+                found = run_export(pool, partial(export_pixel_level, **export_args,
+                                                 test_names=test_names, **instance_args),
+                                   annotations / 'pixel-level', 'train (pixel-level)')
+                found |= run_export(pool, partial(export_image_level, **export_args),
+                                    annotations / 'image-level', 'val (image-level)')
+            finally:
+                # No worker may write into the staging folder while it is removed: after a
+                # signal to the process group the pool even starts new ones for the dead.
+                pool.terminate()
+                pool.join()
             counts = {folder: found.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
+            files = sorted(path.relative_to(out).as_posix() for path in out.rglob('*')
+                           if path.is_file())
             record = dict(data_root=str(data_root), cat1=cat1, cat2=cat2,
                           split_instances=split_instances, min_instance_area=min_instance_area,
-                          test_fraction=test_fraction, split_seed=split_seed, counts=counts)
+                          test_fraction=test_fraction, split_seed=split_seed, counts=counts,
+                          files=files)
             (out / MARKER).write_text(json.dumps(record, indent=2) + '\n')
             check_save_root(save_root, data_root, overwrite)  # in case it appeared meanwhile
             if save_root.exists():
-                os.rename(save_root, Path(staging) / 'replaced')
+                os.rename(save_root, staging / 'replaced')
             os.rename(out, save_root)
     return counts
 
@@ -260,6 +357,11 @@ def number_in(kind, low, below, bounds):
             raise argparse.ArgumentTypeError(f'{text} must be in {bounds}')
         return value
     return parse
+
+
+def terminated(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit('generate_ccp_dataset.py: terminated')
 
 
 def main():
@@ -287,8 +389,9 @@ def main():
     parser.add_argument('--split-seed', type=number_in(int, 0, 2**32, '[0, 2**32)'), default=0,
                         help='seed that picks the --test-fraction photos')
     args = parser.parse_args()
-    # Let `kill` unwind like Ctrl-C does, so the staging folder is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit('generate_ccp_dataset.py: terminated'))
+    # Let `kill` unwind like Ctrl-C does, so the staging folder is removed (a second SIGTERM
+    # must not cut that short).
+    signal.signal(signal.SIGTERM, terminated)
     try:
         counts = generate(args.data_root, args.save_root, args.cat1, args.cat2, args.overwrite,
                           args.workers, args.split_instances, args.min_instance_area,

@@ -219,9 +219,9 @@ def load_old_solver_states(path, solvers, rename):
         file = os.path.join(path, f'{solver_name}.h5')
         if not os.path.exists(file):
             raise FileNotFoundError(file)
+        stored = set()
         with h5py.File(file, 'r') as f:
-            stored = set()
-            f.visit(lambda name: stored.add(name))
+            f.visit(stored.add)
         params = solver.get_parameters()
         old_names = {new: old for old, new in ((name, rename(name) if rename else name)
                                                for name in stored) if new in params}
@@ -335,7 +335,7 @@ def resume(args, solvers, training_state, dataset, fixed, changeable, rename=Non
                            'shapes or the saved state and cannot change on resume)')
         try:
             changes = dataset_changes(saved['dataset'], dataset)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError) as error:
             raise DamagedCheckpoint(f'{path}/state.json: unreadable dataset record '
                                     f'({type(error).__name__}: {error})') from None
         if changes:
@@ -348,7 +348,8 @@ def resume(args, solvers, training_state, dataset, fixed, changeable, rename=Non
             training_state.load_state_dict(saved['training_state'])
         except (KeyError, IndexError, TypeError, ValueError) as error:
             raise DamagedCheckpoint(f'{path}/state.json and {ARRAYS} do not hold a training '
-                                    f'state of this run ({type(error).__name__}: {error})') from None
+                                    f'state of this run ({type(error).__name__}: {error})') \
+                from None
         return saved
 
     path, saved = resume_newest(args.model_save_path, restore)

@@ -56,6 +56,22 @@ def write_bytes(path, data):
         os.fsync(f.fileno())  # a full disk shows here, not later at close
 
 
+def create_exclusive(path, data):
+    """Create the file `path` holding `data`; FileExistsError if it exists. A write that fails
+    removes the half-written file, so that nothing is left claiming to be complete."""
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(descriptor, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as error:
+        os.remove(path)
+        if isinstance(error, OSError):
+            raise write_failed(path, error) from None
+        raise
+
+
 def write_text(path, text):
     write_bytes(path, text.encode('utf-8'))
 

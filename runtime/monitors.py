@@ -11,6 +11,7 @@ one) and continue it exactly on resume through state_dict/load_state_dict.
 """
 import gc
 import io
+import math
 import os
 import re
 import sys
@@ -20,7 +21,9 @@ import numpy as np
 from nnabla.logger import logger
 from tqdm import tqdm
 
-from runtime.files import append_line, write_bytes, write_image, write_text
+from runtime import RunError
+from runtime.checkpoints import checkpoint_paths
+from runtime.files import WriteFailed, append_line, write_bytes, write_image, write_text
 
 TIMER = 'elapsed_time'
 
@@ -58,14 +61,24 @@ class SeriesFile:
             self.pending = []
 
     def state_dict(self):
-        return {'next_iteration': self.next_iteration, 'pending': list(self.pending)}
+        # An array, not a JSON list: a NaN loss (--nan-policy warn) is no JSON number.
+        return {'next_iteration': self.next_iteration,
+                'pending': np.array(self.pending, np.float64)}
+
+    @staticmethod
+    def parse(state):
+        """(next iteration, pending values) of a state_dict(); earlier versions kept the values
+        as a JSON list. ValueError unless it is one."""
+        next_iteration, pending = state['next_iteration'], state['pending']
+        numbers = pending.dtype.kind == 'f' and pending.ndim == 1 if isinstance(
+            pending, np.ndarray) else isinstance(pending, list) and all(
+            type(v) in (int, float) for v in pending)
+        if type(next_iteration) is not int or next_iteration < 0 or not numbers:
+            raise ValueError(f'series state {state!r}')
+        return next_iteration, [float(v) for v in pending]
 
     def load_state_dict(self, state):
-        next_iteration, pending = state['next_iteration'], state['pending']
-        if type(next_iteration) is not int or next_iteration < 0 or not isinstance(
-                pending, list) or not all(isinstance(v, (int, float)) for v in pending):
-            raise ValueError(f'series state {state!r}')
-        self.next_iteration, self.pending = next_iteration, pending
+        self.next_iteration, self.pending = self.parse(state)
         lines_before(self.path, self.next_iteration)
 
 
@@ -97,30 +110,42 @@ class TimerFile:
     def state_dict(self):
         return {'next_iteration': self.next_iteration, 'total': self.total, 'lap': self.lap}
 
-    def load_state_dict(self, state):
+    @staticmethod
+    def parse(state):
+        """(next iteration, total, lap) of a state_dict(); ValueError unless it is one."""
         values = [state['next_iteration'], state['total'], state['lap']]
         if type(values[0]) is not int or not all(
-                isinstance(v, (int, float)) and v >= 0 for v in values):
+                type(v) in (int, float) and 0 <= v < math.inf for v in values):
             raise ValueError(f'timer state {state!r}')
-        self.next_iteration, self.total, self.lap = values
+        return values
+
+    def load_state_dict(self, state):
+        self.next_iteration, self.total, self.lap = self.parse(state)
         lines_before(self.path, self.next_iteration)
 
 
 class Monitors:
     """The loss series `names` and the timer of one run; they write only where `writes` (rank 0
-    of a data-parallel run)."""
+    of a data-parallel run). A line that cannot be written stops the run, naming the checkpoint
+    in `resume_from` to continue from: the files would lag the state a checkpoint holds."""
 
-    def __init__(self, folder, names, interval, writes=True):
-        self.folder, self.writes = folder, writes
+    def __init__(self, folder, names, interval, writes=True, resume_from=None):
+        self.folder, self.writes, self.resume_from = folder, writes, resume_from
         self.series = {name: SeriesFile(folder, name, interval) for name in names}
         self.timer = TimerFile(folder, interval)
 
     def add(self, iteration, losses):
         if not self.writes:
             return
-        for name, value in losses.items():
-            self.series[name].add(iteration, value)
-        self.timer.add(iteration)
+        try:
+            for name, value in losses.items():
+                self.series[name].add(iteration, value)
+            self.timer.add(iteration)
+        except WriteFailed as error:
+            paths = checkpoint_paths(self.resume_from) if self.resume_from else []
+            then = f'; {paths[-1]} is intact: continue from it with --resume' if paths else \
+                ', before its first checkpoint'
+            raise RunError(f'{error}; stopped at iteration {iteration}{then}') from None
 
     def save_pictures(self, epoch, visuals, loss_names):
         """The epoch's translation tiles ({source: [(images, masks) of the batch, of the
@@ -136,9 +161,14 @@ class Monitors:
                 'timer': self.timer.state_dict()}
 
     def load_state_dict(self, state):
-        for name, series in self.series.items():
-            series.load_state_dict(state['series'][name])
-        self.timer.load_state_dict(state['timer'])
+        parts = [(series, state['series'][name]) for name, series in self.series.items()]
+        parts.append((self.timer, state['timer']))
+        # Every state is checked before a file is cut back: a damaged checkpoint must not
+        # cost the lines an older one needs.
+        for part, part_state in parts:
+            part.parse(part_state)
+        for part, part_state in parts:
+            part.load_state_dict(part_state)
 
 
 class Progress:

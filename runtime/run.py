@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from contextlib import ExitStack
@@ -19,8 +18,10 @@ from contextlib import ExitStack
 from nnabla.logger import logger
 
 from runtime import RunError
-from runtime.files import make_writable_folder, write_text
+from runtime.checkpoints import DamagedCheckpoint
+from runtime.files import create_exclusive, make_writable_folder, write_text
 from runtime.monitors import write_arguments
+from runtime.processes import this_process, why_gone
 from runtime.signals import StopRequest, exit_status
 
 
@@ -36,35 +37,24 @@ class FolderInUse(RunError):
     """Another run holds the folder's lock; the message names the folder and the process."""
 
 
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 class FolderLock:
     """FOLDER/train.lock, so that one run at a time writes into a folder. Created with O_EXCL,
-    it holds the owner's pid and host as JSON; the lock of a process that no longer runs (a
-    killed run) is taken over with a warning."""
+    it names its process as JSON (runtime.processes.this_process). The lock of a process of
+    this host that no longer runs (a killed run, one before a restart, or a pid now reused) is
+    taken over with a warning; one of another host is refused, naming the file to delete."""
 
     def __init__(self, folder):
         self.folder = folder
         self.path = os.path.join(folder, 'train.lock')
-        self.owner = {'pid': os.getpid(), 'host': socket.gethostname()}
+        self.owner = this_process()
 
     def __enter__(self):
         while True:
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                create_exclusive(self.path, json.dumps(self.owner).encode())
             except FileExistsError:
                 self.take_over_if_stale()
                 continue
-            with os.fdopen(descriptor, 'w') as f:
-                json.dump(self.owner, f)
             return self
 
     def __exit__(self, *exc_info):
@@ -75,20 +65,32 @@ class FolderLock:
             with open(self.path) as f:
                 holder = json.load(f)
             pid, host = holder['pid'], holder['host']
-            if not isinstance(pid, int) or pid < 1:
+            if not (isinstance(pid, int) and pid > 0 and isinstance(host, str)
+                    and isinstance(holder.get('boot_id'), (str, type(None)))
+                    and isinstance(holder.get('start_time'), (int, type(None)))):
                 raise ValueError(f'pid {pid}')
         except FileNotFoundError:  # released meanwhile
             return
         except (OSError, ValueError, KeyError, TypeError):
-            if time.time() - os.path.getmtime(self.path) < 10:  # a new run is writing it
-                raise FolderInUse(f'{self.folder} is in use by a run that is starting') from None
+            try:
+                age = time.time() - os.path.getmtime(self.path)
+            except FileNotFoundError:
+                return
+            if age < 10:  # a new run is writing it
+                raise FolderInUse(f'{self.folder} is in use by a run that is '
+                                  'starting') from None
             raise FolderInUse(f'{self.folder} is locked by {self.path}, which names no process; '
                               'delete it if no run uses the folder') from None
-        if host != self.owner['host'] or process_exists(pid):
-            where = '' if host == self.owner['host'] else f' on {host}'
-            raise FolderInUse(f'{self.folder} is in use by another run (pid {pid}'
-                              f'{where}); wait for it to end or choose other folders')
-        logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer runs')
+        if host != self.owner['host']:
+            # Its processes cannot be seen from here: only the user can tell.
+            raise FolderInUse(f'{self.folder} is locked by a run on {host} (pid {pid}); '
+                              f'if no run on {host} uses the folder, delete {self.path}')
+        gone = why_gone(holder)
+        if gone is None:
+            raise FolderInUse(f'{self.folder} is in use by another run (pid {pid}); '
+                              'wait for it to end or choose other folders')
+        logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer '
+                       f'runs ({gone})')
         try:
             os.remove(self.path)
         except FileNotFoundError:
@@ -208,6 +210,9 @@ class Run:
     def continue_run(self, checkpoint, run):
         """On resume: the checkpoint's run (None from earlier versions) must be the one whose
         monitor folder this is, so that no run writes into another's series and pictures."""
+        if not isinstance(run, (str, type(None))):
+            raise DamagedCheckpoint(f'{checkpoint}/state.json is unreadable (run is {run!r}, not '
+                                    'the id of a run)')
         held = self.read_identity()
         monitor = os.path.dirname(self.identity_file)
         foreign = held != run if held else run is not None and any(

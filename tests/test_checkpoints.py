@@ -1,15 +1,18 @@
 """Checkpoints hold data, never code; --resume takes the newest intact one and refuses settings
 that cannot change. Runs use two images per domain: an epoch is two iterations."""
 import json
+import math
 import os
 import pickle
 import shutil
 
+import h5py
 import numpy as np
 import pytest
-from test_train import SAMPLE, TINY
+from test_train import TINY
 
 import args
+import data
 import train
 from args import get_args
 
@@ -19,24 +22,6 @@ MARKER = 'unpickled'  # made in the working directory by Malicious if it is ever
 class Malicious:
     def __reduce__(self):
         return os.mkdir, (MARKER,)
-
-
-@pytest.fixture(scope='module')
-def two_images(tmp_path_factory):
-    """The first two images of each domain of the bundled sample, with their masks."""
-    root = tmp_path_factory.mktemp('two_images')
-    for letter in 'AB':
-        images = sorted(os.listdir(os.path.join(SAMPLE, f'train{letter}')))[:2]
-        for folder in [f'train{letter}', f'train{letter}_seg']:
-            os.makedirs(root / folder)
-        for image in images:
-            shutil.copy(os.path.join(SAMPLE, f'train{letter}', image), root / f'train{letter}')
-            stem = os.path.splitext(image)[0]
-            for mask in os.listdir(os.path.join(SAMPLE, f'train{letter}_seg')):
-                if mask.startswith(stem + '_'):
-                    shutil.copy(os.path.join(SAMPLE, f'train{letter}_seg', mask),
-                                root / f'train{letter}_seg')
-    return root
 
 
 def run_in(folder, dataroot, *flags):
@@ -232,3 +217,127 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(run, max_epoch)
     assert exit_message(run, '--max-epoch', max_epoch, '--resume') == (
         f'train.py: --resume: the checkpoint is at iteration 4 (epoch 2), where --max-epoch '
         f'{max_epoch} has ended: nothing to train; give a larger --max-epoch')
+
+
+def edit_state(path, edit):
+    state = json.loads((path / 'state.json').read_text())
+    edit(state)
+    (path / 'state.json').write_text(json.dumps(state))
+
+
+def edit_arrays(path, edit):
+    with np.load(path / 'training_state.npz') as archive:
+        arrays = dict(archive)
+    edit(arrays)
+    np.savez(path / 'training_state.npz', **arrays)
+
+
+def without_one_parameter(path):
+    with h5py.File(path / 'parameters.h5', 'r+') as f:
+        del f['generator_y2x/mask_decoder/out/conv/W']
+
+
+def loaders_x(state):
+    return state['training_state']['loaders']['x']
+
+
+def series(state):
+    return state['training_state']['monitors']['series']['generator_loss_x']
+
+
+# Hand-edited or damaged checkpoints, and the words their warning holds.
+EDITS = {
+    'a parameter missing': (without_one_parameter, 'parameters.h5 is unreadable (ValueError: '
+                            'lacks generator_y2x/mask_decoder/out/conv/W)'),
+    'iteration 6.0': (lambda path: edit_state(path, lambda s: s.update(iteration=6.0)),
+                      'state.json is unreadable (ValueError: it says iteration 6.0)'),
+    'loader cursor 10**18': (lambda path: edit_state(
+        path, lambda s: loaders_x(s).update(cursor=10 ** 18)), 'cursor 1000000000000000000'),
+    'loader cursor "2"': (lambda path: edit_state(
+        path, lambda s: loaders_x(s).update(cursor='2')), "cursor '2'"),
+    'loader rng "abc"': (lambda path: edit_state(
+        path, lambda s: loaders_x(s).update(rng='abc')), 'do not hold a training state'),
+    'pending value "abc"': (lambda path: edit_state(
+        path, lambda s: series(s).update(pending=['abc'])), "'pending': ['abc']"),
+    'timer total Infinity': (lambda path: edit_state(
+        path, lambda s: s['training_state']['monitors']['timer'].update(total=math.inf)),
+        "'total': inf"),
+    'pool as a list': (lambda path: edit_state(
+        path, lambda s: s['training_state']['pools']['x'].update(images=[[0.5]])),
+        'a pool of (1, 1) images'),
+    'pool of strings': (lambda path: edit_arrays(path, lambda a: a.update({
+        'state.training_state.pools.x.images': a['state.training_state.pools.x.images']
+        .astype(str)})), 'images of <U'),
+    'dataset domains as a list': (lambda path: edit_state(
+        path, lambda s: s['dataset'].update(domains=[])), 'unreadable dataset record'),
+    'run as a number': (lambda path: edit_state(path, lambda s: s.update(run=7)),
+                        'state.json is unreadable (run is 7'),
+}
+
+
+@pytest.mark.parametrize('edit', EDITS)
+def test_a_hand_edited_checkpoint_is_skipped_as_damaged(run, caplog, edit):
+    change, words = EDITS[edit]
+    change(checkpoint(run, 4))
+    run('--max-epoch', '3', '--resume')
+    [skipped] = [m for m in caplog.messages if m.startswith('--resume: skipped')]
+    assert skipped.startswith(f'--resume: skipped checkpoint_000000004: {checkpoint(run, 4)}')
+    assert words in skipped, skipped
+    assert f'resumed from {checkpoint(run, 2)} at iteration 2' in caplog.messages
+    assert sorted(os.listdir(run.models)) == [
+        'checkpoint_000000002', 'checkpoint_000000004', 'checkpoint_000000004.damaged',
+        'checkpoint_000000006']
+
+
+def test_a_nan_loss_under_nan_policy_warn_is_checkpointed_and_resumed(tmp_path, two_images,
+                                                                      monkeypatch, caplog):
+    """A NaN in the loss values waiting for their series line (JSON has no NaN) must not stop
+    the checkpoint; the series shows it."""
+    real_next = data.MaskedImageIterator.next
+    calls = []
+
+    def next_with_nan(self):
+        images, masks = real_next(self)
+        calls.append(None)
+        if len(calls) > 2:  # from iteration 1 on
+            images[:] = np.nan
+        return images, masks
+
+    monkeypatch.setattr(data.MaskedImageIterator, 'next', next_with_nan)
+    run_in(tmp_path, two_images, '--max-epoch', '1', '--nan-policy', 'warn')
+    assert 'generator_loss_x is nan at iteration 1' in caplog.messages
+    monkeypatch.undo()
+    run_in(tmp_path, two_images, '--max-epoch', '2', '--nan-policy', 'warn', '--resume')
+    series = np.loadtxt(tmp_path / 'monitor' / 'generator_loss_x.series.txt', ndmin=2)
+    assert list(series[:, 0]) == [3] and np.isnan(series[0, 1])
+
+
+@pytest.mark.parametrize('change, changes', [
+    ('rename', 'the names of the files in {A} or {A}_seg changed'),
+    ('add a mask', 'the names of the files in {A} or {A}_seg changed; its images had at most 1 '
+                   'instance masks and now have 2'),
+])
+def test_resume_names_a_dataset_changed_in_place(run, two_images, change, changes):
+    """The image count stays; a file name, or the instance slots, do not."""
+    image = sorted((two_images / 'trainA').iterdir())[0]
+    mask = two_images / 'trainA_seg' / f'{image.stem}_0.png'
+    if change == 'rename':
+        moves = [(image, image.with_name('renamed.png')), (mask, mask.with_name('renamed_0.png'))]
+    else:
+        moves = [(None, mask.with_name(f'{image.stem}_1.png'))]
+    for old, new in moves:
+        shutil.copy(old or mask, new)
+        if old:
+            old.unlink()
+    try:
+        message = exit_message(run, '--max-epoch', '3', '--resume')
+    finally:
+        for old, new in moves:
+            if old:
+                shutil.copy(new, old)
+            new.unlink()
+    assert message == (
+        f'train.py: {checkpoint(run, 4)}: the dataset changed since: '
+        f'{changes.format(A=two_images / "trainA")}; resume with the data it was trained on, or '
+        'start afresh')
+    assert not checkpoint(run, 6).exists()

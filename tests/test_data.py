@@ -1,5 +1,7 @@
 """data.py: mask loading, crop/flip alignment, instance order, determinism, resuming, errors."""
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -201,9 +203,81 @@ def test_image_modes_become_rgb(tmp_path, mode):
     assert image.min() >= -1 and image.max() <= 1
 
 
-def palette_mask(truth):
+def png16(path, values, colour_type):
+    """A 16-bit PNG of uint16 values (H, W[, C]) written by hand, as Pillow writes none in
+    colour: colour_type 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
+    height, width = values.shape[:2]
+    rows = b''.join(b'\0' + row.astype('>u2').tobytes() for row in values)
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data)
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
+    header = struct.pack('>IIBBBBB', width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
+                     + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+SIXTEEN_BIT = np.array([[0, 257, 32896, 65535, 1000]] * 2, np.uint16)
+
+
+def rgb_of(path):
+    return np.asarray(Image.open(path).convert('RGB'), np.float32).transpose(2, 0, 1) / 127.5 - 1
+
+
+def test_photo_modes_read_as_their_rgb(tmp_path):
+    """Every mode Pillow writes a photo in, as Pillow's own convert('RGB') shows it."""
+    rgb = Image.fromarray(np.random.RandomState(0).randint(0, 256, (6, 5, 3)).astype(np.uint8))
+    for mode in ['1', 'L', 'P', 'RGB', 'RGBA', 'LA']:
+        rgb.convert(mode).save(tmp_path / f'{mode}.png')
+    rgb.convert('RGB').save(tmp_path / 'bmp.bmp')
+    rgb.convert('P').save(tmp_path / 'keyed.png', transparency=3)
+    rgb.convert('L').save(tmp_path / 'keyed_grey.png', transparency=30)
+    for path in sorted(tmp_path.iterdir()):
+        image = load_image(path)
+        assert image.shape == (3, 6, 5) and image.dtype == np.float32, path.name
+        np.testing.assert_array_equal(image, rgb_of(path), err_msg=path.name)
+
+
+def test_a_cmyk_jpeg_reads_as_its_colours_not_its_inks(tmp_path):
+    rgb = np.full((16, 16, 3), 230, np.uint8)  # near white: 25 of ink
+    rgb[:8] = [200, 40, 40]
+    Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'print.jpg', quality=100)
+    image = load_image(tmp_path / 'print.jpg')
+    np.testing.assert_array_equal(image, rgb_of(tmp_path / 'print.jpg'))
+    assert np.abs(to_uint8(image).transpose(1, 2, 0) - rgb.astype(int)).max() <= 8
+
+
+def test_16_bit_photos_are_scaled_not_clipped(tmp_path):
+    png16(tmp_path / 'grey.png', SIXTEEN_BIT, 0)
+    png16(tmp_path / 'rgb.png', np.stack([SIXTEEN_BIT, SIXTEEN_BIT[:, ::-1],
+                                          np.full_like(SIXTEEN_BIT, 32896)], axis=-1), 2)
+    grey = to_uint8(load_image(tmp_path / 'grey.png'))
+    np.testing.assert_array_equal(grey[:, 0], [[0, 1, 128, 255, 4]] * 3)  # not white: scaled
+    colour = to_uint8(load_image(tmp_path / 'rgb.png'))[:, 0]
+    # Pillow keeps the high byte of 16-bit colour: 1000 is 3.9 in 8 bits, and becomes 3.
+    np.testing.assert_array_equal(colour, [[0, 1, 128, 255, 3], [3, 255, 128, 1, 0],
+                                           [128] * 5])
+
+
+@pytest.mark.parametrize('mode', ['I', 'F', 'LAB'])
+def test_modes_without_rgb_of_a_known_scale_are_refused(tmp_path, mode):
+    """A TIFF named .png: files are recognised by their content."""
+    grey = np.random.RandomState(0).randint(0, 256, (6, 5)).astype(np.uint8)
+    image = Image.fromarray(grey).convert('RGB').convert(mode) if mode == 'LAB' else \
+        Image.fromarray(grey).convert(mode)
+    path = tmp_path / 'image.png'
+    image.save(path, format='TIFF')
+    for read, kind in [(load_image, 'image'), (load_mask, 'mask')]:
+        with pytest.raises(DataError) as error:
+            read(path)
+        assert str(error.value) == (
+            f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or grey values of '
+            'a known scale); save it as an 8-bit or 16-bit grey, RGB or RGBA PNG')
+
+
+def palette_mask(truth, white=False):
     mask = Image.frombytes('P', truth.shape[::-1], truth.astype(np.uint8).tobytes())
-    mask.putpalette([0, 0, 0, 255, 255, 255])  # index 1 is white, as in VOC-style masks
+    mask.putpalette([255 * white] * 3 + [255] * 3)  # index 1 is white, as in VOC-style masks
     return mask
 
 
@@ -214,7 +288,30 @@ MASK_FORMATS = {
     'palette': palette_mask,
     'RGB': lambda truth: Image.fromarray(truth.astype(np.uint8) * 255).convert('RGB'),
     '16-bit': lambda truth: Image.fromarray(truth.astype(np.uint16) * 65535),
+    '16-bit 0/1': lambda truth: Image.fromarray(truth.astype(np.uint16)),
+    'RGBA opaque': lambda truth: Image.fromarray(truth.astype(np.uint8) * 255).convert('RGBA'),
+    # in the alpha channel, under one colour
+    'LA alpha': lambda truth: Image.fromarray(np.stack(
+        [np.full(truth.shape, 0, np.uint8), truth.astype(np.uint8) * 255], -1), 'LA'),
+    'RGBA white, alpha': lambda truth: Image.fromarray(np.dstack(
+        [np.full(truth.shape + (3,), 255, np.uint8), truth.astype(np.uint8) * 255])),
+    'RGBA black, alpha': lambda truth: Image.fromarray(np.dstack(
+        [np.zeros(truth.shape + (3,), np.uint8), truth.astype(np.uint8) * 255])),
+    # colour and alpha agree
+    'LA both': lambda truth: Image.fromarray(np.stack([truth.astype(np.uint8) * 255] * 2, -1),
+                                             'LA'),
+    'palette, transparent black': lambda truth: with_info(palette_mask(truth), transparency=0),
+    # the mask only in the transparency: both palette entries are white
+    'palette, white, transparent': lambda truth: with_info(palette_mask(truth, white=True),
+                                                           transparency=0),
+    'grey, transparent black': lambda truth: with_info(
+        Image.fromarray(truth.astype(np.uint8) * 255), transparency=0),
 }
+
+
+def with_info(image, **info):
+    image.info.update(info)
+    return image
 
 
 @pytest.mark.parametrize('kind', MASK_FORMATS)
@@ -223,6 +320,20 @@ def test_mask_formats(tmp_path, kind):
     truth[1:4, 2:] = True
     MASK_FORMATS[kind](truth).save(tmp_path / 'mask.png')
     np.testing.assert_array_equal(load_mask(tmp_path / 'mask.png'), truth)
+
+
+@pytest.mark.parametrize('kind', ['LA', 'RGBA'])
+def test_a_mask_whose_colour_and_alpha_disagree_is_refused(tmp_path, kind):
+    truth = np.zeros((6, 5), bool)
+    truth[1:4, 2:] = True
+    colour, alpha = truth.astype(np.uint8) * 255, truth[::-1].astype(np.uint8) * 255
+    planes = [colour, alpha] if kind == 'LA' else [colour] * 3 + [alpha]
+    Image.fromarray(np.stack(planes, -1), kind).save(tmp_path / 'mask.png')
+    with pytest.raises(DataError) as error:
+        load_mask(tmp_path / 'mask.png')
+    assert str(error.value) == (
+        f'{tmp_path / "mask.png"}: its colour and its transparency draw different masks; save '
+        'the mask in one of them (white instance on black, opaque)')
 
 
 def test_empty_mask_stays_empty(tmp_path):

@@ -2,8 +2,12 @@
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ DATASETS = Path(__file__).resolve().parents[1] / 'datasets'
 sys.path.insert(0, str(DATASETS))
 import generate_ccp_dataset  # noqa: E402
 from generate_ccp_dataset import MARKER, DatasetError, generate  # noqa: E402
+
+from runtime.processes import boot_id, start_time
 
 LABELS = ['null', 'bag', 'jeans', 'shirt', 'skirt', 'clogs']  # clogs: tags only, as in CCP
 JEANS, SKIRT, CLOGS = LABELS.index('jeans'), LABELS.index('skirt'), LABELS.index('clogs')
@@ -132,9 +138,12 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
 def test_dataset_records_its_arguments_and_counts(ccp, tmp_path):
     save_root = tmp_path / 'out'
     counts = generate(ccp, save_root, split_instances=True, min_instance_area=0.01)
+    written = sorted(str(path.relative_to(save_root)) for path in save_root.rglob('*')
+                     if path.is_file() and path.name != MARKER)
     assert json.loads((save_root / MARKER).read_text()) == dict(
         data_root=str(ccp), cat1='jeans', cat2='skirt', split_instances=True,
-        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts)
+        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts, files=written)
+    assert 'trainA_seg/0001_0.png' in written
 
 
 def test_categories_are_configurable(ccp, tmp_path):
@@ -183,7 +192,50 @@ def test_overwrite_refuses_a_dataset_holding_other_files(ccp, tmp_path):
     (save_root / 'notes.txt').write_text('keep me')
     before = snapshot(save_root)
     result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
-    assert_one_line_error(result, f'--save_root {save_root}: holds notes.txt, translated, which')
+    assert_one_line_error(result, f'--save_root {save_root}: holds {save_root / "notes.txt"} and '
+                                  '1 more, which this script did not write')
+    assert snapshot(save_root) == before
+
+
+@pytest.mark.parametrize('added', ['trainA/mine.png', 'trainA_seg/mine_0.png', 'valA/edits/a.png',
+                                   'trainB_seg/old/', 'notes.txt', 'trainA/link.png@'])
+def test_overwrite_refuses_anything_it_did_not_write_anywhere_in_the_tree(ccp, tmp_path, added):
+    """Files, folders (even empty) and links the user put inside the script's own folders."""
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    path = save_root / added.rstrip('/@')
+    if added.endswith('/'):
+        path.mkdir()
+    elif added.endswith('@'):
+        path.symlink_to(save_root / 'trainA' / '0001.png')
+    else:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b'keep me')
+    first = save_root / added.split('/')[0] / 'edits' if 'edits' in added else path
+    before = snapshot(save_root)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root}: holds {first}, which this script '
+                                  'did not write; move it out before using --overwrite')
+    assert snapshot(save_root) == before
+    if first.is_dir() and not first.is_symlink():
+        shutil.rmtree(first)
+    else:
+        first.unlink()
+    assert run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite').returncode == 0
+
+
+@pytest.mark.parametrize('marker, reason', [
+    ({'cat1': 'jeans'}, 'does not list the files this script wrote (an earlier version made it)'),
+    ('{"files": ', f'{MARKER} is unreadable (JSONDecodeError'),
+    ({'files': 'trainA/0001.png'}, f'{MARKER} is unreadable (TypeError: files is not a list'),
+])
+def test_overwrite_refuses_a_marker_without_a_readable_file_list(ccp, tmp_path, marker, reason):
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root)
+    (save_root / MARKER).write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    before = snapshot(save_root)
+    result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
+    assert_one_line_error(result, f'--save_root {save_root}: ', reason)
     assert snapshot(save_root) == before
 
 
@@ -440,3 +492,126 @@ def test_every_bad_flag_value_is_refused_in_one_line(ccp, tmp_path, flag, value)
         assert result.stderr.startswith('usage: ')
         assert f'error: argument {flag}' in result.stderr
     assert snapshot(tmp_path) == before
+
+
+# The generator with every pixel-level export slowed down, so that a signal finds it writing.
+SLOW = """
+import sys, time
+sys.path.insert(0, {datasets!r})
+import generate_ccp_dataset as g
+real = g.export_pixel_level
+def slow(*args, **kwargs):
+    time.sleep(0.5)
+    return real(*args, **kwargs)
+g.export_pixel_level = slow
+sys.argv = ['generate_ccp_dataset.py'] + {argv!r}
+g.main()
+"""
+
+
+def start_slow(ccp, save_root):
+    script = SLOW.format(datasets=str(DATASETS), argv=['--data_root', str(ccp),
+                                                        '--save_root', str(save_root)])
+    # A session of its own: its process group is its alone, as a shell job's would be.
+    return subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def staging_folders(save_root):
+    return sorted(save_root.parent.glob(f'.{save_root.name}.*'))
+
+
+def wait_for_a_photo_in_staging(process, save_root):
+    deadline = time.time() + 60
+    while not any((staging / save_root.name / 'trainA').glob('*.png')
+                  for staging in staging_folders(save_root)):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+
+
+def ended_process():
+    finished = subprocess.Popen(['true'])
+    finished.wait()
+    return finished.pid
+
+
+def owner_record(**changes):
+    return json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': boot_id(),
+                       'start_time': start_time(os.getpid()), **changes})
+
+
+def test_sigterm_to_the_process_group_ends_in_one_line_and_leaves_nothing(ccp, tmp_path):
+    save_root = tmp_path / 'out'
+    process = start_slow(ccp, save_root)
+    wait_for_a_photo_in_staging(process, save_root)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail('the pool waited forever for a worker killed by the signal')
+    assert process.returncode == 1
+    assert 'Traceback' not in stderr and 'Directory not empty' not in stderr
+    assert stderr.strip().splitlines()[-1] == 'generate_ccp_dataset.py: terminated'
+    assert names(tmp_path) == ['ccp']
+
+
+def test_kill_9_leaves_a_staging_folder_that_the_next_run_removes(ccp, tmp_path, capsys):
+    save_root = tmp_path / 'out'
+    process = start_slow(ccp, save_root)
+    wait_for_a_photo_in_staging(process, save_root)
+    process.kill()
+    process.communicate(timeout=60)
+    [staging] = staging_folders(save_root)
+    time.sleep(0.5)
+    before = snapshot(staging)
+    time.sleep(1.5)  # the three photos left take an orphaned worker 1.5 s
+    assert snapshot(staging) == before, 'the workers outlived the main process'
+    generate(ccp, save_root)
+    assert names(tmp_path) == ['ccp', 'out']
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f'generate_ccp_dataset.py: removed {staging}, the staging folder of an interrupted run '
+        f'(pid {process.pid}: no process has that pid now)')
+
+
+@pytest.mark.parametrize('owner', [
+    None,  # not (yet) named: a run that has just made it, or not this script's
+    owner_record(),  # a process that runs
+    owner_record(host='elsewhere', pid=1),  # another machine's: cannot be seen from here
+])
+def test_a_staging_folder_of_a_live_or_unknown_process_is_left_alone(ccp, tmp_path, owner):
+    staging = tmp_path / '.out.abc123'
+    (staging / 'out' / 'trainA').mkdir(parents=True)
+    if owner:
+        (staging / 'staging.json').write_text(owner)
+    before = snapshot(staging)
+    generate(ccp, tmp_path / 'out')
+    assert snapshot(staging) == before
+
+
+@pytest.mark.parametrize('owner', [{'pid': 'ended'}, {'boot_id': 'an earlier boot'},
+                                   {'start_time': 1}])
+def test_a_staging_folder_of_an_ended_process_is_removed(ccp, tmp_path, owner):
+    """Gone: no such pid; a pid of an earlier boot; a pid now used by another process."""
+    if owner.get('pid') == 'ended':
+        owner['pid'] = ended_process()
+    staging = tmp_path / '.out.abc123'
+    (staging / 'out' / 'trainA').mkdir(parents=True)
+    (staging / 'staging.json').write_text(owner_record(**owner))
+    generate(ccp, tmp_path / 'out')
+    assert names(tmp_path) == ['ccp', 'out']
+
+
+def test_a_dataset_moved_aside_by_a_killed_run_is_restored(ccp, tmp_path, capsys):
+    save_root = tmp_path / 'out'
+    generate(ccp, save_root, 'bag', 'shirt')
+    staging = tmp_path / '.out.abc123'
+    staging.mkdir()
+    save_root.rename(staging / 'replaced')  # killed between its two renames
+    (staging / 'staging.json').write_text(owner_record(pid=ended_process()))
+    with pytest.raises(DatasetError, match='already exists; pass --overwrite'):
+        generate(ccp, save_root)
+    assert json.loads((save_root / MARKER).read_text())['cat1'] == 'bag'
+    assert names(tmp_path) == ['ccp', 'out']
+    assert f'restored {save_root} from {staging}' in capsys.readouterr().err

@@ -156,8 +156,8 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monk
     run(tmp_path, '--max-epoch', '1')
     real_fsync = os.fsync
 
-    def disk_full(descriptor):  # the models folder's disk is full
-        if str(tmp_path / 'models') in os.readlink(f'/proc/self/fd/{descriptor}'):
+    def disk_full(descriptor):  # the models folder's disk is full once the run has its lock
+        if str(tmp_path / 'models' / '.checkpoint_') in os.readlink(f'/proc/self/fd/{descriptor}'):
             raise OSError(28, 'No space left on device')
         real_fsync(descriptor)
 
@@ -189,8 +189,8 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum
     last_line = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(rf'train\.py: {signal.Signals(signum).name} at iteration (\d+): saved (\S+); continue with --resume'
-                         , last_line)
+    match = re.fullmatch(rf'train\.py: {signal.Signals(signum).name} at iteration (\d+): saved '
+                         r'(\S+); continue with --resume', last_line)
     assert match, last_line
     iteration = int(match.group(1))
     assert iteration > 8
