@@ -33,7 +33,7 @@ lint: .venv/.installed-dev
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-test: .venv/.installed-dev
+test: lint
 	$(PYTHON) -m pytest -q tests
 
 translate: setup

@@ -12,6 +12,7 @@ seconds per sample of the global batch. `--what translate` times one photo throu
 Translator (reading and resizing included, writing not); `mpiexec -n N python bench.py --what
 allreduce` times the all-reduce of every gradient of one iteration.
 """
+
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # a benchmark has nothing to save; the imports below take a while
@@ -33,14 +34,7 @@ import numpy as np
 
 import models
 from args import get_args, non_negative_int, positive_int
-from data import (
-    Loaders,
-    check_dataroot,
-    list_images,
-    load_with_masks,
-    mask_paths,
-    resize_with_masks,
-)
+from data import Loaders, check_dataroot, list_images, load_with_masks, mask_paths, resize_with_masks
 from runtime import RunError
 from runtime.device import set_context
 from runtime.distributed import start_processes
@@ -50,10 +44,34 @@ from translator import NetworkConfig, Translator
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
 CONFIGS = {
-    'paper': ['--loadSizeH', '330', '--loadSizeW', '220', '--fineSizeH', '300',
-              '--fineSizeW', '200', '--ngf', '64', '--ndf', '64'],
-    'small': ['--loadSizeH', '72', '--loadSizeW', '72', '--fineSizeH', '64', '--fineSizeW', '64',
-              '--ngf', '16', '--ndf', '16'],
+    'paper': [
+        '--loadSizeH',
+        '330',
+        '--loadSizeW',
+        '220',
+        '--fineSizeH',
+        '300',
+        '--fineSizeW',
+        '200',
+        '--ngf',
+        '64',
+        '--ndf',
+        '64',
+    ],
+    'small': [
+        '--loadSizeH',
+        '72',
+        '--loadSizeW',
+        '72',
+        '--fineSizeH',
+        '64',
+        '--fineSizeW',
+        '64',
+        '--ngf',
+        '16',
+        '--ndf',
+        '16',
+    ],
 }
 
 
@@ -64,7 +82,7 @@ def matmul_gflops(size=2048, repeats=5):
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def peak_rss_mb(who=resource.RUSAGE_SELF):
@@ -72,8 +90,7 @@ def peak_rss_mb(who=resource.RUSAGE_SELF):
 
 
 def summary(seconds):
-    return {'median': float(np.median(seconds)), 'min': float(np.min(seconds)),
-            'max': float(np.max(seconds))}
+    return {'median': float(np.median(seconds)), 'min': float(np.min(seconds)), 'max': float(np.max(seconds))}
 
 
 def bench_train(args, flags, warmup, iterations, processes=1):
@@ -88,17 +105,28 @@ def bench_train(args, flags, warmup, iterations, processes=1):
     with tempfile.TemporaryDirectory() as folder:
         timer = os.path.join(folder, 'elapsed_time.timer.txt')
         launcher = [MPIEXEC, '-n', str(processes)] if processes > 1 else []
-        command = launcher + [sys.executable, TRAIN, *flags, '--max-epoch', str(epochs),
-                              '--save-interval', str(epochs), '--log-step', '1',
-                              '--monitor-path', folder, '--model-save-path', folder]
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
+        command = launcher + [
+            sys.executable,
+            TRAIN,
+            *flags,
+            '--max-epoch',
+            str(epochs),
+            '--save-interval',
+            str(epochs),
+            '--log-step',
+            '1',
+            '--monitor-path',
+            folder,
+            '--model-save-path',
+            folder,
+        ]
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         with StopRequest(before_exit=[child.kill]):
             seconds = []
             while len(seconds) < warmup + iterations and child.poll() is None:
                 time.sleep(0.2)
                 lines = open(timer).read().splitlines() if os.path.exists(timer) else []
-                for line in lines[len(seconds):]:
+                for line in lines[len(seconds) :]:
                     seconds.append(float(line.split()[1]))
                     print(f'iteration {len(seconds) - 1}: {seconds[-1]:.3f} s', flush=True)
             child.kill()
@@ -107,9 +135,13 @@ def bench_train(args, flags, warmup, iterations, processes=1):
         last = (errors.strip().splitlines() or ['train.py ended early'])[-1]
         raise RunError(last.removeprefix('train.py: '))
     median = float(np.median(seconds[warmup:]))
-    return {'sec_per_iter': summary(seconds[warmup:]), 'processes': processes,
-            'sec_per_global_sample': median / global_batch,
-            'peak_rss_mb': peak_rss_mb(resource.RUSAGE_CHILDREN), 'matmul_gflops': rate}
+    return {
+        'sec_per_iter': summary(seconds[warmup:]),
+        'processes': processes,
+        'sec_per_global_sample': median / global_batch,
+        'peak_rss_mb': peak_rss_mb(resource.RUSAGE_CHILDREN),
+        'matmul_gflops': rate,
+    }
 
 
 def bench_allreduce(args, flags, warmup, iterations, processes=1):
@@ -139,14 +171,20 @@ def bench_allreduce(args, flags, warmup, iterations, processes=1):
     volume = sum(p.size for p in nn.get_parameters().values()) * 4
     if processes.rank:
         sys.exit(0)
-    return {'sec_per_iter': summary(seconds), 'processes': processes.size,
-            'megabytes_per_iter': volume / 1e6}
+    return {'sec_per_iter': summary(seconds), 'processes': processes.size, 'megabytes_per_iter': volume / 1e6}
 
 
 def bench_data(args, flags, warmup, iterations, processes=1):
-    loaders = Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
-                      (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
-                      args.set_order, args.seed)
+    loaders = Loaders(
+        args.dataroot,
+        args.batch_size,
+        (args.loadSizeH, args.loadSizeW),
+        (args.fineSizeH, args.fineSizeW),
+        args.ins_max,
+        not args.no_flip,
+        args.set_order,
+        args.seed,
+    )
     with loaders:
         for _ in range(warmup):
             loaders.next_batches()
@@ -165,16 +203,15 @@ def bench_translate(args, flags, warmup, iterations, processes=1):
     with tempfile.TemporaryDirectory() as folder:
         params = os.path.join(folder, 'parameters.h5')
         with nn.parameter_scope('generator_x2y'):
-            models.generator(nn.Variable((1, 3, 32, 32)), nn.Variable((1, 1, 32, 32)),
-                             args.ngf, args.n_blocks)
+            models.generator(
+                nn.Variable((1, 3, 32, 32)), nn.Variable((1, 1, 32, 32)), args.ngf, args.n_blocks
+            )
         nn.save_parameters(params)
         nn.clear_parameters()
-        config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH,
-                               args.fineSizeW)
+        config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH, args.fineSizeW)
         translator = Translator(params, 'AtoB', config)
     accelerate(*translator.outputs())
-    inputs = [(path, mask_paths(path)) for path in
-              list_images(os.path.join(args.dataroot, 'trainA'))]
+    inputs = [(path, mask_paths(path)) for path in list_images(os.path.join(args.dataroot, 'trainA'))]
     seconds = []
     for i in range(warmup + iterations):
         path, masks = inputs[i % len(inputs)]
@@ -188,26 +225,41 @@ def bench_translate(args, flags, warmup, iterations, processes=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', choices=sorted(CONFIGS), default='small')
-    parser.add_argument('--what', choices=['train', 'data', 'translate', 'allreduce'],
-                        default='train', help='allreduce: run under mpiexec')
-    parser.add_argument('--warmup', type=non_negative_int, default=2,
-                        help='untimed iterations first')
+    parser.add_argument(
+        '--what',
+        choices=['train', 'data', 'translate', 'allreduce'],
+        default='train',
+        help='allreduce: run under mpiexec',
+    )
+    parser.add_argument('--warmup', type=non_negative_int, default=2, help='untimed iterations first')
     parser.add_argument('--iters', type=positive_int, default=5, help='timed iterations')
-    parser.add_argument('--processes', type=positive_int, default=1,
-                        help='with --what train: ranks of a data-parallel run under mpiexec')
+    parser.add_argument(
+        '--processes',
+        type=positive_int,
+        default=1,
+        help='with --what train: ranks of a data-parallel run under mpiexec',
+    )
     parser.add_argument('--json', action='store_true', help='end with one line of JSON')
     options, train_flags = parser.parse_known_args()
     flags = ['--dataroot', 'datasets/ccp_sample'] + CONFIGS[options.config] + train_flags
     args = get_args(flags)
-    bench = {'train': bench_train, 'data': bench_data, 'translate': bench_translate,
-             'allreduce': bench_allreduce}
+    bench = {
+        'train': bench_train,
+        'data': bench_data,
+        'translate': bench_translate,
+        'allreduce': bench_allreduce,
+    }
     try:
-        result = bench[options.what](args, flags, options.warmup, options.iters,
-                                     options.processes)
+        result = bench[options.what](args, flags, options.warmup, options.iters, options.processes)
     except RunError as error:
         sys.exit(f'bench.py: {error}')
-    result.update(config=options.config, what=options.what, batch_size=args.batch_size,
-                  context=args.context, cpu_conv=args.cpu_conv)
+    result.update(
+        config=options.config,
+        what=options.what,
+        batch_size=args.batch_size,
+        context=args.context,
+        cpu_conv=args.cpu_conv,
+    )
     for key, value in result.items():
         print(f'{key:>16}: {value}')
     if options.json:

@@ -22,6 +22,7 @@ cover every kind of pixel a file can hold, by its Pillow mode:
                                   values of no fixed scale, LAB and the like are no RGB
 (Files are recognised by their content, whatever their extension.) Pillow also resizes.
 """
+
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -63,13 +64,20 @@ def read_pixels(path, kind):
         reason = str(error).split('\n')[0]
         raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
     if mode not in DECODED_MODES | set(CONVERTED_MODES):
-        raise DataError(f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or '
-                        'grey values of a known scale); save it as an 8-bit or 16-bit grey, RGB '
-                        'or RGBA PNG')
-    if pixels.dtype not in (bool, np.uint8, np.uint16) or pixels.ndim not in (2, 3) or (
-            pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4)):
-        raise DataError(f'{path}: a {kind} of {pixels.dtype} values in {pixels.shape} is not '
-                        'supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG')
+        raise DataError(
+            f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or '
+            'grey values of a known scale); save it as an 8-bit or 16-bit grey, RGB '
+            'or RGBA PNG'
+        )
+    if (
+        pixels.dtype not in (bool, np.uint8, np.uint16)
+        or pixels.ndim not in (2, 3)
+        or (pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4))
+    ):
+        raise DataError(
+            f'{path}: a {kind} of {pixels.dtype} values in {pixels.shape} is not '
+            'supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
+        )
     return pixels if pixels.ndim == 3 else pixels[:, :, None]
 
 
@@ -108,8 +116,10 @@ def load_mask(path):
     if not varying:  # one value everywhere: on unless black or transparent
         return np.full(colour.shape, all(plane.max() > 0 for plane in planes))
     if len(varying) == 2 and not np.array_equal(*varying):
-        raise DataError(f'{path}: its colour and its transparency draw different masks; save '
-                        'the mask in one of them (white instance on black, opaque)')
+        raise DataError(
+            f'{path}: its colour and its transparency draw different masks; save '
+            'the mask in one of them (white instance on black, opaque)'
+        )
     return varying[0]
 
 
@@ -119,8 +129,10 @@ def load_with_masks(image_path, mask_paths):
     masks = [load_mask(path) for path in mask_paths]
     for path, mask in zip(mask_paths, masks):
         if mask.shape != image.shape[:2]:
-            raise DataError(f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
-                            f'but its image is {image.shape[1]}x{image.shape[0]}')
+            raise DataError(
+                f'{path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) '
+                f'but its image is {image.shape[1]}x{image.shape[0]}'
+            )
     return image, masks
 
 
@@ -138,8 +150,11 @@ def resize_with_masks(image, masks, size):
     official code does: float32 (3, H, W) and (N, H, W), in [-1, 1]. The masks keep the soft
     edges the resize gives them (not binarised, as in the official pipeline)."""
     resized = resize(image, size).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
-    masks = np.stack([resize(mask.astype(np.uint8) * 255, size).astype(np.float32) / 127.5 - 1
-                      for mask in masks]) if masks else np.zeros((0,) + tuple(size), np.float32)
+    masks = (
+        np.stack([resize(mask.astype(np.uint8) * 255, size).astype(np.float32) / 127.5 - 1 for mask in masks])
+        if masks
+        else np.zeros((0,) + tuple(size), np.float32)
+    )
     return resized, masks
 
 
@@ -194,8 +209,7 @@ def mask_paths(image_path):
 
 def is_listed(path):
     """Files a dataset folder lists: images, not hidden ones (such as macOS's ._NAME.png)."""
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith('.')
-            and path.is_file())
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith('.') and path.is_file()
 
 
 def list_images(folder):
@@ -211,15 +225,18 @@ def list_images(folder):
     for path in paths:
         first = first_of_stem.setdefault(path.stem, path)
         if first != path:
-            raise DataError(f'{first} and {path}: two images named {path.stem}, which would '
-                            f'share the masks {path.stem}_0.png, ...; rename one')
+            raise DataError(
+                f'{first} and {path}: two images named {path.stem}, which would '
+                f'share the masks {path.stem}_0.png, ...; rename one'
+            )
     return paths
 
 
 def count_max_instances(dataroot, phase='train'):
     """Largest number of instance masks of any image in {phase}A or {phase}B (reads no pixels)."""
-    return max(len(mask_paths(path))
-               for domain in 'AB' for path in list_images(Path(dataroot) / f'{phase}{domain}'))
+    return max(
+        len(mask_paths(path)) for domain in 'AB' for path in list_images(Path(dataroot) / f'{phase}{domain}')
+    )
 
 
 class MaskedImageIterator:
@@ -242,9 +259,21 @@ class MaskedImageIterator:
     and a resume are the same whatever the number of ranks.
     """
 
-    def __init__(self, dataroot, phase, domain, batch_size, load_size=(330, 220),
-                 fine_size=(300, 200), ins_max=4, flip=True, set_order='decreasing', seed=0,
-                 transform_seed=None, share=(0, 1)):
+    def __init__(
+        self,
+        dataroot,
+        phase,
+        domain,
+        batch_size,
+        load_size=(330, 220),
+        fine_size=(300, 200),
+        ins_max=4,
+        flip=True,
+        set_order='decreasing',
+        seed=0,
+        transform_seed=None,
+        share=(0, 1),
+    ):
         if domain not in ('A', 'B'):
             raise ValueError(f"domain must be 'A' or 'B', not {domain!r}")
         if set_order not in ('decreasing', 'random'):
@@ -252,8 +281,10 @@ class MaskedImageIterator:
         if batch_size < 1 or ins_max < 1:
             raise ValueError(f'batch_size {batch_size} and ins_max {ins_max} must be at least 1')
         if not all(0 < fine <= load for fine, load in zip(fine_size, load_size)):
-            raise ValueError(f'fine_size {tuple(fine_size)} must be positive and fit in '
-                             f'load_size {tuple(load_size)} (both (H, W))')
+            raise ValueError(
+                f'fine_size {tuple(fine_size)} must be positive and fit in '
+                f'load_size {tuple(load_size)} (both (H, W))'
+            )
         dataroot = Path(dataroot)
         if not dataroot.is_dir():
             raise DataError(f'{dataroot}: dataset folder not found')
@@ -262,13 +293,16 @@ class MaskedImageIterator:
         self.mask_paths = [mask_paths(path) for path in self.image_paths]
         for image_path, masks in zip(self.image_paths, self.mask_paths):
             if not masks:
-                raise DataError(f'{image_path}: no instance mask '
-                                f'(expected {self.folder}_seg/{image_path.stem}_0.png)')
+                raise DataError(
+                    f'{image_path}: no instance mask (expected {self.folder}_seg/{image_path.stem}_0.png)'
+                )
         claimed = {path for masks in self.mask_paths for path in masks}
         for path in sorted(Path(f'{self.folder}_seg').iterdir()):
             if is_listed(path) and path not in claimed:
-                raise DataError(f'{path}: mask without an image in {self.folder} '
-                                '(or a gap in its NAME_0, NAME_1, ... numbering)')
+                raise DataError(
+                    f'{path}: mask without an image in {self.folder} '
+                    '(or a gap in its NAME_0, NAME_1, ... numbering)'
+                )
 
         self.size, self.batch_size = len(self.image_paths), batch_size
         self.load_size, self.fine_size = tuple(load_size), tuple(fine_size)
@@ -284,8 +318,11 @@ class MaskedImageIterator:
 
     def fingerprint(self):
         """A digest of the file names (images and masks) this iterator reads."""
-        names = [str(path.relative_to(self.folder.parent)) for image, masks in
-                 zip(self.image_paths, self.mask_paths) for path in [image] + masks]
+        names = [
+            str(path.relative_to(self.folder.parent))
+            for image, masks in zip(self.image_paths, self.mask_paths)
+            for path in [image] + masks
+        ]
         return hashlib.sha256('\n'.join(names).encode()).hexdigest()[:16]
 
     def next(self):
@@ -305,13 +342,20 @@ class MaskedImageIterator:
         """Raises ValueError unless `state` is a position of this iterator's images."""
         order, cursor = np.asarray(state['order']), state['cursor']
         batches, transform_seed = state['batches'], state['transform_seed']
-        if (order.dtype.kind not in 'iu' or order.ndim != 1 or
-                not all(type(v) is int for v in (cursor, batches, transform_seed)) or
-                not 0 <= cursor <= len(order) or batches < 0 or transform_seed < 0 or
-                len(order) not in (0, self.size) or (len(order) and (
-                    sorted(order.tolist()) != list(range(self.size))))):
-            raise ValueError(f'a loader position of order {order.shape}, cursor {cursor!r}, '
-                             f'batch {batches!r} does not fit {self.size} images')
+        if (
+            order.dtype.kind not in 'iu'
+            or order.ndim != 1
+            or not all(type(v) is int for v in (cursor, batches, transform_seed))
+            or not 0 <= cursor <= len(order)
+            or batches < 0
+            or transform_seed < 0
+            or len(order) not in (0, self.size)
+            or (len(order) and (sorted(order.tolist()) != list(range(self.size))))
+        ):
+            raise ValueError(
+                f'a loader position of order {order.shape}, cursor {cursor!r}, '
+                f'batch {batches!r} does not fit {self.size} images'
+            )
         self._cancel_pending()
         self._rng.set_state(tuple(state['rng']))
         self._order, self._cursor = order, cursor
@@ -328,8 +372,13 @@ class MaskedImageIterator:
         self.close()
 
     def _state(self):
-        return {'rng': self._rng.get_state(), 'order': self._order.copy(), 'cursor': self._cursor,
-                'batches': self._batches, 'transform_seed': self._transform_seed}
+        return {
+            'rng': self._rng.get_state(),
+            'order': self._order.copy(),
+            'cursor': self._cursor,
+            'batches': self._batches,
+            'transform_seed': self._transform_seed,
+        }
 
     def _cancel_pending(self):
         if self._pending:
@@ -347,8 +396,9 @@ class MaskedImageIterator:
                 self._order, self._cursor = self._rng.permutation(self.size), 0
             index = self._order[self._cursor]
             self._cursor += 1
-            set_order = (self._rng.permutation(len(self.mask_paths[index]))
-                         if self.set_order == 'random' else None)
+            set_order = (
+                self._rng.permutation(len(self.mask_paths[index])) if self.set_order == 'random' else None
+            )
             if j // self.batch_size != self.rank:
                 continue
             transform = np.random.RandomState([self._transform_seed, self._batches, j])
@@ -361,8 +411,7 @@ class MaskedImageIterator:
 
     def _load(self, index, top, left, flip, set_order):
         """One (image, masks) sample; set_order None means largest first."""
-        image, masks, _ = load_resized(self.image_paths[index], self.mask_paths[index],
-                                       self.load_size)
+        image, masks, _ = load_resized(self.image_paths[index], self.mask_paths[index], self.load_size)
         fine_h, fine_w = self.fine_size
         rows, cols = slice(top, top + fine_h), slice(left, left + fine_w)
         image, masks = image[:, rows, cols], masks[:, rows, cols]
@@ -370,16 +419,15 @@ class MaskedImageIterator:
             image, masks = image[:, :, ::-1], masks[:, :, ::-1]
         if set_order is None:
             set_order = largest_first(masks)
-        kept = masks[set_order[:self.ins_max]]
+        kept = masks[set_order[: self.ins_max]]
         padded = np.full((self.ins_max, fine_h, fine_w), -1, np.float32)
-        padded[:len(kept)] = kept
+        padded[: len(kept)] = kept
         return np.ascontiguousarray(image), np.ascontiguousarray(padded)
 
 
 def check_dataroot(dataroot):
     if not os.path.isdir(dataroot):
-        raise DataError(f'{dataroot}: dataset folder not found '
-                        '(datasets/generate_ccp_dataset.py makes one)')
+        raise DataError(f'{dataroot}: dataset folder not found (datasets/generate_ccp_dataset.py makes one)')
 
 
 class Loaders:
@@ -387,16 +435,28 @@ class Loaders:
     shuffled order, the k-th batches of both cropped and flipped alike. `ins_max` is capped at
     the most instances any image has."""
 
-    def __init__(self, dataroot, batch_size, load_size, fine_size, ins_max, flip, set_order,
-                 seed, share=(0, 1)):
+    def __init__(
+        self, dataroot, batch_size, load_size, fine_size, ins_max, flip, set_order, seed, share=(0, 1)
+    ):
         check_dataroot(dataroot)
         self.ins_max = min(ins_max, count_max_instances(dataroot, 'train'))
         self.domains = {}
         try:
             for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')]):
                 self.domains[domain] = MaskedImageIterator(
-                    dataroot, 'train', letter, batch_size, load_size, fine_size, self.ins_max,
-                    flip, set_order, seed=seed + i, transform_seed=seed, share=share)
+                    dataroot,
+                    'train',
+                    letter,
+                    batch_size,
+                    load_size,
+                    fine_size,
+                    self.ins_max,
+                    flip,
+                    set_order,
+                    seed=seed + i,
+                    transform_seed=seed,
+                    share=share,
+                )
         except BaseException:
             self.close()
             raise
@@ -414,16 +474,21 @@ class Loaders:
     def identity(self):
         """What names the dataset in a checkpoint: its resolved path, and per domain the image
         count, the instance slots and a fingerprint of the file names."""
-        return {'path': os.path.realpath(self.dataroot), 'ins_max': self.ins_max,
-                'domains': {d: {'folder': loader.folder.name, 'images': loader.size,
-                                'fingerprint': loader.fingerprint()}
-                            for d, loader in self.domains.items()}}
+        return {
+            'path': os.path.realpath(self.dataroot),
+            'ins_max': self.ins_max,
+            'domains': {
+                d: {'folder': loader.folder.name, 'images': loader.size, 'fingerprint': loader.fingerprint()}
+                for d, loader in self.domains.items()
+            },
+        }
 
     def verify(self):
         """Decode every image and mask once, before anything is written, so that a corrupt file
         stops the run now and not epochs later; and refuse a domain without a single non-empty
         mask, which would train nothing. (Every rank checks the whole dataset: the shares
         change every epoch.)"""
+
         def instances(image_path, mask_paths, size):
             _, masks, _ = load_resized(image_path, mask_paths, size)
             return int(np.sum(masks.max(axis=(1, 2)) > -1))
@@ -432,15 +497,23 @@ class Loaders:
         try:
             for loader in self.domains.values():
                 found = 0
-                with tqdm(total=loader.size, desc=f'checking {loader.folder}', leave=False,
-                          dynamic_ncols=True, disable=None) as progress:
-                    for count in workers.map(instances, loader.image_paths, loader.mask_paths,
-                                             [loader.load_size] * loader.size):
+                with tqdm(
+                    total=loader.size,
+                    desc=f'checking {loader.folder}',
+                    leave=False,
+                    dynamic_ncols=True,
+                    disable=None,
+                ) as progress:
+                    for count in workers.map(
+                        instances, loader.image_paths, loader.mask_paths, [loader.load_size] * loader.size
+                    ):
                         found += count
                         progress.update()
                 if not found:
-                    raise DataError(f'{loader.folder}_seg: every mask is empty, so '
-                                    f'{loader.folder} has no instance to translate')
+                    raise DataError(
+                        f'{loader.folder}_seg: every mask is empty, so '
+                        f'{loader.folder} has no instance to translate'
+                    )
         finally:
             workers.shutdown(cancel_futures=True)
 

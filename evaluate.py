@@ -51,6 +51,7 @@ Output: a table (or with --json one JSON line) on stdout, and OUT/index.html wit
 photo (input | masks | translation | translated masks), sorted by the classifier's
 probability of the target domain, best first.
 """
+
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # until the results are written, a stop has nothing to save
@@ -117,6 +118,7 @@ METRICS = [
 
 # Data ----------------------------------------------------------------------------------------
 
+
 def load_phase(dataroot, phase, domain, size):
     """Photos of {phase}{domain} at network size (H, W), instances largest first. Each sample
     keeps its file paths; the photo-size copies are read only when they are scored."""
@@ -125,13 +127,22 @@ def load_phase(dataroot, phase, domain, size):
     for image_path in list_images(folder):
         masks = mask_paths(image_path)
         if not masks:
-            raise DataError(f'{image_path}: no instance mask in {folder}_seg; evaluate.py needs '
-                            'a phase with masks (val has none)')
+            raise DataError(
+                f'{image_path}: no instance mask in {folder}_seg; evaluate.py needs '
+                'a phase with masks (val has none)'
+            )
         image, small_masks, _ = load_resized(image_path, masks, size)
         order = largest_first(small_masks)
-        samples.append(SimpleNamespace(name=image_path.stem, image_path=image_path,
-                                       mask_paths=masks, photo_masks=None, image=image,
-                                       masks=small_masks[order]))
+        samples.append(
+            SimpleNamespace(
+                name=image_path.stem,
+                image_path=image_path,
+                mask_paths=masks,
+                photo_masks=None,
+                image=image,
+                masks=small_masks[order],
+            )
+        )
     if len(samples) < 2:
         raise DataError(f'{folder}: one image; cross-validation needs at least 2')
     return samples
@@ -144,20 +155,28 @@ def predicted_phase(samples, predictor, category, size, split_instances, min_ins
     found, predicted_regions, annotated_regions = [], [], []
     for sample in tqdm(samples, desc=f'predicting {category}', dynamic_ncols=True, leave=False):
         photo = read_photo(sample.image_path)
-        masks = mp.source_instances(predictor, photo, category, split_instances,
-                                    min_instance_area)
+        masks = mp.source_instances(predictor, photo, category, split_instances, min_instance_area)
         annotated = np.any([load_mask(path) for path in sample.mask_paths], axis=0)
         predicted_regions.append(np.any(masks, axis=0) if masks else np.zeros_like(annotated))
         annotated_regions.append(annotated)
         if masks:
             image, small_masks = resize_with_masks(photo, masks, size)
-            found.append(SimpleNamespace(name=sample.name, image_path=sample.image_path,
-                                         mask_paths=None, photo_masks=masks, image=image,
-                                         masks=small_masks[largest_first(small_masks)]))
+            found.append(
+                SimpleNamespace(
+                    name=sample.name,
+                    image_path=sample.image_path,
+                    mask_paths=None,
+                    photo_masks=masks,
+                    image=image,
+                    masks=small_masks[largest_first(small_masks)],
+                )
+            )
     if len(found) < 2:
         folder = os.path.dirname(samples[0].image_path)
-        raise DataError(f'{folder}: the mask predictor finds {category} in {len(found)} of '
-                        f'{len(samples)} photos; cross-validation needs at least 2')
+        raise DataError(
+            f'{folder}: the mask predictor finds {category} in {len(found)} of '
+            f'{len(samples)} photos; cross-validation needs at least 2'
+        )
     return found, len(samples) - len(found), float(mp.iou(predicted_regions, annotated_regions))
 
 
@@ -177,8 +196,10 @@ def union(masks):
 def mask_features(mask_sets):
     """One row per image: the union of its masks, area-averaged down to FEATURE_SIZE."""
     height, width = FEATURE_SIZE
-    return np.array([resize(union(masks).astype(np.float32), (height, width), 'box').ravel()
-                     for masks in mask_sets], np.float64)
+    return np.array(
+        [resize(union(masks).astype(np.float32), (height, width), 'box').ravel() for masks in mask_sets],
+        np.float64,
+    )
 
 
 def resize_channels(array, size):
@@ -187,6 +208,7 @@ def resize_channels(array, size):
 
 
 # Classifiers ---------------------------------------------------------------------------------
+
 
 class LogisticRegression:
     """L2-regularised logistic regression on features in rows, labels 0 and 1, each class
@@ -215,9 +237,14 @@ class LogisticRegression:
             p = expit(x @ w)
             return x.T @ (weight * p * (1 - p) * (x @ v)) + penalty * v
 
-        self.weights = minimize(loss_and_gradient, np.zeros(x.shape[1]), jac=True,
-                                hessp=hessian_times, method='Newton-CG',
-                                options={'xtol': 1e-10}).x
+        self.weights = minimize(
+            loss_and_gradient,
+            np.zeros(x.shape[1]),
+            jac=True,
+            hessp=hessian_times,
+            method='Newton-CG',
+            options={'xtol': 1e-10},
+        ).x
         return self
 
     def probability(self, features):
@@ -245,6 +272,7 @@ def cross_validated_accuracy(first, second, folds=FOLDS, seed=SEED):
 
 
 # Metrics -------------------------------------------------------------------------------------
+
 
 def mask_iou(source, translated):
     """Per instance, IoU of (N, H, W) masks binarised at 0; 1 where both are empty."""
@@ -276,12 +304,15 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
     (image, masks) -> (image, masks) at network size, G and F; classifier: P(domain B) of
     mask features; target: 'A' or 'B'; real_target: features of real target train masks.
     Returns the summary (METRICS and counts) and, per sample, its tile panels and scores."""
+
     def target_probability(mask_sets):
         p = classifier.probability(mask_features(mask_sets))
         return p if target == 'B' else 1 - p
 
-    errors = {name: Pooled() for name in ['background', 'inside', 'background_full',
-                                          'floor_full', 'cycle_image', 'cycle_masks']}
+    errors = {
+        name: Pooled()
+        for name in ['background', 'inside', 'background_full', 'floor_full', 'cycle_image', 'cycle_masks']
+    }
     ious, results = [], []
     for sample in tqdm(sources, desc='to ' + target, dynamic_ncols=True, leave=False):
         image, masks = forward(sample.image, sample.masks)
@@ -295,20 +326,26 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
 
         photo = load_image(sample.image_path)
         full_size = photo.shape[1:]
-        outside = ~(full_size_masks(sample).any(axis=0) | union(resize_channels(masks,
-                                                                                full_size)))
-        errors['background_full'].add(photo, np.clip(resize_channels(image, full_size), -1, 1),
-                                      outside)
-        errors['floor_full'].add(photo, np.clip(resize_channels(sample.image, full_size), -1, 1),
-                                 outside)
+        outside = ~(full_size_masks(sample).any(axis=0) | union(resize_channels(masks, full_size)))
+        errors['background_full'].add(photo, np.clip(resize_channels(image, full_size), -1, 1), outside)
+        errors['floor_full'].add(photo, np.clip(resize_channels(sample.image, full_size), -1, 1), outside)
 
         iou = mask_iou(sample.masks, masks)
         ious.extend(iou)
-        results.append(SimpleNamespace(
-            name=sample.name, panels=[image_panel(sample.image[None]),
-                                      mask_panel(sample.masks[None]),
-                                      image_panel(image[None]), mask_panel(masks[None])],
-            masks=masks, iou=float(iou.mean()), background=background))
+        results.append(
+            SimpleNamespace(
+                name=sample.name,
+                panels=[
+                    image_panel(sample.image[None]),
+                    mask_panel(sample.masks[None]),
+                    image_panel(image[None]),
+                    mask_panel(masks[None]),
+                ],
+                masks=masks,
+                iou=float(iou.mean()),
+                background=background,
+            )
+        )
 
     probability = target_probability([r.masks for r in results])
     for result, p in zip(results, probability):
@@ -317,12 +354,11 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
         'images': len(sources),
         'instances': len(ious),
         'domain_score': float(np.mean(probability >= 0.5)),
-        'domain_score_source': float(np.mean(target_probability([s.masks for s in sources])
-                                             >= 0.5)),
-        'realism_accuracy': cross_validated_accuracy(
-            real_target, mask_features([r.masks for r in results])),
+        'domain_score_source': float(np.mean(target_probability([s.masks for s in sources]) >= 0.5)),
+        'realism_accuracy': cross_validated_accuracy(real_target, mask_features([r.masks for r in results])),
         'realism_accuracy_source': cross_validated_accuracy(
-            real_target, mask_features([s.masks for s in sources])),
+            real_target, mask_features([s.masks for s in sources])
+        ),
         'mask_iou': float(np.mean(ious)),
         'background_error': errors['background'].mean,
         'inside_error': errors['inside'].mean,
@@ -337,6 +373,7 @@ def evaluate_direction(sources, forward, backward, classifier, target, real_targ
 
 # Output --------------------------------------------------------------------------------------
 
+
 def write_page(out, results_by_direction, report, stop):
     """Tiles of each direction, best first, and OUT/index.html listing them. A stop request
     ends it between two files; returns the number of tiles written then, None if complete."""
@@ -349,54 +386,79 @@ def write_page(out, results_by_direction, report, stop):
             written += 1
             tile = f'{direction}_{result.name}.png'
             save_tile(os.path.join(out, tile), [result.panels])
-            rows.append(f'<p>{html.escape(result.name)} p(target) '
-                        f'{result.target_probability:.3f}, IoU {result.iou:.3f}, background '
-                        f'{result.background:.4f}<br><img src="{html.escape(tile)}"></p>')
+            rows.append(
+                f'<p>{html.escape(result.name)} p(target) '
+                f'{result.target_probability:.3f}, IoU {result.iou:.3f}, background '
+                f'{result.background:.4f}<br><img src="{html.escape(tile)}"></p>'
+            )
         sections.append('<h2>{}</h2>\n{}'.format(direction, '\n'.join(rows)))
-    write_text(os.path.join(out, 'index.html'),
-               '<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
-               '<p>input | masks | translation | translated masks, by the mask classifier\'s '
-               'probability of the target domain, best first</p>\n{}\n'.format(
-                   html.escape(format_table(report)), '\n'.join(sections)))
+    write_text(
+        os.path.join(out, 'index.html'),
+        '<!doctype html>\n<title>InstaGAN evaluation</title>\n<pre>{}</pre>\n'
+        "<p>input | masks | translation | translated masks, by the mask classifier's "
+        'probability of the target domain, best first</p>\n{}\n'.format(
+            html.escape(format_table(report)), '\n'.join(sections)
+        ),
+    )
 
 
 def format_table(report):
     classifier = report['classifier']
-    lines = ['{} on {}/{}, network size {}x{} (HxW)'.format(
-                 report['checkpoint'], report['dataroot'], report['phase'], *report['size']),
-             'mask classifier: {} A + {} B train masks, accuracy {:.3f} on the {} {} masks'.format(
-                 classifier['train_images']['A'], classifier['train_images']['B'],
-                 classifier['accuracy'], sum(classifier['phase_images'].values()),
-                 report['phase']),
-             masks_line(report['masks']),
-             '',
-             '{:42}{:>9}{:>9}'.format('', *DIRECTIONS),
-             '{:42}{:>9}{:>9}'.format('images', *(report[d]['images'] for d in DIRECTIONS)),
-             '{:42}{:>9}{:>9}'.format('instances', *(report[d]['instances'] for d in DIRECTIONS))]
+    lines = [
+        '{} on {}/{}, network size {}x{} (HxW)'.format(
+            report['checkpoint'], report['dataroot'], report['phase'], *report['size']
+        ),
+        'mask classifier: {} A + {} B train masks, accuracy {:.3f} on the {} {} masks'.format(
+            classifier['train_images']['A'],
+            classifier['train_images']['B'],
+            classifier['accuracy'],
+            sum(classifier['phase_images'].values()),
+            report['phase'],
+        ),
+        masks_line(report['masks']),
+        '',
+        '{:42}{:>9}{:>9}'.format('', *DIRECTIONS),
+        '{:42}{:>9}{:>9}'.format('images', *(report[d]['images'] for d in DIRECTIONS)),
+        '{:42}{:>9}{:>9}'.format('instances', *(report[d]['instances'] for d in DIRECTIONS)),
+    ]
     if report['masks']['source'] == 'predicted':
-        lines += ['{:42}{:>9}{:>9}'.format('  photos without one (not scored)', *(
-                      report[d]['photos_without_instance'] for d in DIRECTIONS)),
-                  '{:42}{:>9.3f}{:>9.3f}'.format('source region IoU, predicted vs annotated', *(
-                      report[d]['predicted_region_iou'] for d in DIRECTIONS))]
+        lines += [
+            '{:42}{:>9}{:>9}'.format(
+                '  photos without one (not scored)',
+                *(report[d]['photos_without_instance'] for d in DIRECTIONS),
+            ),
+            '{:42}{:>9.3f}{:>9.3f}'.format(
+                'source region IoU, predicted vs annotated',
+                *(report[d]['predicted_region_iou'] for d in DIRECTIONS),
+            ),
+        ]
     for key, label in METRICS:
         lines.append('{:42}{:>9.3f}{:>9.3f}'.format(label, *(report[d][key] for d in DIRECTIONS)))
         if key == 'domain_score' and report['masks']['source'] == 'predicted':
-            lines.append('{:42}{:>9.3f}{:>9.3f}'.format('  of all photos (none predicted: 0)', *(
-                report[d]['domain_score_all_photos'] for d in DIRECTIONS)))
+            lines.append(
+                '{:42}{:>9.3f}{:>9.3f}'.format(
+                    '  of all photos (none predicted: 0)',
+                    *(report[d]['domain_score_all_photos'] for d in DIRECTIONS),
+                )
+            )
     return '\n'.join(lines)
 
 
 def masks_line(masks):
     if masks['source'] == 'annotated':
         return 'source masks: annotated'
-    split = (f'--split-instances --min-instance-area {masks["min_instance_area"]}'
-             if masks['split_instances'] else 'each region one instance')
+    split = (
+        f'--split-instances --min-instance-area {masks["min_instance_area"]}'
+        if masks['split_instances']
+        else 'each region one instance'
+    )
     return 'source masks: predicted by {} ({}; {})'.format(
-        masks['predictor'], ', '.join(f'{c} in {d}' for d, c in masks['categories'].items()),
-        split)
+        masks['predictor'], ', '.join(f'{c} in {d}' for d, c in masks['categories'].items()), split
+    )
 
 
 # Command line --------------------------------------------------------------------------------
+
 
 def existing_folder(path):
     if not os.path.isdir(path):
@@ -411,40 +473,69 @@ def phase_name(name):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--model-save-path', '-o', type=path, required=True,
-                        help="a model: a training run's --model-save-path (its newest "
-                             'checkpoint), a checkpoint folder, a pretrained/ folder or a '
-                             'parameters.h5')
-    parser.add_argument('--dataroot', type=existing_folder, required=True,
-                        help='a dataset folder with trainA/B and {phase}A/B, masks included')
-    parser.add_argument('--phase', type=phase_name, default='test',
-                        help='the photos scored; the classifiers always learn from train')
-    parser.add_argument('--json', action='store_true',
-                        help='print one JSON line of every figure instead of the table')
-    parser.add_argument('--out', type=path, help='folder of the tiles and index.html '
-                                                 '(default: results/evaluate/PHASE)')
-    parser.add_argument('--context', '-c', choices=CONTEXTS,
-                        default='cudnn' if cuda_installed() else 'cpu')
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        '--model-save-path',
+        '-o',
+        type=path,
+        required=True,
+        help="a model: a training run's --model-save-path (its newest "
+        'checkpoint), a checkpoint folder, a pretrained/ folder or a '
+        'parameters.h5',
+    )
+    parser.add_argument(
+        '--dataroot',
+        type=existing_folder,
+        required=True,
+        help='a dataset folder with trainA/B and {phase}A/B, masks included',
+    )
+    parser.add_argument(
+        '--phase',
+        type=phase_name,
+        default='test',
+        help='the photos scored; the classifiers always learn from train',
+    )
+    parser.add_argument(
+        '--json', action='store_true', help='print one JSON line of every figure instead of the table'
+    )
+    parser.add_argument(
+        '--out', type=path, help='folder of the tiles and index.html (default: results/evaluate/PHASE)'
+    )
+    parser.add_argument('--context', '-c', choices=CONTEXTS, default='cudnn' if cuda_installed() else 'cpu')
     parser.add_argument('--device-id', '-d', type=device_id, default='0')
     parser.add_argument('--type-config', '-t', choices=TYPE_CONFIGS, default='float')
     predicted = parser.add_argument_group('predicted masks')
-    predicted.add_argument('--predicted-masks', nargs='?', const=mp.DEFAULT_FOLDER,
-                           metavar='FOLDER', type=path,
-                           help='translate with the masks this mask predictor finds, not the '
-                                'annotated ones (FOLDER: pretrained/mask_predictor when not '
-                                'given)')
-    predicted.add_argument('--categories', nargs=2, metavar=('CAT_A', 'CAT_B'),
-                           help='the categories of domains A and B, which the predictor finds '
-                                f'(from the {CATEGORIES} beside the model when not given)')
-    predicted.add_argument('--split-instances', action='store_true',
-                           help='each 8-connected part of a region is an instance, as with '
-                                'generate_ccp_dataset.py --split-instances')
-    predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
-                                                               'a number in [0, 1)'),
-                           help='with --split-instances: the smallest instance, as a share of '
-                                'the photo (0.002 when not given, as generate_ccp_dataset.py)')
+    predicted.add_argument(
+        '--predicted-masks',
+        nargs='?',
+        const=mp.DEFAULT_FOLDER,
+        metavar='FOLDER',
+        type=path,
+        help='translate with the masks this mask predictor finds, not the '
+        'annotated ones (FOLDER: pretrained/mask_predictor when not '
+        'given)',
+    )
+    predicted.add_argument(
+        '--categories',
+        nargs=2,
+        metavar=('CAT_A', 'CAT_B'),
+        help='the categories of domains A and B, which the predictor finds '
+        f'(from the {CATEGORIES} beside the model when not given)',
+    )
+    predicted.add_argument(
+        '--split-instances',
+        action='store_true',
+        help='each 8-connected part of a region is an instance, as with '
+        'generate_ccp_dataset.py --split-instances',
+    )
+    predicted.add_argument(
+        '--min-instance-area',
+        type=checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+        help='with --split-instances: the smallest instance, as a share of '
+        'the photo (0.002 when not given, as generate_ccp_dataset.py)',
+    )
     args = parser.parse_args(argv)
     if not args.predicted_masks:
         for flag in ['categories', 'split_instances', 'min_instance_area']:
@@ -461,69 +552,105 @@ def masks_record(args, params_file):
     """How the source masks are made: annotated, or by the predictor (which, of what)."""
     if not args.predicted_masks:
         return {'source': 'annotated'}
-    categories = dict(zip('AB', args.categories)) if args.categories else \
-        read_categories(params_file)
+    categories = dict(zip('AB', args.categories)) if args.categories else read_categories(params_file)
     if not categories:
-        raise DataError(f'--predicted-masks: give --categories CAT_A CAT_B, the categories '
-                        f'the predictor finds; no {CATEGORIES} beside {params_file} names them')
+        raise DataError(
+            f'--predicted-masks: give --categories CAT_A CAT_B, the categories '
+            f'the predictor finds; no {CATEGORIES} beside {params_file} names them'
+        )
     folder = args.predicted_masks
     shown = os.path.relpath(folder) if folder == mp.DEFAULT_FOLDER else folder
-    return {'source': 'predicted', 'predictor': shown, 'categories': categories,
-            'split_instances': args.split_instances,
-            'min_instance_area': args.min_instance_area}
+    return {
+        'source': 'predicted',
+        'predictor': shown,
+        'categories': categories,
+        'split_instances': args.split_instances,
+        'min_instance_area': args.min_instance_area,
+    }
 
 
 def main(argv=None):
     args = get_args(argv)
-    out = args.out or os.path.join('results', 'evaluate', args.phase + (
-        '_predicted' if args.predicted_masks else ''))
+    out = args.out or os.path.join(
+        'results', 'evaluate', args.phase + ('_predicted' if args.predicted_masks else '')
+    )
     try:
         _, accelerate = set_context(args.context, args.device_id, args.type_config)
         params_file, config, generators = load_translators(
-            args.model_save_path, DIRECTIONS, accelerate=accelerate)
+            args.model_save_path, DIRECTIONS, accelerate=accelerate
+        )
         size = config.size
         masks = masks_record(args, params_file)
         phase = {d: load_phase(args.dataroot, args.phase, d, size) for d in 'AB'}
-        train_features = {d: mask_features(s.masks for s in load_phase(
-            args.dataroot, 'train', d, size)) for d in 'AB'}
+        train_features = {
+            d: mask_features(s.masks for s in load_phase(args.dataroot, 'train', d, size)) for d in 'AB'
+        }
         check_not_in_dataset(out, '--out')
         make_writable_folder(out, '--out')  # refuse an unwritable --out before any work
         sources, predicted = phase, {}
         if masks['source'] == 'predicted':
-            predictor = mp.open_predictor(args.predicted_masks,
-                                          list(masks['categories'].values()), accelerate)
-            predicted = {d: predicted_phase(phase[d], predictor, masks['categories'][d], size,
-                                            args.split_instances, args.min_instance_area)
-                         for d in 'AB'}
+            predictor = mp.open_predictor(
+                args.predicted_masks, list(masks['categories'].values()), accelerate
+            )
+            predicted = {
+                d: predicted_phase(
+                    phase[d],
+                    predictor,
+                    masks['categories'][d],
+                    size,
+                    args.split_instances,
+                    args.min_instance_area,
+                )
+                for d in 'AB'
+            }
             sources = {d: found for d, (found, _, _) in predicted.items()}
     except RunError as error:
         sys.exit(f'evaluate.py: {error}')
 
     classifier = LogisticRegression().fit(
         np.concatenate([train_features['A'], train_features['B']]),
-        np.r_[np.zeros(len(train_features['A'])), np.ones(len(train_features['B']))])
-    correct = [(classifier.probability(mask_features(s.masks for s in phase[d])) >= 0.5)
-               == (d == 'B') for d in 'AB']
+        np.r_[np.zeros(len(train_features['A'])), np.ones(len(train_features['B']))],
+    )
+    correct = [
+        (classifier.probability(mask_features(s.masks for s in phase[d])) >= 0.5) == (d == 'B') for d in 'AB'
+    ]
     report = {
-        'checkpoint': os.path.dirname(params_file), 'dataroot': args.dataroot,
-        'phase': args.phase, 'size': list(size), 'masks': masks,
-        'classifier': {'train_images': {d: len(train_features[d]) for d in 'AB'},
-                       'phase_images': {d: len(phase[d]) for d in 'AB'},
-                       'accuracy': float(np.mean(np.concatenate(correct))),
-                       'feature_size': list(FEATURE_SIZE), 'l2': L2,
-                       'realism_folds': FOLDS, 'seed': SEED}}
+        'checkpoint': os.path.dirname(params_file),
+        'dataroot': args.dataroot,
+        'phase': args.phase,
+        'size': list(size),
+        'masks': masks,
+        'classifier': {
+            'train_images': {d: len(train_features[d]) for d in 'AB'},
+            'phase_images': {d: len(phase[d]) for d in 'AB'},
+            'accuracy': float(np.mean(np.concatenate(correct))),
+            'feature_size': list(FEATURE_SIZE),
+            'l2': L2,
+            'realism_folds': FOLDS,
+            'seed': SEED,
+        },
+    }
     results = {}
     for direction, (source, target) in DIRECTIONS.items():
         reverse = 'BtoA' if direction == 'AtoB' else 'AtoB'
         report[direction], results[direction] = evaluate_direction(
-            sources[source], generators[direction], generators[reverse], classifier, target,
-            train_features[target])
+            sources[source],
+            generators[direction],
+            generators[reverse],
+            classifier,
+            target,
+            train_features[target],
+        )
         if predicted:
             _, without, region_iou = predicted[source]
             figures = report[direction]
-            figures.update(photos_without_instance=without, predicted_region_iou=region_iou,
-                           domain_score_all_photos=figures['domain_score'] * figures['images']
-                           / (figures['images'] + without))
+            figures.update(
+                photos_without_instance=without,
+                predicted_region_iou=region_iou,
+                domain_score_all_photos=figures['domain_score']
+                * figures['images']
+                / (figures['images'] + without),
+            )
     # Every tile and index.html is written whole or not at all; a stop waits for the file.
     with StopRequest('stopping after this file') as stop:
         stop.deferring = True
@@ -532,8 +659,11 @@ def main(argv=None):
         except RunError as error:
             sys.exit(f'evaluate.py: {error}')
     if stop.received:
-        print(f'evaluate.py: stopped by {stop.name} after {written} tile'
-              f'{"s" * (written != 1)}; index.html is not written', file=sys.stderr)
+        print(
+            f'evaluate.py: stopped by {stop.name} after {written} tile'
+            f'{"s" * (written != 1)}; index.html is not written',
+            file=sys.stderr,
+        )
         sys.exit(exit_status(stop.received))
     print(json.dumps(report) if args.json else format_table(report))
 

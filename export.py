@@ -66,10 +66,7 @@ def get_parser():
     parser.add_argument('--direction', choices=list(DIRECTIONS) + ['both'], default='both')
     parser.add_argument('--format', choices=['nnp', 'onnx', 'both'], default='both')
     parser.add_argument(
-        '--out',
-        required=True,
-        type=path,
-        help='output folder: not the model folder, not in a dataset',
+        '--out', required=True, type=path, help='output folder: not the model folder, not in a dataset'
     )
     parser.add_argument('--opset', type=opset, default=11, help='ONNX opset')
     check = parser.add_argument_group(
@@ -102,15 +99,9 @@ def get_parser():
         'check inputs, the median of ROUNDS rounds',
     )
     network = parser.add_argument_group('network', 'default: as saved with the model')
-    network.add_argument(
-        '--fineSizeH', type=FLAG_TYPES['fineSizeH'], help='network height (a multiple of 4)'
-    )
-    network.add_argument(
-        '--fineSizeW', type=FLAG_TYPES['fineSizeW'], help='network width (a multiple of 4)'
-    )
-    network.add_argument(
-        '--ins-per', type=FLAG_TYPES['ins_per'], help='K, the instance slots of one pass'
-    )
+    network.add_argument('--fineSizeH', type=FLAG_TYPES['fineSizeH'], help='network height (a multiple of 4)')
+    network.add_argument('--fineSizeW', type=FLAG_TYPES['fineSizeW'], help='network width (a multiple of 4)')
+    network.add_argument('--ins-per', type=FLAG_TYPES['ins_per'], help='K, the instance slots of one pass')
     return parser
 
 
@@ -131,9 +122,7 @@ def check_out_folder(args, files_read):
     files into a dataset: the folder of a file read, the model folder, a file, a dataset's
     folder."""
     out = os.path.realpath(args.out)
-    refusals = [
-        (os.path.dirname(os.path.realpath(file)), f'holds the input {file}') for file in files_read
-    ]
+    refusals = [(os.path.dirname(os.path.realpath(file)), f'holds the input {file}') for file in files_read]
     for flag in ['model_save_path', 'check_dataroot']:
         if getattr(args, flag):
             refusals.append(
@@ -156,14 +145,10 @@ def prepare(args):
     inputs, files_read = {}, [params_file]
     for direction in args.directions:
         if args.check_image:
-            inputs[direction] = exporting.check_inputs(
-                config, image=args.check_image, masks=args.check_masks
-            )
+            inputs[direction] = exporting.check_inputs(config, image=args.check_image, masks=args.check_masks)
             files_read += [args.check_image] + list(args.check_masks or [])
         else:
-            folder = os.path.join(
-                args.check_dataroot or CHECK_DATAROOT, args.check_phase + direction[0]
-            )
+            folder = os.path.join(args.check_dataroot or CHECK_DATAROOT, args.check_phase + direction[0])
             inputs[direction] = exporting.check_inputs(config, folder=folder, every=args.check_all)
     check_out_folder(args, files_read)
     make_writable_folder(args.out, '--out')
@@ -193,10 +178,7 @@ RUNTIME_NAMES = {'nnp': 'NnpLoader', 'onnx': 'onnxruntime'}
 def time_runtimes(params_file, direction, config, inputs, written, rounds):
     """One line of per-image times: each written file in its runtime, and NNabla's graph, plain
     and accelerated by the CPU engine (--cpu-conv blas)."""
-    runs = {
-        f'{RUNTIME_NAMES[fmt]} ({fmt})': exporting.RUNNERS[fmt](file)
-        for fmt, file in written.items()
-    }
+    runs = {f'{RUNTIME_NAMES[fmt]} ({fmt})': exporting.RUNNERS[fmt](file) for fmt, file in written.items()}
     for cpu_conv in ['nnabla', 'blas']:
         _, accelerate = set_context('cpu', cpu_conv=cpu_conv)
         with exporting.own_parameters():

@@ -123,13 +123,10 @@ def nnp_bytes(translator, direction, config):
     """The .nnp of a built Translator (its parameters still in the global store). A fixed
     batch size of 1: nnabla's variable batch size does not load back."""
     buffer = io.BytesIO()
-    save(
-        buffer, contents(translator, direction, config), variable_batch_size=False, extension='.nnp'
-    )
+    save(buffer, contents(translator, direction, config), variable_batch_size=False, extension='.nnp')
     with zipfile.ZipFile(buffer, 'a') as archive:  # `unzip -z` shows it
         archive.comment = '\n'.join(
-            [description(direction, config)]
-            + [f'{k}: {v}' for k, v in metadata(direction, config).items()]
+            [description(direction, config)] + [f'{k}: {v}' for k, v in metadata(direction, config).items()]
         ).encode('ascii')
     return buffer.getvalue()
 
@@ -194,9 +191,7 @@ class OnnxRunner:
         # Its threads would otherwise spin on after each run, taking the cores from whatever
         # runs next in this process (NNabla, when export.py --time takes turns).
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        self.session = onnxruntime.InferenceSession(
-            path, options, providers=['CPUExecutionProvider']
-        )
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
     def __call__(self, image, masks):
         feed = {'image': image[None].astype(np.float32), 'masks': masks[None].astype(np.float32)}
@@ -251,9 +246,7 @@ def check_inputs(config, image=None, masks=None, folder=None, every=False):
         pairs = [(str(path), mask_paths(path)) for path in (images if every else images[:1])]
     for path, found in pairs:
         if not found:
-            raise DataError(
-                f'{path}: no instance masks given or found beside it (DIR_seg/NAME_0.png, ...)'
-            )
+            raise DataError(f'{path}: no instance masks given or found beside it (DIR_seg/NAME_0.png, ...)')
     return [one_pass_input(path, found, config) for path, found in pairs]
 
 

@@ -4,11 +4,17 @@ Images are (B, 3, H, W) and instance masks (B, N, H, W), both in [-1, 1]. Every 
 over the batch; with `weights` (B,) of 0/1 it is the mean over the samples weighted 1 (in
 sequential training, the samples that have instances in the current pass).
 """
+
 import nnabla.functions as F
 
 # The terms a run monitors, each for both directions (NAME_x, NAME_y).
-LOSS_NAMES = ['discriminator_loss', 'generator_loss', 'reconstruction_loss',
-              'identity_mapping_loss', 'context_preserving_loss']
+LOSS_NAMES = [
+    'discriminator_loss',
+    'generator_loss',
+    'reconstruction_loss',
+    'identity_mapping_loss',
+    'context_preserving_loss',
+]
 
 
 def batch_mean(values, weights=None):
@@ -40,8 +46,12 @@ def image_and_masks_l1(image, masks, other_image, other_masks, weights=None, mas
     fewer slots are built.
     """
     channels = image.shape[1] + masks.shape[1]
-    loss = batch_mean(F.absolute_error(F.concatenate(image, masks, axis=1),
-                                       F.concatenate(other_image, other_masks, axis=1)), weights)
+    loss = batch_mean(
+        F.absolute_error(
+            F.concatenate(image, masks, axis=1), F.concatenate(other_image, other_masks, axis=1)
+        ),
+        weights,
+    )
     if mask_channels is None or mask_channels == masks.shape[1]:
         return loss
     if mask_channels < masks.shape[1]:

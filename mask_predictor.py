@@ -20,6 +20,7 @@ CPU cores.
 The measures at the end (IoU, instance count, boundary F-score) work on numpy masks, so they
 are testable on hand-made masks.
 """
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,14 @@ from runtime.files import write_image, write_text
 SCOPE = 'mask_predictor'
 CONFIG = 'predictor.json'  # written next to parameters.h5
 DEFAULT_CATEGORIES = ('jeans', 'skirt')
-DEFAULT_SIZE = (144, 96)   # CCP photos are 550 wide, 800-870 high: the same aspect ratio
-DEFAULT_WIDTH = 16         # channels of the first level; each further level doubles them
+DEFAULT_SIZE = (144, 96)  # CCP photos are 550 wide, 800-870 high: the same aspect ratio
+DEFAULT_WIDTH = 16  # channels of the first level; each further level doubles them
 DEFAULT_LEVELS = 5
 
 
 # ---------------------------------------------------------------------------------------------
 # The network
+
 
 def conv_norm_relu(x, outmaps, name):
     """3x3 convolution (zero padding keeps H and W), instance norm, ReLU: the U-Net's unit."""
@@ -76,13 +78,13 @@ def unet(image, n_classes, width=DEFAULT_WIDTH, levels=DEFAULT_LEVELS):
     2 ** (levels - 1). Call under nn.parameter_scope(SCOPE) (predictor_logits does)."""
     skips, h = [], image
     for level in range(levels):
-        h = double_conv(h, width * 2 ** level, f'down{level}')
+        h = double_conv(h, width * 2**level, f'down{level}')
         if level < levels - 1:
             skips.append(h)
             h = F.max_pooling(h, (2, 2))
     for level in reversed(range(levels - 1)):
-        h = upsample_and_join(h, skips[level], width * 2 ** level, f'up{level}')
-        h = double_conv(h, width * 2 ** level, f'up{level}')
+        h = upsample_and_join(h, skips[level], width * 2**level, f'up{level}')
+        h = double_conv(h, width * 2**level, f'up{level}')
     with nn.parameter_scope('classifier'):
         return PF.convolution(h, n_classes, (1, 1))
 
@@ -97,8 +99,9 @@ def check_size(size, levels):
     """Refuse an (H, W) the U-Net cannot pool and unpool back to itself."""
     step = 2 ** (levels - 1)
     if len(size) != 2 or any(int(s) != s or s < step or s % step for s in size):
-        raise ValueError(f'size {tuple(size)}: H and W must be multiples of {step} '
-                         f'(the U-Net has {levels} levels)')
+        raise ValueError(
+            f'size {tuple(size)}: H and W must be multiples of {step} (the U-Net has {levels} levels)'
+        )
 
 
 def segmentation_loss(logits, labels, one_hot):
@@ -112,10 +115,10 @@ def segmentation_loss(logits, labels, one_hot):
     cross_entropy = F.mean(F.softmax_cross_entropy(logits, labels, axis=1))
     probabilities = F.softmax(logits, axis=1)
     n_classes = logits.shape[1]
-    foreground = F.slice(probabilities, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes)
-                         + logits.shape[2:])
-    target = F.slice(one_hot, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes)
-                     + logits.shape[2:])
+    foreground = F.slice(
+        probabilities, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes) + logits.shape[2:]
+    )
+    target = F.slice(one_hot, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes) + logits.shape[2:])
     overlap = F.sum(foreground * target, axis=(0, 2, 3))
     total = F.sum(foreground, axis=(0, 2, 3)) + F.sum(target, axis=(0, 2, 3))
     dice = F.mean(1 - (2 * overlap + 1) / (total + 1))
@@ -129,6 +132,7 @@ def one_hot_planes(labels, n_classes):
 
 # ---------------------------------------------------------------------------------------------
 # Images in and out
+
 
 def to_network_input(photo, size):
     """(H, W, 3) uint8 photo -> (3, h, w) float32 in [-1, 1] at size (h, w), bilinear."""
@@ -146,18 +150,24 @@ def resize_labels(labels, size):
 def resize_probabilities(probabilities, size):
     """(C, h, w) float -> (C, H, W), each plane bilinear, so argmax gives smooth boundaries at
     the photo's resolution rather than the network's blocks."""
-    return np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), mode='F')
-                                .resize(size[::-1], Image.BILINEAR)) for plane in probabilities])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(plane.astype(np.float32), mode='F').resize(size[::-1], Image.BILINEAR))
+            for plane in probabilities
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # A trained predictor
+
 
 @dataclass
 class MaskPredictor:
     """A built prediction graph: categories (class c + 1 is categories[c]), network size
     (H, W), width and levels; image and probabilities (the softmax) are its input and output
     variables (batch 1)."""
+
     categories: tuple
     size: tuple
     width: int
@@ -172,8 +182,9 @@ class MaskPredictor:
         return self.probabilities.d[0].copy()
 
 
-def build_predictor(categories=DEFAULT_CATEGORIES, size=DEFAULT_SIZE, width=DEFAULT_WIDTH,
-                    levels=DEFAULT_LEVELS):
+def build_predictor(
+    categories=DEFAULT_CATEGORIES, size=DEFAULT_SIZE, width=DEFAULT_WIDTH, levels=DEFAULT_LEVELS
+):
     """The prediction graph with the current parameters under SCOPE (made if missing)."""
     check_size(size, levels)
     image = nn.Variable((1, 3) + tuple(size))
@@ -195,9 +206,12 @@ def read_config(path):
         config = json.loads(Path(path).read_text())
         categories, size = config['categories'], config['size']
         width, levels = config['width'], config['levels']
-        if not (isinstance(categories, list) and categories
-                and all(isinstance(c, str) and c for c in categories)
-                and len(set(categories)) == len(categories)):
+        if not (
+            isinstance(categories, list)
+            and categories
+            and all(isinstance(c, str) and c for c in categories)
+            and len(set(categories)) == len(categories)
+        ):
             raise ValueError('categories must be distinct non-empty names')
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in [*size, width, levels]):
             raise ValueError('size, width and levels must be integers')
@@ -221,8 +235,9 @@ def load_predictor(folder):
         saved = read_parameters(str(file))
     except Exception as error:  # h5py reports damage with several exception types
         reason = str(error).split('\n')[0]
-        raise ValueError(f'{file}: unreadable or not a parameter file ({type(error).__name__}: '
-                         f'{reason})') from None
+        raise ValueError(
+            f'{file}: unreadable or not a parameter file ({type(error).__name__}: {reason})'
+        ) from None
     with nn.parameter_scope(SCOPE):
         nn.clear_parameters()  # a predictor loaded before keeps its own; this one starts afresh
     predictor = build_predictor(categories, size, width, levels)
@@ -233,8 +248,7 @@ def load_predictor(folder):
             what = 'lacks' if name not in saved else 'holds a parameter the network lacks:'
             raise ValueError(f'{file} {what} {name} (not the network of {folder / CONFIG})')
         if saved[name].shape != needed[name].shape:
-            raise ValueError(f'{file}: {name} is {saved[name].shape}, the network needs '
-                             f'{needed[name].shape}')
+            raise ValueError(f'{file}: {name} is {saved[name].shape}, the network needs {needed[name].shape}')
         needed[name].d = saved[name]
     return predictor
 
@@ -243,6 +257,7 @@ def load_predictor(folder):
 class CategoryMasks:
     """What predict_masks finds of a category: its bool region (H, W) at the photo's resolution
     and its instances (bool (H, W) each) by the ccp instance rule."""
+
     region: np.ndarray
     instances: list
 
@@ -264,8 +279,9 @@ def predict_masks(predictor, photo, split_instances=False, min_instance_area=0.0
     found = {}
     for index, category in enumerate(predictor.categories, start=1):
         region = labels == index
-        found[category] = CategoryMasks(region, ccp.instance_masks(region, split_instances,
-                                                                   min_instance_area))
+        found[category] = CategoryMasks(
+            region, ccp.instance_masks(region, split_instances, min_instance_area)
+        )
     return found
 
 
@@ -289,15 +305,15 @@ def open_predictor(folder, categories, accelerate=None):
         raise PredictorError(f'mask predictor {folder}: {error}') from None
     unknown = [category for category in categories if category not in predictor.categories]
     if unknown:
-        raise PredictorError(f'mask predictor {folder} finds {", ".join(predictor.categories)}, '
-                             f'not {", ".join(unknown)}')
+        raise PredictorError(
+            f'mask predictor {folder} finds {", ".join(predictor.categories)}, not {", ".join(unknown)}'
+        )
     if accelerate:
         accelerate(predictor.probabilities)
     return predictor
 
 
-def source_instances(predictor, photo, category, split_instances=False,
-                     min_instance_area=0.002):
+def source_instances(predictor, photo, category, split_instances=False, min_instance_area=0.002):
     """The instance masks (bool, the photo's size) of `category` in a photo (H, W, 3) uint8, by
     the instance rule of generate_ccp_dataset.py and its flags; empty if none is found."""
     return predict_masks(predictor, photo, split_instances, min_instance_area)[category].instances
@@ -317,6 +333,7 @@ def write_predicted_masks(folder, stem, masks):
 
 # ---------------------------------------------------------------------------------------------
 # Measures
+
 
 def intersection_and_union(predicted, annotated):
     """Pixel counts of the overlap and the union of two bool masks, to pool over photos."""

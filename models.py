@@ -11,6 +11,7 @@ Use every function under `nn.parameter_scope(...)`: the scope names the network.
 are plain NNabla on every device; on the CPU, cpu_engine.accelerate can move a built graph's
 convolutions and normalisations onto every core afterwards, with the same parameters.
 """
+
 import math
 import re
 
@@ -25,11 +26,13 @@ def check_sizes(height, width, n_layers_D=None):
     two stride-2 convolutions and their transposes need multiples of 4, and its residual blocks
     reflect-pad H/4 x W/4 maps by one pixel, which needs two. Each stride-2 layer of the
     discriminator halves the size, and its last two 4x4 convolutions take one pixel each."""
-    smallest = max(8, 3 * 2 ** n_layers_D if n_layers_D else 0)
+    smallest = max(8, 3 * 2**n_layers_D if n_layers_D else 0)
     for name, size in [('height', height), ('width', width)]:
         if size % 4 or size < smallest:
-            raise ValueError(f'a network {name} of {size} is not a multiple of 4 of at least '
-                             f'{smallest}' + (f' (--n-layers-D {n_layers_D})' if n_layers_D else ''))
+            raise ValueError(
+                f'a network {name} of {size} is not a multiple of 4 of at least '
+                f'{smallest}' + (f' (--n-layers-D {n_layers_D})' if n_layers_D else '')
+            )
 
 
 def slots_per_pass(ins_per, instances):
@@ -40,8 +43,7 @@ def slots_per_pass(ins_per, instances):
 def pass_slices(instances, per_pass):
     """The slots of each pass of sequential mini-batch translation (paper section 2.3):
     instances rounded up to a whole number of passes of `per_pass` slots."""
-    return [slice(p * per_pass, (p + 1) * per_pass)
-            for p in range(max(1, math.ceil(instances / per_pass)))]
+    return [slice(p * per_pass, (p + 1) * per_pass) for p in range(max(1, math.ceil(instances / per_pass)))]
 
 
 def current_parameter_name(name):
@@ -73,23 +75,47 @@ def convolution(x, outmaps, kernel, stride=1, pad=0, reflect=0, name='conv'):
     """Generator convolution of x, zero-padded by `pad` or reflection-padded by `reflect` pixels."""
     if reflect:
         x = F.pad(x, (reflect,) * 4, mode='reflect')
-    return PF.convolution(x, outmaps, (kernel, kernel), pad=(pad, pad), stride=(stride, stride),
-                          w_init=generator_init(), name=name)
+    return PF.convolution(
+        x,
+        outmaps,
+        (kernel, kernel),
+        pad=(pad, pad),
+        stride=(stride, stride),
+        w_init=generator_init(),
+        name=name,
+    )
 
 
 def upsample(x, outmaps, name='deconv'):
     """3x3 transposed convolution, stride 2, output padding 1: exactly doubles H and W."""
-    return PF.deconvolution(x, outmaps, (3, 3), pad=(1, 1), stride=(2, 2), output_padding=(1, 1),
-                            w_init=generator_init(), name=name)
+    return PF.deconvolution(
+        x,
+        outmaps,
+        (3, 3),
+        pad=(1, 1),
+        stride=(2, 2),
+        output_padding=(1, 1),
+        w_init=generator_init(),
+        name=name,
+    )
 
 
 def spectral_norm_convolution(x, outmaps, stride, fix_parameters, name='conv'):
     """The discriminator's 4x4 convolution, zero-padded by 1 pixel, with a spectrally normalised
     weight (Miyato et al. 2018)."""
     init = discriminator_init(x.shape[1] * 4 * 4)
-    return PF.convolution(x, outmaps, (4, 4), pad=(1, 1), stride=(stride, stride), w_init=init,
-                          b_init=init, fix_parameters=fix_parameters, apply_w=PF.spectral_norm,
-                          name=name)
+    return PF.convolution(
+        x,
+        outmaps,
+        (4, 4),
+        pad=(1, 1),
+        stride=(stride, stride),
+        w_init=init,
+        b_init=init,
+        fix_parameters=fix_parameters,
+        apply_w=PF.spectral_norm,
+        name=name,
+    )
 
 
 def instance_norm(x, eps=1e-5):
@@ -100,6 +126,7 @@ def instance_norm(x, eps=1e-5):
     300x200). Here the mean comes first and the variance is the mean squared deviation, both
     summed a row at a time, so that no float32 sum runs over a whole map.
     """
+
     def spatial_mean(values):
         return F.mean(F.mean(values, axis=3, keepdims=True), axis=2, keepdims=True)
 
@@ -118,8 +145,7 @@ def encoder(x, ngf, n_blocks):
     """7x7 stem, two stride-2 convolutions, residual blocks: (B, C, H, W) -> (B, 4ngf, H/4, W/4)."""
     h = F.relu(instance_norm(convolution(x, ngf, 7, reflect=3, name='stem')))
     for i in range(2):
-        h = F.relu(instance_norm(convolution(h, ngf * 2 ** (i + 1), 3, stride=2, pad=1,
-                                             name=f'down{i}')))
+        h = F.relu(instance_norm(convolution(h, ngf * 2 ** (i + 1), 3, stride=2, pad=1, name=f'down{i}')))
     for i in range(n_blocks):
         h = residual_block(h, f'res{i}')
     return h
@@ -176,8 +202,7 @@ def generator(image, masks, ngf=64, n_blocks=9):
     with nn.parameter_scope('image_encoder'):
         image_feature = encoder(image, ngf, n_blocks)
     with nn.parameter_scope('mask_encoder'):
-        instance_features, set_feature = encode_set(
-            masks, weights, lambda x: encoder(x, ngf, n_blocks))
+        instance_features, set_feature = encode_set(masks, weights, lambda x: encoder(x, ngf, n_blocks))
     with nn.parameter_scope('image_decoder'):
         image_out = decoder(F.concatenate(image_feature, set_feature, axis=1), 3)
 
@@ -209,8 +234,7 @@ def patch_features(x, ndf, n_layers, fix_parameters):
     """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
     h = x
     for n in range(n_layers):
-        h = spectral_norm_convolution(h, ndf * min(2 ** n, 8), 2, fix_parameters,
-                                      name=f'conv{n}')
+        h = spectral_norm_convolution(h, ndf * min(2**n, 8), 2, fix_parameters, name=f'conv{n}')
         h = F.leaky_relu(instance_norm(h) if n else h, 0.2)
     return h
 
@@ -223,11 +247,13 @@ def discriminator(image, masks, ndf=64, n_layers=3, fix_parameters=False):
     with nn.parameter_scope('image_features'):
         image_feature = patch_features(image, ndf, n_layers, fix_parameters)
     with nn.parameter_scope('mask_features'):
-        _, set_feature = encode_set(masks, slot_weights(instance_exists(masks)),
-                                    lambda x: patch_features(x, ndf, n_layers, fix_parameters))
+        _, set_feature = encode_set(
+            masks,
+            slot_weights(instance_exists(masks)),
+            lambda x: patch_features(x, ndf, n_layers, fix_parameters),
+        )
     with nn.parameter_scope('classifier'):
         h = F.concatenate(image_feature, set_feature, axis=1)
-        h = spectral_norm_convolution(h, 2 * ndf * min(2 ** n_layers, 8), 1, fix_parameters,
-                                      name='conv0')
+        h = spectral_norm_convolution(h, 2 * ndf * min(2**n_layers, 8), 1, fix_parameters, name='conv0')
         h = F.leaky_relu(instance_norm(h), 0.2)
         return spectral_norm_convolution(h, 1, 1, fix_parameters, name='conv1')

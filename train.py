@@ -11,6 +11,7 @@ images and on fakes drawn from a pool of past translations. Graphs are built onc
 The method comes first (Trainer, its graphs, ImagePool, the schedule); the loop at the end
 leaves folders, checkpoints and monitors to runtime/.
 """
+
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # until the run takes them over: nnabla's imports take a while
@@ -29,13 +30,7 @@ from nnabla.logger import logger
 import models
 from args import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, get_args
 from data import Loaders, check_not_in_dataset
-from losses import (
-    LOSS_NAMES,
-    context_preserving_loss,
-    discriminator_loss,
-    image_and_masks_l1,
-    lsgan_loss,
-)
+from losses import LOSS_NAMES, context_preserving_loss, discriminator_loss, image_and_masks_l1, lsgan_loss
 from runtime import RunError
 from runtime.checkpoints import Checkpoints
 from runtime.device import set_context
@@ -59,8 +54,8 @@ class Trainer:
     instances for, and each solver steps on the gradients' mean over the ranks.
     """
 
-    def __init__(self, args, ins_max, processes=Processes()):
-        self.args, self.processes = args, processes
+    def __init__(self, args, ins_max, processes=None):
+        self.args, self.processes = args, processes or Processes()
         self.ins_per = models.slots_per_pass(args.ins_per, ins_max)
         self.passes = models.pass_slices(ins_max, self.ins_per)
         self.slots = self.passes[-1].stop
@@ -70,18 +65,22 @@ class Trainer:
         self.image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
         self.directions = {s: self.direction_graph(s, t) for s, t in OTHER.items()}
         self.discriminators = {d: self.discriminator_graph(d) for d in 'xy'}
-        self.base_rates = {'generator_x2y': args.learning_rate_G,
-                           'generator_y2x': args.learning_rate_G,
-                           'discriminator_x': args.learning_rate_D,
-                           'discriminator_y': args.learning_rate_D}
+        self.base_rates = {
+            'generator_x2y': args.learning_rate_G,
+            'generator_y2x': args.learning_rate_G,
+            'discriminator_x': args.learning_rate_D,
+            'discriminator_y': args.learning_rate_D,
+        }
         self.solvers = {}
         for scope, base in self.base_rates.items():
             self.solvers[scope] = S.Adam(base, args.beta1, args.beta2)
             with nn.parameter_scope(scope):
                 self.solvers[scope].set_parameters(nn.get_parameters())
         self.pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
-        logger.info(f'instance slots per image: {ins_max}, translated in {len(self.passes)} '
-                    f'pass(es) of {self.ins_per}')
+        logger.info(
+            f'instance slots per image: {ins_max}, translated in {len(self.passes)} '
+            f'pass(es) of {self.ins_per}'
+        )
 
     def mask_shape(self, slots):
         return self.image_shape[:1] + (slots,) + self.image_shape[2:]
@@ -95,34 +94,50 @@ class Trainer:
         masks = nn.Variable(self.mask_shape(self.ins_per))
         other_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
         with nn.parameter_scope(f'generator_{source}2{target}'):
-            fake, fake_masks, active = models.generator_pass(image, masks, args.ngf,
-                                                             args.n_blocks)
+            fake, fake_masks, active = models.generator_pass(image, masks, args.ngf, args.n_blocks)
         with nn.parameter_scope(f'generator_{target}2{source}'):
             rec, rec_masks = models.generator(fake, fake_masks, args.ngf, args.n_blocks)
             # A generator fed an image of its own output domain should change nothing.
             idt, idt_masks = models.generator(image, masks, args.ngf, args.n_blocks)
         with nn.parameter_scope('discriminator_' + target):
-            scores = models.discriminator(fake, F.concatenate(fake_masks, other_masks, axis=1),
-                                          args.ndf, args.n_layers_D, fix_parameters=True)
+            scores = models.discriminator(
+                fake,
+                F.concatenate(fake_masks, other_masks, axis=1),
+                args.ndf,
+                args.n_layers_D,
+                fix_parameters=True,
+            )
         losses = {
             'generator_loss': lsgan_loss(scores, 1.0, active),
-            'reconstruction_loss': image_and_masks_l1(rec, rec_masks, image, masks, active,
-                                                      self.l1_mask_channels),
-            'identity_mapping_loss': image_and_masks_l1(idt, idt_masks, image, masks, active,
-                                                        self.l1_mask_channels),
-            'context_preserving_loss': context_preserving_loss(image, masks, fake, fake_masks,
-                                                               active),
+            'reconstruction_loss': image_and_masks_l1(
+                rec, rec_masks, image, masks, active, self.l1_mask_channels
+            ),
+            'identity_mapping_loss': image_and_masks_l1(
+                idt, idt_masks, image, masks, active, self.l1_mask_channels
+            ),
+            'context_preserving_loss': context_preserving_loss(image, masks, fake, fake_masks, active),
         }
         # The identity mapping does not depend on the translation: a graph of its own, run
         # before the other, so that their activations are never held at the same time.
         identity_loss = args.lambda_idt * losses['identity_mapping_loss']
-        translation_loss = (losses['generator_loss']
-                            + args.lambda_cyc * losses['reconstruction_loss']
-                            + args.lambda_ctx * losses['context_preserving_loss'])
-        keep_values(identity_loss, translation_loss, fake, fake_masks, rec, rec_masks,
-                    *losses.values())
-        return PassGraph(image, masks, other_masks, fake, fake_masks, rec, rec_masks, losses,
-                         identity_loss, translation_loss)
+        translation_loss = (
+            losses['generator_loss']
+            + args.lambda_cyc * losses['reconstruction_loss']
+            + args.lambda_ctx * losses['context_preserving_loss']
+        )
+        keep_values(identity_loss, translation_loss, fake, fake_masks, rec, rec_masks, *losses.values())
+        return PassGraph(
+            image,
+            masks,
+            other_masks,
+            fake,
+            fake_masks,
+            rec,
+            rec_masks,
+            losses,
+            identity_loss,
+            translation_loss,
+        )
 
     def discriminator_graph(self, domain):
         args = self.args
@@ -148,8 +163,9 @@ class Trainer:
         translated_images = dict(images)
         translated_masks = {d: np.full_like(m, -1) for d, m in masks.items()}
         losses, visuals, passes_run = defaultdict(list), {}, 0
-        anywhere = self.processes.sum([[np.any(masks[d][:, slots] > -1) for d in 'xy']
-                                       for slots in self.passes]) > 0
+        anywhere = (
+            self.processes.sum([[np.any(masks[d][:, slots] > -1) for d in 'xy'] for slots in self.passes]) > 0
+        )
         for slots, translated_anywhere in zip(self.passes, anywhere):
             sources = [d for d, on in zip('xy', translated_anywhere) if on]
             state = PassState(slots, images, masks, translated_images, translated_masks, sources)
@@ -162,17 +178,26 @@ class Trainer:
                 target, graph = OTHER[source], self.directions[source]
                 state.translated[source][:, slots] = graph.fake_masks.d
                 state.images[source] = graph.fake.d.copy()
-                losses['discriminator_loss_' + target].append(self.update_discriminator(
-                    target, state.real_images[target], state.real_masks[target],
-                    state.images[source], state.translated[source], state.active[source],
-                    iteration))
+                losses['discriminator_loss_' + target].append(
+                    self.update_discriminator(
+                        target,
+                        state.real_images[target],
+                        state.real_masks[target],
+                        state.images[source],
+                        state.translated[source],
+                        state.active[source],
+                        iteration,
+                    )
+                )
                 for name, loss in graph.losses.items():
                     losses[f'{name}_{source}'].append(float(loss.d))
                 rec_masks = np.full_like(state.real_masks[source], -1)
                 rec_masks[:, slots] = graph.rec_masks.d
-                visuals[source] = [(images[source], masks[source]),
-                                   (state.images[source], state.translated[source].copy()),
-                                   (graph.rec.d.copy(), rec_masks)]
+                visuals[source] = [
+                    (images[source], masks[source]),
+                    (state.images[source], state.translated[source].copy()),
+                    (graph.rec.d.copy(), rec_masks),
+                ]
         mean_losses = {name: float(np.mean(values)) for name, values in losses.items()}
         return mean_losses, passes_run, visuals
 
@@ -188,21 +213,27 @@ class Trainer:
             for loss in [graph.identity_loss, graph.translation_loss]:
                 loss.forward(clear_no_need_grad=True)
                 loss.backward(clear_buffer=True)
-        self.check_finite({f'{name}_{source}': loss for source in state.sources
-                           for name, loss in self.directions[source].losses.items()}, iteration)
+        self.check_finite(
+            {
+                f'{name}_{source}': loss
+                for source in state.sources
+                for name, loss in self.directions[source].losses.items()
+            },
+            iteration,
+        )
         for scope in GENERATORS:
             self.processes.mean_gradients(self.solvers[scope])
             self.solvers[scope].update()
 
-    def update_discriminator(self, domain, real_images, real_masks, fake_images, fake_masks,
-                             active, iteration):
+    def update_discriminator(
+        self, domain, real_images, real_masks, fake_images, fake_masks, active, iteration
+    ):
         """One Adam step of the discriminator of `domain` on its real batch, with every real
         instance in every pass as the official code, and on pooled fakes, weighted by
         `active`; returns its loss."""
         graph = self.discriminators[domain]
         graph.real.d, graph.real_masks.d = real_images, real_masks
-        graph.fake.d, graph.fake_masks.d = self.pools[domain].query(fake_images, fake_masks,
-                                                                    active)
+        graph.fake.d, graph.fake_masks.d = self.pools[domain].query(fake_images, fake_masks, active)
         graph.fake_weights.d = active
         graph.loss.forward(clear_no_need_grad=True)
         self.check_finite({'discriminator_loss_' + domain: graph.loss}, iteration)
@@ -216,8 +247,7 @@ class Trainer:
     def check_finite(self, losses, iteration):
         """Stop (or warn, --nan-policy warn) before an update on a NaN or infinite loss, on every
         rank alike."""
-        bad = [(name, float(loss.d)) for name, loss in losses.items()
-               if not math.isfinite(float(loss.d))]
+        bad = [(name, float(loss.d)) for name, loss in losses.items() if not math.isfinite(float(loss.d))]
         if not self.processes.any(bad):
             return
         what = f'{bad[0][0]} is {bad[0][1]}' if bad else 'a loss of another rank is not finite'
@@ -227,43 +257,48 @@ class Trainer:
 
     def set_epoch(self, epoch):
         for scope, solver in self.solvers.items():
-            solver.set_learning_rate(learning_rate(
-                self.base_rates[scope], epoch, self.args.lr_decay_start_epoch,
-                self.args.max_epoch))
+            solver.set_learning_rate(
+                learning_rate(
+                    self.base_rates[scope], epoch, self.args.lr_decay_start_epoch, self.args.max_epoch
+                )
+            )
 
     def graph_outputs(self):
         """The variables whose graphs hold every function the iteration runs."""
-        return [loss for graph in self.directions.values()
-                for loss in (graph.identity_loss, graph.translation_loss)] + \
-            [graph.loss for graph in self.discriminators.values()]
+        return [
+            loss
+            for graph in self.directions.values()
+            for loss in (graph.identity_loss, graph.translation_loss)
+        ] + [graph.loss for graph in self.discriminators.values()]
 
     def state_dict(self):
         return {d: pool.state_dict() for d, pool in self.pools.items()}
 
     def load_state_dict(self, state):
         for d, pool in self.pools.items():
-            pool.load_state_dict(state[d], self.image_shape[1:],
-                                 self.mask_shape(self.slots)[1:])
+            pool.load_state_dict(state[d], self.image_shape[1:], self.mask_shape(self.slots)[1:])
 
 
 @dataclass
 class PassGraph:
     """Generator side of one pass of source -> target, for K = --ins-per slots of M."""
-    image: nn.Variable        # the source images as translated by the earlier passes
-    masks: nn.Variable        # the pass's K source masks
+
+    image: nn.Variable  # the source images as translated by the earlier passes
+    masks: nn.Variable  # the pass's K source masks
     other_masks: nn.Variable  # the M - K masks D sees beside the pass's translated ones
     fake: nn.Variable
     fake_masks: nn.Variable
-    rec: nn.Variable          # the reconstruction target -> source of the translation
+    rec: nn.Variable  # the reconstruction target -> source of the translation
     rec_masks: nn.Variable
-    losses: dict              # the generator-side terms of LOSS_NAMES, unweighted
-    identity_loss: nn.Variable     # weighted; see Trainer.direction_graph
+    losses: dict  # the generator-side terms of LOSS_NAMES, unweighted
+    identity_loss: nn.Variable  # weighted; see Trainer.direction_graph
     translation_loss: nn.Variable  # the other terms, weighted
 
 
 @dataclass
 class DiscriminatorGraph:
     """Discriminator loss on real images and on pooled fakes, all fed from numpy."""
+
     real: nn.Variable
     real_masks: nn.Variable
     fake: nn.Variable
@@ -275,24 +310,23 @@ class DiscriminatorGraph:
 @dataclass
 class PassState:
     """One pass of sequential translation in an iteration; dicts are over the domains."""
-    slots: slice       # the instance slots the pass translates
+
+    slots: slice  # the instance slots the pass translates
     real_images: dict  # the batch
-    real_masks: dict   # its masks, all M slots
-    images: dict       # the images as translated by the earlier passes; the pass replaces them
-    translated: dict   # the masks translated so far, -1 (empty) elsewhere; the pass fills `slots`
-    sources: list      # the domains translated: those with an instance in some sample of a rank
+    real_masks: dict  # its masks, all M slots
+    images: dict  # the images as translated by the earlier passes; the pass replaces them
+    translated: dict  # the masks translated so far, -1 (empty) elsewhere; the pass fills `slots`
+    sources: list  # the domains translated: those with an instance in some sample of a rank
     active: dict = field(init=False)  # (B,) bool: the samples with an instance in `slots`
 
     def __post_init__(self):
-        self.active = {d: np.any(m[:, self.slots] > -1, axis=(1, 2, 3))
-                       for d, m in self.real_masks.items()}
+        self.active = {d: np.any(m[:, self.slots] > -1, axis=(1, 2, 3)) for d, m in self.real_masks.items()}
 
     def masks_beside(self, source):
         """The masks D sees beside the pass's own translated ones: the earlier passes'
         translations and the empty slots of the later passes. D's set feature is a sum over the
         slots, so these may follow the pass's slots instead of surrounding them."""
-        return np.delete(self.translated[source], range(self.slots.start, self.slots.stop),
-                         axis=1)
+        return np.delete(self.translated[source], range(self.slots.start, self.slots.stop), axis=1)
 
 
 class ImagePool:
@@ -321,19 +355,28 @@ class ImagePool:
         return out_images, out_masks
 
     def state_dict(self):
-        return {'images': np.array(self.images, np.float32),
-                'masks': np.array(self.masks, np.float32), 'rng': self.rng.get_state()}
+        return {
+            'images': np.array(self.images, np.float32),
+            'masks': np.array(self.masks, np.float32),
+            'rng': self.rng.get_state(),
+        }
 
     def load_state_dict(self, state, image_shape, mask_shape):
         """`state` of a pool of this size holding (3, H, W) images with (M, H, W) masks."""
         images, masks = state['images'], state['masks']
-        if not isinstance(images, np.ndarray) or not isinstance(masks, np.ndarray) or not (
-                images.dtype.kind == masks.dtype.kind == 'f') or not (
-                len(images) == len(masks) <= self.size) or len(images) and (
-                images.shape[1:] != image_shape or masks.shape[1:] != mask_shape):
-            raise ValueError(f'a pool of {np.shape(images)} images of {np.asarray(images).dtype} '
-                             f'and {np.shape(masks)} masks does not fit a pool of {self.size} '
-                             f'{image_shape} and {mask_shape}')
+        if (
+            not isinstance(images, np.ndarray)
+            or not isinstance(masks, np.ndarray)
+            or not (images.dtype.kind == masks.dtype.kind == 'f')
+            or not (len(images) == len(masks) <= self.size)
+            or len(images)
+            and (images.shape[1:] != image_shape or masks.shape[1:] != mask_shape)
+        ):
+            raise ValueError(
+                f'a pool of {np.shape(images)} images of {np.asarray(images).dtype} '
+                f'and {np.shape(masks)} masks does not fit a pool of {self.size} '
+                f'{image_shape} and {mask_shape}'
+            )
         self.images, self.masks = list(images), list(masks)
         self.rng.set_state(tuple(state['rng']))
 
@@ -356,23 +399,42 @@ def train(args):
     for flag in ['model_save_path', 'monitor_path']:  # its files would be read as images
         check_not_in_dataset(getattr(args, flag), f'--{flag.replace("_", "-")}')
     processes, args.device_id = start_processes(args.context, args.device_id)
-    args.context, accelerate = set_context(args.context, args.device_id, args.type_config,
-                                           args.cpu_conv)
+    args.context, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
-    with Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
-                 (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
-                 args.set_order, args.seed, share=(processes.rank, processes.size)) as loaders:
+    with Loaders(
+        args.dataroot,
+        args.batch_size,
+        (args.loadSizeH, args.loadSizeW),
+        (args.fineSizeH, args.fineSizeW),
+        args.ins_max,
+        not args.no_flip,
+        args.set_order,
+        args.seed,
+        share=(processes.rank, processes.size),
+    ) as loaders:
         loaders.verify()
         with Run.for_training(args, run_files(SERIES), processes.rank) as run:
             trainer = Trainer(args, loaders.ins_max, processes)
             accelerate(*trainer.graph_outputs())
-            monitors = Monitors(args.monitor_path, SERIES, args.log_step, processes.rank == 0,
-                                resume_from=args.model_save_path)
-            checkpoints = Checkpoints(args, trainer.solvers, loaders, run, processes,
-                                      pools=trainer, loaders=loaders, monitors=monitors)
-            place = checkpoints.start(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME,
-                                      models.current_parameter_name)
+            monitors = Monitors(
+                args.monitor_path,
+                SERIES,
+                args.log_step,
+                processes.rank == 0,
+                resume_from=args.model_save_path,
+            )
+            checkpoints = Checkpoints(
+                args,
+                trainer.solvers,
+                loaders,
+                run,
+                processes,
+                pools=trainer,
+                loaders=loaders,
+                monitors=monitors,
+            )
+            place = checkpoints.start(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME, models.current_parameter_name)
             train_epochs(args, trainer, loaders, monitors, checkpoints, run, place)
 
 
@@ -380,16 +442,17 @@ def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
     """From `place` (iteration, epoch, samples of it trained on) to the end of --max-epoch,
     with a checkpoint every --save-interval epochs and when a stop signal asks for one. An
     epoch is a pass over the larger domain, whatever the number of ranks."""
-    iteration, epoch, samples = place
+    iteration, first_epoch, samples = place
     processes, global_batch = trainer.processes, args.batch_size * trainer.processes.size
     per_epoch = math.ceil(max(loaders.sizes.values()) / global_batch)
     run.start_training()
     visuals, start = {}, min(per_epoch, samples // global_batch)
-    for epoch in range(epoch, args.max_epoch):
+    for epoch in range(first_epoch, args.max_epoch):
         trainer.set_epoch(epoch)
         monitors.timer.start()  # the timer counts iterations, not checkpoints and pictures
-        with Progress(per_epoch, start, f'epoch {epoch + 1}/{args.max_epoch}',
-                      shown=processes.rank == 0) as progress:
+        with Progress(
+            per_epoch, start, f'epoch {epoch + 1}/{args.max_epoch}', shown=processes.rank == 0
+        ) as progress:
             for position in range(start + 1, per_epoch + 1):
                 losses, _, step_visuals = trainer.step(*loaders.next_batches(), iteration)
                 losses = processes.mean_losses(losses, SERIES)
@@ -398,11 +461,12 @@ def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
                 iteration += 1
                 progress.update(losses)
                 if processes.any(run.stop.received):
-                    run.stopped(iteration, checkpoints.save(
-                        iteration, epoch + position // per_epoch, position % per_epoch))
+                    run.stopped(
+                        iteration,
+                        checkpoints.save(iteration, epoch + position // per_epoch, position % per_epoch),
+                    )
         start = 0
-        if processes.rank == 0 and ((epoch + 1) % args.save_interval == 0
-                                    or epoch + 1 == args.max_epoch):
+        if processes.rank == 0 and ((epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch):
             logger.info(f'epoch {epoch + 1}: saved {checkpoints.save(iteration, epoch + 1, 0)}')
         monitors.save_pictures(epoch + 1, visuals, LOSS_NAMES)
 

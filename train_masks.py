@@ -30,6 +30,7 @@ layout) after every epoch and on a stop, the newest two kept; at the end MODELS/
 (parameters.h5 + predictor.json, what mask_predictor.load_predictor reads) and the evaluation
 of the held-out photos, printed and drawn into --cases-image.
 """
+
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # before the slow imports, so that a Ctrl-C during them ends alike
@@ -67,8 +68,7 @@ from runtime.monitors import Progress, SeriesFile, save_tile
 from runtime.run import Run, run_files
 
 # What a resumed run must share with the run it continues: the data and the network.
-SAME_ON_RESUME = ['data_root', 'categories', 'test_fraction', 'split_seed', 'size', 'width',
-                  'levels', 'seed']
+SAME_ON_RESUME = ['data_root', 'categories', 'test_fraction', 'split_seed', 'size', 'width', 'levels', 'seed']
 PRELOAD_SCALE = 1.125  # photos are kept this much larger than --size, for the random crops
 CROP_SCALES = (0.8, 1.0)  # side of the random crop, as a share of the kept photo
 KEEP_CHECKPOINTS = 2
@@ -76,6 +76,7 @@ KEEP_CHECKPOINTS = 2
 
 # ---------------------------------------------------------------------------------------------
 # Data
+
 
 def class_map(labels, label_ids):
     """CCP label map -> class ids: 0 background, c + 1 where labels == label_ids[c]."""
@@ -95,8 +96,10 @@ def read_ccp(data_root, categories, test_fraction, split_seed):
     label_maps = ccp.read_label_maps(data_root)
     if not label_maps:
         raise RunError(f'{data_root}: no pixel-level annotations')
-    held_out = {category: ccp.held_out_names(label_maps, label, test_fraction, split_seed)
-                for category, label in zip(categories, label_ids)}
+    held_out = {
+        category: ccp.held_out_names(label_maps, label, test_fraction, split_seed)
+        for category, label in zip(categories, label_ids)
+    }
     for category, label in zip(categories, label_ids):
         if not ccp.photos_with(label_maps, label):
             raise RunError(f'--categories {category}: no pixel-level annotation contains it')
@@ -114,8 +117,10 @@ def load_training_data(data_root, names, label_maps, label_ids, size):
             photo = ccp.load_photo(Path(data_root) / 'photos' / f'{name}.jpg')
             labels = label_maps[name]
             if photo.size != labels.shape[::-1]:
-                raise RunError(f'{name}: annotation is {labels.shape[1]}x{labels.shape[0]} but '
-                               f'its photo is {photo.width}x{photo.height}')
+                raise RunError(
+                    f'{name}: annotation is {labels.shape[1]}x{labels.shape[0]} but '
+                    f'its photo is {photo.width}x{photo.height}'
+                )
             photos[index] = np.asarray(photo.resize(kept[::-1], Image.BILINEAR))
             classes[index] = mp.resize_labels(class_map(labels, label_ids), kept)
             progress.update()
@@ -129,8 +134,8 @@ def augment(photo, classes, size, rng):
     scale = rng.uniform(*CROP_SCALES)
     crop_h, crop_w = round(height * scale), round(width * scale)
     top, left = rng.randint(0, height - crop_h + 1), rng.randint(0, width - crop_w + 1)
-    photo = photo[top:top + crop_h, left:left + crop_w]
-    classes = classes[top:top + crop_h, left:left + crop_w]
+    photo = photo[top : top + crop_h, left : left + crop_w]
+    classes = classes[top : top + crop_h, left : left + crop_w]
     if rng.rand() < 0.5:
         photo, classes = photo[:, ::-1], classes[:, ::-1]
     image = mp.to_network_input(np.ascontiguousarray(photo), size)
@@ -157,14 +162,19 @@ def batches(photos, classes, order, batch_size, size, seed, epoch, start=0):
     with (seed, epoch, k), so that a run resumed within an epoch draws what an uninterrupted
     one would."""
     for first in range(start, len(order) - batch_size + 1, batch_size):
-        samples = [augment(photos[i], classes[i], size, np.random.RandomState([seed, epoch, 1, k]))
-                   for k, i in enumerate(order[first:first + batch_size], start=first)]
-        yield (np.stack([image for image, _ in samples]),
-               np.stack([labels for _, labels in samples])[:, None].astype(np.int32))
+        samples = [
+            augment(photos[i], classes[i], size, np.random.RandomState([seed, epoch, 1, k]))
+            for k, i in enumerate(order[first : first + batch_size], start=first)
+        ]
+        yield (
+            np.stack([image for image, _ in samples]),
+            np.stack([labels for _, labels in samples])[:, None].astype(np.int32),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # The run: its files, checkpoints and resuming
+
 
 def series_names(categories):
     return ['loss', 'epoch_time'] + [f'heldout_iou_{category}' for category in categories]
@@ -192,10 +202,15 @@ def run_record(args):
 def save(args, run, solver, series, iteration, epoch, samples, seconds):
     """The checkpoint of `iteration`: `samples` of epoch `epoch` trained on (all of them at the
     end of an epoch), in `seconds`; returns its path."""
-    state = dict(next_epoch=epoch, samples=samples, epoch_seconds=seconds, run=run.id,
-                 args=run_record(args), series={name: s.state_dict() for name, s in series.items()})
-    return save_checkpoint(args.model_save_path, iteration, state, {'solver': solver},
-                           KEEP_CHECKPOINTS)
+    state = dict(
+        next_epoch=epoch,
+        samples=samples,
+        epoch_seconds=seconds,
+        run=run.id,
+        args=run_record(args),
+        series={name: s.state_dict() for name, s in series.items()},
+    )
+    return save_checkpoint(args.model_save_path, iteration, state, {'solver': solver}, KEEP_CHECKPOINTS)
 
 
 def place_of(path, state):
@@ -203,23 +218,29 @@ def place_of(path, state):
     `path` left off."""
     try:
         if 'next_epoch' in state:
-            place = (state['iteration'], state['next_epoch'], state['samples'],
-                     state['epoch_seconds'])
+            place = (state['iteration'], state['next_epoch'], state['samples'], state['epoch_seconds'])
         else:  # earlier versions saved after an epoch only, and named that epoch
             place = (state['iteration'], state['epoch'] + 1, 0, 0.0)
     except (KeyError, TypeError) as error:
-        raise DamagedCheckpoint(f'{path}/state.json: no place in training '
-                                f'({type(error).__name__}: {error})') from None
-    if not (all(type(v) is int and v >= 0 for v in place[:3])
-            and isinstance(place[3], (int, float)) and place[3] >= 0):
-        raise DamagedCheckpoint(f'{path}/state.json: iteration, epoch and samples must be '
-                                'integers >= 0, the seconds a number >= 0')
+        raise DamagedCheckpoint(
+            f'{path}/state.json: no place in training ({type(error).__name__}: {error})'
+        ) from None
+    if not (
+        all(type(v) is int and v >= 0 for v in place[:3])
+        and isinstance(place[3], (int, float))
+        and place[3] >= 0
+    ):
+        raise DamagedCheckpoint(
+            f'{path}/state.json: iteration, epoch and samples must be '
+            'integers >= 0, the seconds a number >= 0'
+        )
     return place
 
 
 def resume(args, run, solver, series):
     """Restore the newest intact checkpoint of -o into the parameters, the solver and the
     series; returns its place_of. Refuses one made with other data or network flags."""
+
     def restore(path):
         state = read_checkpoint(path, ['args', 'series'])
         previous = state['args']
@@ -228,9 +249,12 @@ def resume(args, run, solver, series):
         record = run_record(args)
         changed = [key for key in SAME_ON_RESUME if previous.get(key) != record[key]]
         if changed:
-            raise RunError(f'--resume: {path} was made with other ' + ', '.join(
-                f'{flag_name(key)} ({previous.get(key)!r}, now {record[key]!r})'
-                for key in changed))
+            raise RunError(
+                f'--resume: {path} was made with other '
+                + ', '.join(
+                    f'{flag_name(key)} ({previous.get(key)!r}, now {record[key]!r})' for key in changed
+                )
+            )
         place = place_of(path, state)
         run.continue_run(path, state.get('run'))
         load_parameters_and_solvers(path, {'solver': solver})
@@ -240,8 +264,7 @@ def resume(args, run, solver, series):
                 try:
                     one.load_state_dict(saved)
                 except (KeyError, TypeError, ValueError) as error:
-                    raise DamagedCheckpoint(f'{path}/state.json: series {name}: {error}') \
-                        from None
+                    raise DamagedCheckpoint(f'{path}/state.json: series {name}: {error}') from None
         return place
 
     return resume_newest(args.model_save_path, restore)[1]
@@ -250,8 +273,17 @@ def resume(args, run, solver, series):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
-def evaluate(predictor, data_root, names, label_maps, label_ids, split_instances=False,
-             min_instance_area=0.002, tolerance=2):
+
+def evaluate(
+    predictor,
+    data_root,
+    names,
+    label_maps,
+    label_ids,
+    split_instances=False,
+    min_instance_area=0.002,
+    tolerance=2,
+):
     """Measures of the predictor on the photos `names` at their own resolution. Returns
     {'iou': {category: pooled IoU}, 'count_accuracy': {category: share}, 'boundary_f':
     {category: mean F over photos where the category is annotated or predicted},
@@ -271,8 +303,7 @@ def evaluate(predictor, data_root, names, label_maps, label_ids, split_instances
                 truth, guess = annotated == index, predicted == index
                 pairs[category].append(mp.intersection_and_union(guess, truth))
                 for found, mask in zip(counts[category], (guess, truth)):
-                    found.append(len(ccp.instance_masks(mask, split_instances,
-                                                        min_instance_area)))
+                    found.append(len(ccp.instance_masks(mask, split_instances, min_instance_area)))
                 if truth.any() or guess.any():
                     boundary_f[category].append(mp.boundary_f_score(guess, truth, tolerance))
                     scores.append(mp.iou(guess, truth))
@@ -283,15 +314,18 @@ def evaluate(predictor, data_root, names, label_maps, label_ids, split_instances
     for category, sums in pairs.items():
         overlap, union = np.sum(sums, axis=0)
         iou[category] = 1.0 if union == 0 else float(overlap / union)
-    return dict(iou=iou,
-                count_accuracy={c: mp.instance_count_accuracy(*counts[c])
-                                for c in predictor.categories},
-                boundary_f={c: float(np.mean(f)) if f else 1.0 for c, f in boundary_f.items()},
-                per_photo=per_photo, photos=shown)
+    return dict(
+        iou=iou,
+        count_accuracy={c: mp.instance_count_accuracy(*counts[c]) for c in predictor.categories},
+        boundary_f={c: float(np.mean(f)) if f else 1.0 for c, f in boundary_f.items()},
+        per_photo=per_photo,
+        photos=shown,
+    )
 
 
-PALETTE = np.array([[0, 0, 0], [0.25, 0.45, 1.0], [1.0, 0.3, 0.25], [0.3, 0.9, 0.3],
-                    [1.0, 0.85, 0.2], [0.8, 0.3, 1.0]])
+PALETTE = np.array(
+    [[0, 0, 0], [0.25, 0.45, 1.0], [1.0, 0.3, 0.25], [0.3, 0.9, 0.3], [1.0, 0.85, 0.2], [0.8, 0.3, 1.0]]
+)
 
 
 def label_panel(photo, classes, size):
@@ -311,9 +345,13 @@ def draw_cases(path, results, count=3, size=(216, 144)):
     rows = []
     for name in best + worst:
         photo, annotated, predicted = results['photos'][name]
-        rows.append([np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR))
-                     / 255, label_panel(photo, annotated, size),
-                     label_panel(photo, predicted, size)])
+        rows.append(
+            [
+                np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR)) / 255,
+                label_panel(photo, annotated, size),
+                label_panel(photo, predicted, size),
+            ]
+        )
     make_writable_folder(os.path.dirname(os.path.abspath(path)), '--cases-image')
     save_tile(path, rows)
     return best, worst
@@ -322,25 +360,28 @@ def draw_cases(path, results, count=3, size=(216, 144)):
 def report(results, categories):
     lines = [f'held-out photos: {len(results["per_photo"])}']
     for category in categories:
-        lines.append(f'{category}: IoU {results["iou"][category]:.3f}, instance count accuracy '
-                     f'{results["count_accuracy"][category]:.3f}, boundary F '
-                     f'{results["boundary_f"][category]:.3f}')
+        lines.append(
+            f'{category}: IoU {results["iou"][category]:.3f}, instance count accuracy '
+            f'{results["count_accuracy"][category]:.3f}, boundary F '
+            f'{results["boundary_f"][category]:.3f}'
+        )
     return '\n'.join(lines)
 
 
 def held_out_evaluation(args, predictor, names, label_maps, label_ids):
     """Evaluate `predictor` on the held-out photos `names`; print, draw the cases."""
-    results = evaluate(predictor, args.data_root, names, label_maps, label_ids,
-                       args.split_instances, args.min_instance_area)
+    results = evaluate(
+        predictor, args.data_root, names, label_maps, label_ids, args.split_instances, args.min_instance_area
+    )
     print(report(results, predictor.categories))
     best, worst = draw_cases(args.cases_image, results)
-    print(f'{args.cases_image}: best {", ".join(best)}; worst {", ".join(worst)} (top to '
-          'bottom)')
+    print(f'{args.cases_image}: best {", ".join(best)}; worst {", ".join(worst)} (top to bottom)')
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
+
 
 def learning_rate(base, epoch, max_epoch):
     """Cosine decay from `base` to a twentieth of it over the run."""
@@ -366,48 +407,57 @@ def export_predictor(folder, args, flag='--export'):
     with nn.parameter_scope(mp.SCOPE):
         parameters = nn.get_parameters(grad_only=False)
     buffer = io.BytesIO()
-    nn.save_parameters(buffer, {f'{mp.SCOPE}/{name}': value
-                                for name, value in parameters.items()}, extension='.h5')
+    nn.save_parameters(
+        buffer, {f'{mp.SCOPE}/{name}': value for name, value in parameters.items()}, extension='.h5'
+    )
     write_bytes(os.path.join(folder, 'parameters.h5'), buffer.getvalue())
     mp.write_config(folder, args.categories, args.size, args.width, args.levels)
 
 
 def train(args):
-    label_maps, label_ids, held_out = read_ccp(args.data_root, args.categories,
-                                               args.test_fraction, args.split_seed)
+    label_maps, label_ids, held_out = read_ccp(
+        args.data_root, args.categories, args.test_fraction, args.split_seed
+    )
     held_out_names = sorted(set().union(*held_out.values()))
     accelerate = set_context(args.context, args.device_id)[1]
     nn.clear_parameters()
     nn.seed(args.seed)
     folders = {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
-    with Run(folders, args.monitor_path, mask_run_files(args.categories), args.resume,
-             args.overwrite, args) as run:
+    with Run(
+        folders, args.monitor_path, mask_run_files(args.categories), args.resume, args.overwrite, args
+    ) as run:
         train_names = [name for name in label_maps if name not in set(held_out_names)]
-        print(f'training photos: {len(train_names)}; held out: {len(held_out_names)} ('
-              + ', '.join(f'{c} {len(n)}' for c, n in held_out.items()) + ')')
-        photos, classes = load_training_data(args.data_root, train_names, label_maps, label_ids,
-                                             args.size)
+        print(
+            f'training photos: {len(train_names)}; held out: {len(held_out_names)} ('
+            + ', '.join(f'{c} {len(n)}' for c, n in held_out.items())
+            + ')'
+        )
+        photos, classes = load_training_data(args.data_root, train_names, label_maps, label_ids, args.size)
         graph = build_training_graph(args)
         accelerate(graph[-1])
         solver = S.Adam(args.learning_rate)
         with nn.parameter_scope(mp.SCOPE):
             solver.set_parameters(nn.get_parameters())
-        series = {name: SeriesFile(args.monitor_path, name, args.log_step if name == 'loss' else 1)
-                  for name in series_names(args.categories)}
+        series = {
+            name: SeriesFile(args.monitor_path, name, args.log_step if name == 'loss' else 1)
+            for name in series_names(args.categories)
+        }
         place = (0, 0, 0, 0.0)
         if args.resume:
             place = resume(args, run, solver, series)
-            print(f'resumed at epoch {place[1]}, iteration {place[0]}'
-                  + (f', sample {place[2]} of the epoch' if place[2] else ''))
+            print(
+                f'resumed at epoch {place[1]}, iteration {place[0]}'
+                + (f', sample {place[2]} of the epoch' if place[2] else '')
+            )
         run.start_training()
         held_out = (held_out_names, label_maps, label_ids)
         train_epochs(args, run, graph, solver, series, (photos, classes), place, held_out)
         run.end_training()
-        export_predictor(os.path.join(args.model_save_path, 'predictor'), args,
-                         '--model-save-path')
+        export_predictor(os.path.join(args.model_save_path, 'predictor'), args, '--model-save-path')
         print(f'predictor: {os.path.join(args.model_save_path, "predictor")}')
-        held_out_evaluation(args, mp.build_predictor(args.categories, args.size, args.width,
-                                                     args.levels), *held_out)
+        held_out_evaluation(
+            args, mp.build_predictor(args.categories, args.size, args.width, args.levels), *held_out
+        )
 
 
 def train_epochs(args, run, graph, solver, series, data, place, held_out):
@@ -423,10 +473,12 @@ def train_epochs(args, run, graph, solver, series, data, place, held_out):
         solver.set_learning_rate(learning_rate(args.learning_rate, epoch, args.max_epoch))
         order = epoch_order(classes, args.negatives, args.seed, epoch)
         steps = len(order) // args.batch_size
-        with Progress(steps, samples // args.batch_size, f'epoch {epoch + 1}/{args.max_epoch}',
-                      names=['loss']) as progress:
-            for images, batch_labels in batches(photos, classes, order, args.batch_size,
-                                                args.size, args.seed, epoch, samples):
+        with Progress(
+            steps, samples // args.batch_size, f'epoch {epoch + 1}/{args.max_epoch}', names=['loss']
+        ) as progress:
+            for images, batch_labels in batches(
+                photos, classes, order, args.batch_size, args.size, args.seed, epoch, samples
+            ):
                 image.d, labels.d = images, batch_labels
                 one_hot.d = mp.one_hot_planes(batch_labels, n_classes)
                 loss.forward(clear_no_need_grad=True)
@@ -435,24 +487,29 @@ def train_epochs(args, run, graph, solver, series, data, place, held_out):
                 solver.update()
                 value = float(loss.d)
                 if not math.isfinite(value):
-                    raise RunError(f'the loss is {value} at iteration {iteration}; lower '
-                                   '--learning-rate')
+                    raise RunError(f'the loss is {value} at iteration {iteration}; lower --learning-rate')
                 series['loss'].add(iteration, value)
                 iteration += 1
                 samples += args.batch_size
                 progress.update({'loss': value})
                 if run.stop.received:
-                    run.stopped(iteration, save(args, run, solver, series, iteration, epoch,
-                                                samples, time.monotonic() - started))
+                    run.stopped(
+                        iteration,
+                        save(
+                            args, run, solver, series, iteration, epoch, samples, time.monotonic() - started
+                        ),
+                    )
         series['epoch_time'].add(epoch, time.monotonic() - started)
-        if args.eval_interval and ((epoch + 1) % args.eval_interval == 0
-                                   or epoch + 1 == args.max_epoch):
+        if args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.max_epoch):
             predictor = mp.build_predictor(args.categories, args.size, args.width, args.levels)
             results = evaluate(predictor, args.data_root, *held_out)
             for category in args.categories:
                 series[f'heldout_iou_{category}'].add(epoch, results['iou'][category])
-            print(f'epoch {epoch + 1}: held-out IoU ' + ', '.join(
-                f'{c} {results["iou"][c]:.3f}' for c in args.categories), flush=True)
+            print(
+                f'epoch {epoch + 1}: held-out IoU '
+                + ', '.join(f'{c} {results["iou"][c]:.3f}' for c in args.categories),
+                flush=True,
+            )
         samples, seconds = 0, 0.0
         saved = save(args, run, solver, series, iteration, epoch + 1, 0, 0.0)
         if run.stop.received:
@@ -470,8 +527,10 @@ def evaluate_saved(args):
             predictor = mp.load_predictor(folder)
         except (OSError, ValueError) as error:
             raise RunError(f'{folder}: {error}') from None
-        print(f'{folder}: predictor of {", ".join(predictor.categories)} at '
-              f'{predictor.size[0]}x{predictor.size[1]}')
+        print(
+            f'{folder}: predictor of {", ".join(predictor.categories)} at '
+            f'{predictor.size[0]}x{predictor.size[1]}'
+        )
     else:
         paths = checkpoint_paths(folder) if os.path.isdir(folder) else []
         if not paths:
@@ -481,15 +540,17 @@ def evaluate_saved(args):
             saved = {key: state['args'][key] for key in ['categories', 'size', 'width', 'levels']}
             predictor = mp.build_predictor(**saved)
         except (KeyError, TypeError, ValueError) as error:
-            raise DamagedCheckpoint(f'{paths[-1]}/state.json: no predictor network in its args '
-                                    f'({type(error).__name__}: {error})') from None
+            raise DamagedCheckpoint(
+                f'{paths[-1]}/state.json: no predictor network in its args ({type(error).__name__}: {error})'
+            ) from None
         load_parameters_and_solvers(paths[-1], {})
         _, epoch, samples, _ = place_of(paths[-1], state)
         print(f'{paths[-1]}: {epoch} epoch(s)' + (f' and {samples} samples' if samples else ''))
     args.categories, args.size = list(predictor.categories), list(predictor.size)
     args.width, args.levels = predictor.width, predictor.levels
-    label_maps, label_ids, held_out = read_ccp(args.data_root, args.categories,
-                                               args.test_fraction, args.split_seed)
+    label_maps, label_ids, held_out = read_ccp(
+        args.data_root, args.categories, args.test_fraction, args.split_seed
+    )
     held_out_evaluation(args, predictor, set().union(*held_out.values()), label_maps, label_ids)
     if args.export:
         export_predictor(args.export, args)
@@ -503,57 +564,115 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, 'a fi
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--context', '-c', default='cpu', choices=['cpu', 'cudnn'],
-                        help='nnabla extension context')
+    parser.add_argument(
+        '--context', '-c', default='cpu', choices=['cpu', 'cudnn'], help='nnabla extension context'
+    )
     parser.add_argument('--device-id', '-d', type=device_id, default='0')
     parser.add_argument('--batch-size', '-b', type=positive_int, default=8)
     parser.add_argument('--max-epoch', type=positive_int, default=40)
-    parser.add_argument('--learning-rate', type=positive_float, default=1e-3,
-                        help='Adam step size at the start; cosine decay to 1/20 of it')
+    parser.add_argument(
+        '--learning-rate',
+        type=positive_float,
+        default=1e-3,
+        help='Adam step size at the start; cosine decay to 1/20 of it',
+    )
     parser.add_argument('--monitor-path', '-m', type=path, default='results/masks/monitor')
-    parser.add_argument('--model-save-path', '-o', type=path, default='results/masks/models',
-                        help='checkpoints; with --evaluate also a predictor folder')
-    parser.add_argument('--data_root', type=path, default='datasets/clothing-co-parsing',
-                        help='a Clothing Co-Parsing copy')
-    parser.add_argument('--categories', nargs='+', default=list(mp.DEFAULT_CATEGORIES),
-                        help='the CCP categories to predict (besides background)')
-    parser.add_argument('--test-fraction', type=fraction, default=0.1,
-                        help='hold out the photos generate_ccp_dataset.py --test-fraction '
-                             'holds out for each category (0: none)')
-    parser.add_argument('--split-seed', type=checked(int, lambda v: 0 <= v < 2 ** 32,
-                                                     'an integer in [0, 2**32)'), default=0)
-    parser.add_argument('--size', nargs=2, type=positive_int, default=list(mp.DEFAULT_SIZE),
-                        metavar=('H', 'W'), help='network input size')
-    parser.add_argument('--width', type=positive_int, default=mp.DEFAULT_WIDTH,
-                        help='channels of the first U-Net level')
-    parser.add_argument('--levels', type=checked(int, lambda v: 1 <= v <= 8, 'in [1, 8]'),
-                        default=mp.DEFAULT_LEVELS, help='U-Net levels')
-    parser.add_argument('--negatives', type=non_negative_float, default=1.0,
-                        help='photos without any category per photo with one, in an epoch')
+    parser.add_argument(
+        '--model-save-path',
+        '-o',
+        type=path,
+        default='results/masks/models',
+        help='checkpoints; with --evaluate also a predictor folder',
+    )
+    parser.add_argument(
+        '--data_root', type=path, default='datasets/clothing-co-parsing', help='a Clothing Co-Parsing copy'
+    )
+    parser.add_argument(
+        '--categories',
+        nargs='+',
+        default=list(mp.DEFAULT_CATEGORIES),
+        help='the CCP categories to predict (besides background)',
+    )
+    parser.add_argument(
+        '--test-fraction',
+        type=fraction,
+        default=0.1,
+        help='hold out the photos generate_ccp_dataset.py --test-fraction '
+        'holds out for each category (0: none)',
+    )
+    parser.add_argument(
+        '--split-seed', type=checked(int, lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'), default=0
+    )
+    parser.add_argument(
+        '--size',
+        nargs=2,
+        type=positive_int,
+        default=list(mp.DEFAULT_SIZE),
+        metavar=('H', 'W'),
+        help='network input size',
+    )
+    parser.add_argument(
+        '--width', type=positive_int, default=mp.DEFAULT_WIDTH, help='channels of the first U-Net level'
+    )
+    parser.add_argument(
+        '--levels',
+        type=checked(int, lambda v: 1 <= v <= 8, 'in [1, 8]'),
+        default=mp.DEFAULT_LEVELS,
+        help='U-Net levels',
+    )
+    parser.add_argument(
+        '--negatives',
+        type=non_negative_float,
+        default=1.0,
+        help='photos without any category per photo with one, in an epoch',
+    )
     parser.add_argument('--seed', type=seed, default=0)
-    parser.add_argument('--log-step', type=positive_int, default=10,
-                        help='iterations per line of loss.series.txt')
-    parser.add_argument('--eval-interval', type=checked(int, lambda v: v >= 0, 'an integer >= 0'),
-                        default=5, help='epochs between held-out IoU lines (0: none)')
+    parser.add_argument(
+        '--log-step', type=positive_int, default=10, help='iterations per line of loss.series.txt'
+    )
+    parser.add_argument(
+        '--eval-interval',
+        type=checked(int, lambda v: v >= 0, 'an integer >= 0'),
+        default=5,
+        help='epochs between held-out IoU lines (0: none)',
+    )
     start = parser.add_mutually_exclusive_group()
-    start.add_argument('--resume', action='store_true',
-                       help='go on from the newest intact checkpoint in --model-save-path')
-    start.add_argument('--overwrite', action='store_true',
-                       help="start afresh where another run wrote: delete that run's "
-                            'checkpoints, predictor and series first')
-    parser.add_argument('--evaluate', action='store_true',
-                        help='only evaluate, on the held-out photos, the predictor folder '
-                             '--model-save-path or the newest checkpoint in it')
-    parser.add_argument('--export', type=path,
-                        help='with --evaluate: also write the evaluated predictor as a '
-                             'predictor folder (parameters.h5, predictor.json) here')
-    parser.add_argument('--split-instances', action='store_true',
-                        help='evaluation: count 8-connected components as instances')
-    parser.add_argument('--min-instance-area', type=fraction, default=0.002,
-                        help='evaluation, with --split-instances: smallest instance, as a '
-                             'share of the photo')
-    parser.add_argument('--cases-image', type=path, default='imgs/mask_predictor_cases.png',
-                        help='picture of the best and worst held-out photos')
+    start.add_argument(
+        '--resume', action='store_true', help='go on from the newest intact checkpoint in --model-save-path'
+    )
+    start.add_argument(
+        '--overwrite',
+        action='store_true',
+        help="start afresh where another run wrote: delete that run's "
+        'checkpoints, predictor and series first',
+    )
+    parser.add_argument(
+        '--evaluate',
+        action='store_true',
+        help='only evaluate, on the held-out photos, the predictor folder '
+        '--model-save-path or the newest checkpoint in it',
+    )
+    parser.add_argument(
+        '--export',
+        type=path,
+        help='with --evaluate: also write the evaluated predictor as a '
+        'predictor folder (parameters.h5, predictor.json) here',
+    )
+    parser.add_argument(
+        '--split-instances', action='store_true', help='evaluation: count 8-connected components as instances'
+    )
+    parser.add_argument(
+        '--min-instance-area',
+        type=fraction,
+        default=0.002,
+        help='evaluation, with --split-instances: smallest instance, as a share of the photo',
+    )
+    parser.add_argument(
+        '--cases-image',
+        type=path,
+        default='imgs/mask_predictor_cases.png',
+        help='picture of the best and worst held-out photos',
+    )
     args = parser.parse_args(argv)
     if args.export and not args.evaluate:
         parser.error('--export goes with --evaluate (a finished run exports MODELS/predictor)')

@@ -20,6 +20,7 @@ does (--split-instances, --min-instance-area). They are written as NAME_mask_pre
 (0/255, the image's size), to be corrected and given back with --masks. An image in which the
 predictor finds no instance is not translated.
 """
+
 from runtime.signals import exit_at_once, handle_stop_signals
 
 if __name__ == '__main__':  # before the slow imports, so that a Ctrl-C during them ends alike
@@ -73,48 +74,71 @@ SAVED_FLAGS = {
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(prog='translate.py', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog='translate.py',
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument('--model-save-path', '-o', type=path,
-                       help="a model: a training run's --model-save-path (its newest "
-                            'checkpoint), a checkpoint folder or a pretrained/ folder')
+    model.add_argument(
+        '--model-save-path',
+        '-o',
+        type=path,
+        help="a model: a training run's --model-save-path (its newest "
+        'checkpoint), a checkpoint folder or a pretrained/ folder',
+    )
     model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
     parser.add_argument('--direction', choices=list(DIRECTIONS), default='AtoB')
-    parser.add_argument('--out', required=True, type=path,
-                        help='output folder: neither one holding an input nor a dataset folder')
+    parser.add_argument(
+        '--out',
+        required=True,
+        type=path,
+        help='output folder: neither one holding an input nor a dataset folder',
+    )
     inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument('--dataroot', type=path,
-                        help='a dataset folder: translates {phase}A or {phase}B')
-    inputs.add_argument('--image', type=path,
-                        help='one image, with --masks or with masks predicted')
-    parser.add_argument('--phase', type=path, help='with --dataroot: train, test, ... '
-                                                   '(test when not given)')
-    parser.add_argument('--masks', nargs='+', type=path,
-                        help='with --image: its instance masks (default: predicted)')
+    inputs.add_argument('--dataroot', type=path, help='a dataset folder: translates {phase}A or {phase}B')
+    inputs.add_argument('--image', type=path, help='one image, with --masks or with masks predicted')
+    parser.add_argument('--phase', type=path, help='with --dataroot: train, test, ... (test when not given)')
+    parser.add_argument(
+        '--masks', nargs='+', type=path, help='with --image: its instance masks (default: predicted)'
+    )
     predicted = parser.add_argument_group(
-        'predicted masks', 'for an image without masks: --image without --masks, or an image '
-        'of --dataroot without masks in its _seg folder')
-    predicted.add_argument('--mask-predictor', type=path,
-                           help='a mask predictor folder (pretrained/mask_predictor when not '
-                                'given)')
-    predicted.add_argument('--source-category', type=checked(str, bool, 'a category name'),
-                           help='the category of the direction\'s source domain, which the '
-                                f'predictor finds (from the {CATEGORIES} beside the model when '
-                                'not given)')
-    predicted.add_argument('--split-instances', action='store_true',
-                           help='each 8-connected part of the region is an instance, as with '
-                                'generate_ccp_dataset.py --split-instances (without it the '
-                                'whole region is one)')
-    predicted.add_argument('--min-instance-area', type=checked(float, lambda v: 0 <= v < 1,
-                                                               'a number in [0, 1)'),
-                           help='with --split-instances: the smallest instance, as a share of '
-                                'the image (0.002 when not given, as generate_ccp_dataset.py)')
-    parser.add_argument('--no-full', dest='full', action='store_false',
-                        help='do not write NAME_full.png, the translated region pasted into '
-                             'the input at its own resolution')
-    parser.add_argument('--context', '-c', choices=CONTEXTS,
-                        default='cudnn' if cuda_installed() else 'cpu')
+        'predicted masks',
+        'for an image without masks: --image without --masks, or an image '
+        'of --dataroot without masks in its _seg folder',
+    )
+    predicted.add_argument(
+        '--mask-predictor',
+        type=path,
+        help='a mask predictor folder (pretrained/mask_predictor when not given)',
+    )
+    predicted.add_argument(
+        '--source-category',
+        type=checked(str, bool, 'a category name'),
+        help="the category of the direction's source domain, which the "
+        f'predictor finds (from the {CATEGORIES} beside the model when '
+        'not given)',
+    )
+    predicted.add_argument(
+        '--split-instances',
+        action='store_true',
+        help='each 8-connected part of the region is an instance, as with '
+        'generate_ccp_dataset.py --split-instances (without it the '
+        'whole region is one)',
+    )
+    predicted.add_argument(
+        '--min-instance-area',
+        type=checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+        help='with --split-instances: the smallest instance, as a share of '
+        'the image (0.002 when not given, as generate_ccp_dataset.py)',
+    )
+    parser.add_argument(
+        '--no-full',
+        dest='full',
+        action='store_false',
+        help='do not write NAME_full.png, the translated region pasted into the input at its own resolution',
+    )
+    parser.add_argument('--context', '-c', choices=CONTEXTS, default='cudnn' if cuda_installed() else 'cpu')
     parser.add_argument('--device-id', '-d', type=device_id, default='0')
     parser.add_argument('--type-config', '-t', choices=TYPE_CONFIGS, default='float')
     parser.add_argument('--cpu-conv', choices=['blas', 'nnabla'], default='blas')
@@ -128,14 +152,13 @@ def get_args(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.dataroot and args.masks:
-        parser.error('--masks goes with --image; with --dataroot the masks are read from '
-                     '{phase}A_seg or {phase}B_seg')
+        parser.error(
+            '--masks goes with --image; with --dataroot the masks are read from {phase}A_seg or {phase}B_seg'
+        )
     if args.masks:
-        for flag in ['mask_predictor', 'source_category', 'split_instances',
-                     'min_instance_area']:
+        for flag in ['mask_predictor', 'source_category', 'split_instances', 'min_instance_area']:
             if getattr(args, flag) not in (None, False):
-                parser.error(f'--{flag.replace("_", "-")} goes with predicted masks, not with '
-                             '--masks')
+                parser.error(f'--{flag.replace("_", "-")} goes with predicted masks, not with --masks')
     if args.min_instance_area is not None and not args.split_instances:
         parser.error('--min-instance-area goes with --split-instances')
     if args.image and args.phase:
@@ -167,8 +190,12 @@ def output_names(image_path, mask_count, full):
     """The files translate_one writes for an input: the translated image, the tile, the
     full-resolution photo (None without `full`) and the translated masks."""
     name = stem(image_path)
-    return (name + '.png', name + '_tile.png', name + '_full.png' if full else None,
-            [f'{name}_{i}.png' for i in range(mask_count)])
+    return (
+        name + '.png',
+        name + '_tile.png',
+        name + '_full.png' if full else None,
+        [f'{name}_{i}.png' for i in range(mask_count)],
+    )
 
 
 def check_out_folder(args, files_read):
@@ -176,12 +203,12 @@ def check_out_folder(args, files_read):
     outputs into a dataset: the folder of a file read, the --dataroot or model folder, or a
     folder of a dataset. Symlinks and relative paths are resolved first."""
     out = os.path.realpath(args.out)
-    refusals = [(os.path.dirname(os.path.realpath(path)), f'holds the input {path}')
-                for path in files_read]
+    refusals = [(os.path.dirname(os.path.realpath(path)), f'holds the input {path}') for path in files_read]
     for flag in ['dataroot', 'model_save_path']:
         if getattr(args, flag):
-            refusals.append((os.path.realpath(getattr(args, flag)),
-                             f'is the --{flag.replace("_", "-")} folder'))
+            refusals.append(
+                (os.path.realpath(getattr(args, flag)), f'is the --{flag.replace("_", "-")} folder')
+            )
     for folder, reason in refusals:
         if folder == out:
             raise DataError(f'--out {args.out} {reason}; choose another folder')
@@ -196,8 +223,7 @@ def claim(writers, out, image, names):
     for name in filter(None, names):
         first = writers.setdefault(name, image)
         if first != image:
-            raise DataError(f'{first} and {image} would both write {os.path.join(out, name)}; '
-                            'rename one')
+            raise DataError(f'{first} and {image} would both write {os.path.join(out, name)}; rename one')
 
 
 def predicted_names(image, masks, full):
@@ -219,8 +245,10 @@ def check_output_names(args, inputs):
 
 def to_size(array, size):
     """(C, h, w) values in [-1, 1] -> uint8 (H, W, C) resized to size (H, W)."""
-    return np.stack([resize(((np.clip(c, -1, 1) + 1) * 127.5).round().astype(np.uint8), size,
-                            'bilinear') for c in array], axis=-1)
+    return np.stack(
+        [resize(((np.clip(c, -1, 1) + 1) * 127.5).round().astype(np.uint8), size, 'bilinear') for c in array],
+        axis=-1,
+    )
 
 
 def feather_width(photo_size, network_size):
@@ -249,8 +277,7 @@ def translate_one(translator, image_path, masks, out, full=True):
 def translate_photo(translator, image_path, photo, photo_masks, out, full=True):
     """Translate the photo (uint8 (H, W, 3)) of `image_path` with its masks (bool (H, W) each)
     and write its files; returns the tile's file name."""
-    image_name, tile_name, full_name, mask_names = output_names(image_path, len(photo_masks),
-                                                                full)
+    image_name, tile_name, full_name, mask_names = output_names(image_path, len(photo_masks), full)
     image, mask_values = resize_with_masks(photo, photo_masks, translator.size)
     order = largest_first(mask_values)  # as in training
     image_out, sorted_out = translator(image, mask_values[order])
@@ -267,19 +294,31 @@ def translate_photo(translator, image_path, photo, photo_masks, out, full=True):
         # The source masks are the binary files themselves; the translated ones are soft (the
         # generator's tanh, then the resize): above the middle of [-1, 1] counts as inside.
         region = np.any(photo_masks + [mask > 127 for mask in translated_masks], axis=0)
-        write_image(os.path.join(out, full_name), paste_full(
-            photo, translated, region, feather_width(photo_size, translator.size)))
-    save_tile(os.path.join(out, tile_name),
-              [[image_panel(image[None]), mask_panel(mask_values[None]),
-                image_panel(image_out[None]), mask_panel(masks_out[None])]])
+        write_image(
+            os.path.join(out, full_name),
+            paste_full(photo, translated, region, feather_width(photo_size, translator.size)),
+        )
+    save_tile(
+        os.path.join(out, tile_name),
+        [
+            [
+                image_panel(image[None]),
+                mask_panel(mask_values[None]),
+                image_panel(image_out[None]),
+                mask_panel(masks_out[None]),
+            ]
+        ],
+    )
     return tile_name
 
 
 def write_index(out, tiles):
     rows = '\n'.join(f'<p>{html.escape(t)}<br><img src="{html.escape(t)}"></p>' for t in tiles)
-    write_text(os.path.join(out, 'index.html'),
-               '<!doctype html>\n<title>InstaGAN translations</title>\n'
-               f'<p>input | masks | output | output masks</p>\n{rows}\n')
+    write_text(
+        os.path.join(out, 'index.html'),
+        '<!doctype html>\n<title>InstaGAN translations</title>\n'
+        f'<p>input | masks | output | output masks</p>\n{rows}\n',
+    )
 
 
 class Prediction:
@@ -290,9 +329,11 @@ class Prediction:
         domain = args.direction[0]
         self.category = source_category(params_file, args.direction, args.source_category)
         if self.category is None:
-            raise DataError(f'{unmasked} no masks: to predict them, give --source-category, the '
-                            f'category of domain {domain} (no {CATEGORIES} beside {params_file} '
-                            'names it)')
+            raise DataError(
+                f'{unmasked} no masks: to predict them, give --source-category, the '
+                f'category of domain {domain} (no {CATEGORIES} beside {params_file} '
+                'names it)'
+            )
         folder = args.mask_predictor or mp.DEFAULT_FOLDER
         self.shown = args.mask_predictor or os.path.relpath(mp.DEFAULT_FOLDER)
         self.predictor = mp.open_predictor(folder, [self.category], accelerate)
@@ -301,11 +342,14 @@ class Prediction:
     def __call__(self, image_path):
         """(photo uint8 (H, W, 3), its predicted instance masks); DataError where none."""
         photo = read_photo(image_path)
-        masks = mp.source_instances(self.predictor, photo, self.category, self.split_instances,
-                                    self.min_instance_area)
+        masks = mp.source_instances(
+            self.predictor, photo, self.category, self.split_instances, self.min_instance_area
+        )
         if not masks:
-            raise DataError(f'{image_path}: the mask predictor ({self.shown}) finds no '
-                            f'{self.category} in it; not translated')
+            raise DataError(
+                f'{image_path}: the mask predictor ({self.shown}) finds no '
+                f'{self.category} in it; not translated'
+            )
         return photo, masks
 
 
@@ -322,28 +366,35 @@ def prepare(args):
     # Slots beyond the most masks any input has would stay empty, which changes nothing; how
     # many masks are predicted is not known yet.
     most = None if unmasked else max(len(masks) for _, masks in inputs)
-    params_file, _, translators = load_translators(model, [args.direction], given, accelerate,
-                                                   ins_cap=most)
-    check_out_folder(args, [params_file] + [path for image, masks in inputs
-                                            for path in [image] + masks])
+    params_file, _, translators = load_translators(model, [args.direction], given, accelerate, ins_cap=most)
+    check_out_folder(args, [params_file] + [path for image, masks in inputs for path in [image] + masks])
     writers = check_output_names(args, inputs)
     prediction, predicted = None, {}
     if unmasked:
-        prediction = Prediction(args, params_file, accelerate, f'{unmasked[0]} has' if args.image
-                                else f'{len(unmasked)} of {len(inputs)} inputs have')
+        prediction = Prediction(
+            args,
+            params_file,
+            accelerate,
+            f'{unmasked[0]} has' if args.image else f'{len(unmasked)} of {len(inputs)} inputs have',
+        )
     if args.image and prediction:
         predicted[args.image] = prediction(args.image)
     make_writable_folder(args.out, '--out')
     if args.image and prediction:
         count = len(predicted[args.image][1])
-        print(f'translate.py: no --masks: predicted {count} {prediction.category} instance(s) '
-              f'with {prediction.shown}; see '
-              f'{os.path.join(args.out, stem(args.image))}_mask_pred_*.png', file=sys.stderr)
+        print(
+            f'translate.py: no --masks: predicted {count} {prediction.category} instance(s) '
+            f'with {prediction.shown}; see '
+            f'{os.path.join(args.out, stem(args.image))}_mask_pred_*.png',
+            file=sys.stderr,
+        )
     elif prediction:
         seg = os.path.join(args.dataroot, args.phase + args.direction[0]) + '_seg'
-        print(f'translate.py: {len(unmasked)} of {len(inputs)} inputs have no masks in {seg}: '
-              f'their {prediction.category} instances are predicted with {prediction.shown}',
-              file=sys.stderr)
+        print(
+            f'translate.py: {len(unmasked)} of {len(inputs)} inputs have no masks in {seg}: '
+            f'their {prediction.category} instances are predicted with {prediction.shown}',
+            file=sys.stderr,
+        )
     return inputs, translators[args.direction], prediction, predicted, writers
 
 
@@ -373,8 +424,11 @@ def main(argv=None):
                     if stop.received:
                         break
                     try:
-                        tiles.append(translate_input(args, translator, prediction, predicted,
-                                                     writers, image_path, masks))
+                        tiles.append(
+                            translate_input(
+                                args, translator, prediction, predicted, writers, image_path, masks
+                            )
+                        )
                     except DataError as error:
                         failures += 1
                         tqdm.write(f'translate.py: {error}', file=sys.stderr)
@@ -382,9 +436,12 @@ def main(argv=None):
         except RunError as error:  # a write that failed: the disk, not the input
             sys.exit(f'translate.py: {error}; stopped after {len(tiles)} of {len(inputs)} inputs')
     if stop.received:
-        print(f'translate.py: stopped by {stop.name} after {len(tiles) + failures} of '
-              f'{len(inputs)} inputs ({failures} failed); '
-              f'{os.path.join(args.out, "index.html")} lists the translated ones', file=sys.stderr)
+        print(
+            f'translate.py: stopped by {stop.name} after {len(tiles) + failures} of '
+            f'{len(inputs)} inputs ({failures} failed); '
+            f'{os.path.join(args.out, "index.html")} lists the translated ones',
+            file=sys.stderr,
+        )
         sys.exit(exit_status(stop.received))
     if failures:
         sys.exit(f'translate.py: {failures} of {len(inputs)} inputs failed')

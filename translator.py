@@ -9,6 +9,7 @@ whatever is given explicitly wins. The categories of its domains (what a mask pr
 for in a photo to translate) come from the categories.json beside the parameters where there
 is one, {"A": "jeans", "B": "skirt"} for pretrained/jeans2skirt_64x44.
 """
+
 import argparse
 import json
 import os
@@ -27,8 +28,13 @@ CATEGORIES = 'categories.json'
 
 
 # The flags that size a generator, and their types.
-FLAG_TYPES = {'ngf': positive_int, 'n_blocks': non_negative_int, 'ins_per': positive_int,
-              'fineSizeH': network_size, 'fineSizeW': network_size}
+FLAG_TYPES = {
+    'ngf': positive_int,
+    'n_blocks': non_negative_int,
+    'ins_per': positive_int,
+    'fineSizeH': network_size,
+    'fineSizeW': network_size,
+}
 
 
 @dataclass
@@ -53,8 +59,10 @@ def find_parameters(path):
     checkpoints = checkpoint_paths(path) if os.path.isdir(path) else []
     if checkpoints:
         return os.path.join(checkpoints[-1], 'parameters.h5')
-    raise DataError(f'{path}: no model found (give a run\'s --model-save-path, a checkpoint '
-                    'folder, a pretrained/ folder or a parameters.h5)')
+    raise DataError(
+        f"{path}: no model found (give a run's --model-save-path, a checkpoint "
+        'folder, a pretrained/ folder or a parameters.h5)'
+    )
 
 
 def read_saved_flags(params_file):
@@ -69,8 +77,7 @@ def read_saved_flags(params_file):
         if not isinstance(saved, dict):
             raise TypeError('args is not an object')
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f'{path}: unreadable or damaged ({type(error).__name__}: {error})') \
-            from None
+        raise DataError(f'{path}: unreadable or damaged ({type(error).__name__}: {error})') from None
     flags = {}
     for name, kind in FLAG_TYPES.items():
         if name in saved:
@@ -89,12 +96,14 @@ def read_categories(params_file):
     try:
         with open(path, encoding='utf-8') as f:
             categories = json.load(f)
-        if not (isinstance(categories, dict) and set(categories) == {'A', 'B'} and all(
-                isinstance(name, str) and name for name in categories.values())):
+        if not (
+            isinstance(categories, dict)
+            and set(categories) == {'A', 'B'}
+            and all(isinstance(name, str) and name for name in categories.values())
+        ):
             raise ValueError('not {"A": category, "B": category}')
     except (OSError, ValueError) as error:
-        raise DataError(f'{path}: unreadable or damaged ({type(error).__name__}: {error})') \
-            from None
+        raise DataError(f'{path}: unreadable or damaged ({type(error).__name__}: {error})') from None
     return categories
 
 
@@ -111,9 +120,10 @@ def generator_parameters(params_file, direction):
         arrays = read_parameters(params_file, models.current_parameter_name)
     except Exception as error:  # h5py reports damage with several exception types
         reason = str(error).split('\n')[0]
-        raise DataError(f'{params_file}: damaged or not a parameter file '
-                        f'({type(error).__name__}: {reason})') from None
-    found = {name[len(scope):]: array for name, array in arrays.items() if name.startswith(scope)}
+        raise DataError(
+            f'{params_file}: damaged or not a parameter file ({type(error).__name__}: {reason})'
+        ) from None
+    found = {name[len(scope) :]: array for name, array in arrays.items() if name.startswith(scope)}
     if not found:
         raise DataError(f'{params_file}: holds no {scope[:-1]} parameters (not a generator file)')
     return found
@@ -134,8 +144,7 @@ def flags_text(values):
 def network_config(params_file, given=None):
     """The NetworkConfig of a parameter file: `given` flags first, then state.json, then the
     parameters' shapes; all missing ones are named in one line."""
-    flags = {**read_saved_flags(params_file), **{k: v for k, v in (given or {}).items()
-                                                if v is not None}}
+    flags = {**read_saved_flags(params_file), **{k: v for k, v in (given or {}).items() if v is not None}}
     for name, size in file_sizes(generator_parameters(params_file, 'AtoB')).items():
         if size is not None:
             flags.setdefault(name, size)
@@ -143,15 +152,13 @@ def network_config(params_file, given=None):
     if missing:
         listed = ' '.join(f'--{name.replace("_", "-")} N' for name in missing)
         state = os.path.join(os.path.dirname(params_file), 'state.json')
-        source = 'its state.json does not say' if os.path.exists(state) else \
-            'no state.json beside it says'
+        source = 'its state.json does not say' if os.path.exists(state) else 'no state.json beside it says'
         raise DataError(f'{params_file}: {source} {", ".join(missing)}; give {listed}')
     config = NetworkConfig(**{name: int(flags[name]) for name in NetworkConfig.__annotations__})
     try:
         models.check_sizes(*config.size)
     except ValueError as error:
-        raise DataError(f'--fineSizeH {config.fineSizeH} --fineSizeW {config.fineSizeW}: '
-                        f'{error}') from None
+        raise DataError(f'--fineSizeH {config.fineSizeH} --fineSizeW {config.fineSizeW}: {error}') from None
     return config
 
 
@@ -177,16 +184,22 @@ class Translator:
         scope = DIRECTIONS[direction]
         saved = generator_parameters(params_file, direction)
         # Checked before the graph is built: a wrong --ngf could ask for any amount of memory.
-        made = {name: size for name, size in file_sizes(saved).items()
-                if size is not None and size != getattr(config, name)}
+        made = {
+            name: size
+            for name, size in file_sizes(saved).items()
+            if size is not None and size != getattr(config, name)
+        }
         if made:
-            raise DataError(f'{params_file} was made with {flags_text(made)}, not '
-                            f'{flags_text({name: getattr(config, name) for name in made})}')
+            raise DataError(
+                f'{params_file} was made with {flags_text(made)}, not '
+                f'{flags_text({name: getattr(config, name) for name in made})}'
+            )
         self.image = nn.Variable((1, 3) + self.size)
         self.masks = nn.Variable((1, config.ins_per) + self.size)
         with nn.parameter_scope(scope), nn.no_grad():  # keeps no buffer for a backward
             self.image_out, self.masks_out, _ = models.generator_pass(
-                self.image, self.masks, config.ngf, config.n_blocks)
+                self.image, self.masks, config.ngf, config.n_blocks
+            )
             needed = {name: p for name, p in nn.get_parameters(grad_only=False).items()}
         for name in sorted(set(needed) | set(saved)):
             problem = parameter_problem(saved.get(name), needed.get(name))
@@ -204,13 +217,13 @@ class Translator:
         per_pass = self.config.ins_per
         passes = models.pass_slices(len(masks), per_pass)
         slots = np.full((passes[-1].stop,) + self.size, -1, np.float32)
-        slots[:len(masks)] = masks
+        slots[: len(masks)] = masks
         translated = np.empty_like(slots)
         for pass_slots in passes:
             self.image.d, self.masks.d = image[None], slots[None, pass_slots]
             nn.forward_all([self.image_out, self.masks_out], clear_buffer=True)
             image, translated[pass_slots] = self.image_out.d[0].copy(), self.masks_out.d[0]
-        return image, translated[:len(masks)]
+        return image, translated[: len(masks)]
 
 
 def load_translators(model, directions, given=None, accelerate=None, ins_cap=None):

@@ -22,6 +22,7 @@ padding, the dual form's kernel rotation, instance normalisation and the spectra
 loops too. This module compiles kernels.c with the system's C compiler the first time it
 is used.
 """
+
 import ctypes
 import hashlib
 import math
@@ -44,19 +45,27 @@ from nnabla.function import PythonFunction
 _CHUNK_FLOATS = 1 << 22
 # The cores a pass is shared between, each with its own part of the im2col buffer: those this
 # process may run on (macOS cannot say which, only how many there are).
-_CORES = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-          else os.cpu_count() or 1)
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 _KERNELS_SOURCE = Path(__file__).with_name('kernels.c')
 _KERNELS_FOLDER = Path(__file__).with_name('build')
 # -march=native: the library is built on the machine that runs it (and named after its CPU).
 # The reassociation flags let the compiler vectorise the sums; NaNs still propagate. OpenMP
 # shares each pass between the cores.
-_COMPILE = ['-fopenmp', '-O3', '-march=native', '-fno-math-errno', '-fno-trapping-math',
-            '-fno-signed-zeros', '-fassociative-math', '-std=c99', '-shared', '-fPIC']
+_COMPILE = [
+    '-fopenmp',
+    '-O3',
+    '-march=native',
+    '-fno-math-errno',
+    '-fno-trapping-math',
+    '-fno-signed-zeros',
+    '-fassociative-math',
+    '-std=c99',
+    '-shared',
+    '-fPIC',
+]
 # The three convolution passes share their arguments up to the im2col buffer.
-_CONV_PASS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p, ctypes.c_void_p,
-                                                         ctypes.c_long]
+_CONV_PASS = [ctypes.c_void_p] + [ctypes.c_long] * 12 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
 _SIGNATURES = {
     'use_sgemm': [ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
     'conv_forward': _CONV_PASS + [ctypes.c_float, ctypes.c_void_p],
@@ -66,18 +75,22 @@ _SIGNATURES = {
     'bias_grad': [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_void_p],
     'rotate_kernel': [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_void_p],
     'reflect_pad': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_void_p],
-    'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int,
-                                                                       ctypes.c_void_p],
-    'instance_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double,
-                              ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 3,
-    'instance_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
-                                                       ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                                                       ctypes.c_void_p],
+    'reflect_pad_adjoint': [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int, ctypes.c_void_p],
+    'instance_norm_forward': [
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_double,
+        ctypes.c_float,
+        ctypes.c_int,
+    ]
+    + [ctypes.c_void_p] * 3,
+    'instance_norm_backward': [ctypes.c_void_p] * 4
+    + [ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
     'spectral_norm_forward': [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_double]
     + [ctypes.c_void_p] * 3,
-    'spectral_norm_backward': [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long,
-                                                       ctypes.c_float, ctypes.c_int,
-                                                       ctypes.c_void_p],
+    'spectral_norm_backward': [ctypes.c_void_p] * 4
+    + [ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int, ctypes.c_void_p],
 }
 
 _RETURNS = {'spectral_norm_forward': ctypes.c_float}  # the others return nothing
@@ -105,8 +118,12 @@ def _compile(compiler, library):
         handle, partial_path = tempfile.mkstemp(suffix='.so.partial', dir=_KERNELS_FOLDER)
         os.close(handle)
         try:
-            subprocess.run([compiler] + _COMPILE + [str(_KERNELS_SOURCE), '-o', partial_path],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [compiler] + _COMPILE + [str(_KERNELS_SOURCE), '-o', partial_path],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             os.replace(partial_path, library)
         finally:
             if os.path.exists(partial_path):
@@ -117,26 +134,37 @@ def _compile(compiler, library):
         reason = str(error)
     else:
         return
-    raise KernelsUnavailable(f'cannot compile cpu_engine/{_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
-                             f'{compiler} ({reason}): install a C compiler with OpenMP (or '
-                             'name one in CC), or use --cpu-conv nnabla')
+    raise KernelsUnavailable(
+        f'cannot compile cpu_engine/{_KERNELS_SOURCE.name} into {_KERNELS_FOLDER} with '
+        f'{compiler} ({reason}): install a C compiler with OpenMP (or '
+        'name one in CC), or use --cpu-conv nnabla'
+    )
 
 
 # cblas_sgemm's names, with the bytes of its integers: numpy's wheels bundle an OpenBLAS with
 # 64-bit integers and suffixed names; other builds (conda, distributions) mostly have 32-bit ones.
-_SGEMM_SYMBOLS = [('cblas_sgemm64_', 8), ('scipy_cblas_sgemm64_', 8), ('cblas_sgemm_64', 8),
-                  ('cblas_sgemm', 4)]
+_SGEMM_SYMBOLS = [
+    ('cblas_sgemm64_', 8),
+    ('scipy_cblas_sgemm64_', 8),
+    ('cblas_sgemm_64', 8),
+    ('cblas_sgemm', 4),
+]
 # How OpenBLAS's builds name the function that sets its thread count.
-_SET_THREADS_SYMBOLS = ['openblas_set_num_threads64_', 'scipy_openblas_set_num_threads64_',
-                        'openblas_set_num_threads_64', 'openblas_set_num_threads']
+_SET_THREADS_SYMBOLS = [
+    'openblas_set_num_threads64_',
+    'scipy_openblas_set_num_threads64_',
+    'openblas_set_num_threads_64',
+    'openblas_set_num_threads',
+]
 
 
 def _blas_libraries():
     """Paths of the libraries that may hold numpy's BLAS: those its wheel bundles first, then any
     BLAS the process has loaded (numpy is imported, so its BLAS is)."""
     numpy_folder = Path(np.__file__).parent
-    bundled = sorted(numpy_folder.parent.glob('numpy.libs/*blas*')) + \
-        sorted(numpy_folder.glob('.dylibs/*blas*'))
+    bundled = sorted(numpy_folder.parent.glob('numpy.libs/*blas*')) + sorted(
+        numpy_folder.glob('.dylibs/*blas*')
+    )
     try:
         with open('/proc/self/maps') as maps:
             loaded = sorted({line.split()[-1] for line in maps if 'blas' in line or 'mkl' in line})
@@ -156,13 +184,19 @@ def numpy_sgemm():
             continue
         for symbol, integer_bytes in _SGEMM_SYMBOLS:
             if hasattr(library, symbol):
-                set_threads = next((getattr(library, name) for name in _SET_THREADS_SYMBOLS
-                                    if hasattr(library, name)), None)
-                return (ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value,
-                        integer_bytes, set_threads)
-    raise KernelsUnavailable("found no cblas_sgemm in numpy's BLAS (looked in "
-                             f"{', '.join(map(str, _blas_libraries())) or 'nothing loaded'}): "
-                             'use --cpu-conv nnabla')
+                set_threads = next(
+                    (getattr(library, name) for name in _SET_THREADS_SYMBOLS if hasattr(library, name)), None
+                )
+                return (
+                    ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value,
+                    integer_bytes,
+                    set_threads,
+                )
+    raise KernelsUnavailable(
+        "found no cblas_sgemm in numpy's BLAS (looked in "
+        f'{", ".join(map(str, _blas_libraries())) or "nothing loaded"}): '
+        'use --cpu-conv nnabla'
+    )
 
 
 def use_numpy_blas(lib):
@@ -184,17 +218,24 @@ def kernels():
     """kernels.c as a loaded library, compiled into build/ unless it already is there for
     this source, this compiler and flags and this CPU."""
     compiler = os.environ.get('CC', 'cc')
-    key = hashlib.sha256(b'\0'.join([_KERNELS_SOURCE.read_bytes(),
-                                     ' '.join([compiler] + _COMPILE).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b'\0'.join(
+            [
+                _KERNELS_SOURCE.read_bytes(),
+                ' '.join([compiler] + _COMPILE).encode(),
+                _cpu_signature().encode(),
+            ]
+        )
+    ).hexdigest()[:16]
     library = _KERNELS_FOLDER / f'cpu_kernels-{key}.so'
     if not library.exists():
         _compile(compiler, library)
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as error:
-        raise KernelsUnavailable(f'cannot load {library} ({error}): delete it to have it built '
-                                 'again, or use --cpu-conv nnabla') from None
+        raise KernelsUnavailable(
+            f'cannot load {library} ({error}): delete it to have it built again, or use --cpu-conv nnabla'
+        ) from None
     for name, arguments in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, _RETURNS.get(name)
@@ -212,8 +253,7 @@ _SPLIT_ELEMENTS = 1 << 20
 
 
 def _conv_out_hw(in_hw, kernel_hw, pad, stride):
-    return tuple((n + 2 * p - k) // s + 1
-                 for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
+    return tuple((n + 2 * p - k) // s + 1 for n, k, p, s in zip(in_hw, kernel_hw, pad, stride))
 
 
 # Buffers kept from call to call: a new one of a few MB would cost more in page faults than
@@ -246,11 +286,16 @@ def _chunk_rows(channels, kernel_hw, out_hw):
 # matrix of in_ch*kh*kw rows by |y| columns; in the dual form x and y swap
 # roles (out_ch*kh*kw by |x|), so the dual wins when out_ch*|x| < in_ch*|y|.
 
+
 def _use_dual(w_shape, x_hw, pad, stride):
     out_ch, in_ch, kh, kw = w_shape
     y_hw = _conv_out_hw(x_hw, (kh, kw), pad, stride)
-    return (stride == (1, 1) and pad[0] < kh and pad[1] < kw
-            and out_ch * x_hw[0] * x_hw[1] < in_ch * y_hw[0] * y_hw[1])
+    return (
+        stride == (1, 1)
+        and pad[0] < kh
+        and pad[1] < kw
+        and out_ch * x_hw[0] * x_hw[1] < in_ch * y_hw[0] * y_hw[1]
+    )
 
 
 def _rotate(weight, shape, beta, out):
@@ -292,12 +337,14 @@ class _Lowering:
         return rotated
 
     def _apply(self, source, w, target, beta):
-        kernels().conv_forward(source, *self._fixed, _buffer_addresses['columns'], w,
-                               self._target_channels, beta, target)
+        kernels().conv_forward(
+            source, *self._fixed, _buffer_addresses['columns'], w, self._target_channels, beta, target
+        )
 
     def _adjoint(self, target, w, source, beta):
-        kernels().conv_input_grad(source, *self._fixed, _buffer_addresses['columns'], target,
-                                  self._target_channels, w, beta)
+        kernels().conv_input_grad(
+            source, *self._fixed, _buffer_addresses['columns'], target, self._target_channels, w, beta
+        )
 
     def forward(self, x, w, y, beta=0.0):
         """y = conv(x, w) + beta y, w from weight()."""
@@ -311,8 +358,7 @@ class _Lowering:
         """dw (Cout, C, kh, kw) = the gradient for dy with respect to w + beta dw."""
         columns = _buffer_addresses['columns']
         if not self.dual:
-            kernels().conv_weight_grad(x, *self._fixed, columns, dy, self._target_channels,
-                                       beta, dw)
+            kernels().conv_weight_grad(x, *self._fixed, columns, dy, self._target_channels, beta, dw)
             return
         grad = _buffer_addresses['dual weight gradient']
         kernels().conv_weight_grad(dy, *self._fixed, columns, x, self._target_channels, 0, grad)
@@ -352,7 +398,7 @@ class _BlasConvolution(PythonFunction):
 
     @property
     def name(self):
-        return "BlasDeconvolution" if self._transposed else "BlasConvolution"
+        return 'BlasDeconvolution' if self._transposed else 'BlasConvolution'
 
     def min_outputs(self):
         return 1
@@ -362,8 +408,10 @@ class _BlasConvolution(PythonFunction):
         seen_hw = h + 2 * self._reflect_pad[0], w + 2 * self._reflect_pad[1]
         w_shape = inputs[1].shape
         if self._transposed:
-            out_hw = tuple(s * (n - 1) - 2 * p + k + op for n, k, p, s, op in zip(
-                seen_hw, w_shape[2:], self._pad, self._stride, self._output_padding))
+            out_hw = tuple(
+                s * (n - 1) - 2 * p + k + op
+                for n, k, p, s, op in zip(seen_hw, w_shape[2:], self._pad, self._stride, self._output_padding)
+            )
             out_ch = w_shape[1]
             # The convolution this is the adjoint of maps the output to the input.
             self._lowering = _Lowering(out_ch, out_hw, w_shape, self._pad, self._stride)
@@ -415,8 +463,9 @@ class _BlasConvolution(PythonFunction):
                 elif any(self._reflect_pad):
                     grad = _buffer_addresses['padded gradient']
                     lowering.input_grad(dy_image, w, grad)
-                    kernels().reflect_pad_adjoint(grad, *self._x_shape, *self._reflect_pad,
-                                                  int(accum[0]), dx_image)
+                    kernels().reflect_pad_adjoint(
+                        grad, *self._x_shape, *self._reflect_pad, int(accum[0]), dx_image
+                    )
                 else:
                     lowering.input_grad(dy_image, w, dx_image, beta)
         if propagate_down[1]:
@@ -430,8 +479,9 @@ class _BlasConvolution(PythonFunction):
                 else:
                     lowering.weight_grad(self._seen(x_image), dy_image, dw, beta)
         if len(inputs) == 3 and propagate_down[2]:
-            kernels().bias_grad(dy, *self._bias_shape, int(accum[2]),
-                                _pointer(inputs[2].grad, overwrite=not accum[2]))
+            kernels().bias_grad(
+                dy, *self._bias_shape, int(accum[2]), _pointer(inputs[2].grad, overwrite=not accum[2])
+            )
 
     def grad_depends_output_data(self, i, o):
         return False
@@ -442,35 +492,41 @@ class _BlasConvolution(PythonFunction):
 
 
 def _pair(name, value, minimum):
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
-            any(not isinstance(v, (int, np.integer)) or v < minimum for v in value):
-        raise ValueError(f"{name} must be two integers >= {minimum}, got {value!r}")
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(not isinstance(v, (int, np.integer)) or v < minimum for v in value)
+    ):
+        raise ValueError(f'{name} must be two integers >= {minimum}, got {value!r}')
     return tuple(value)
 
 
 def _check_args(x, weight, bias, x_channel_axis, out_channel_axis):
     if len(x.shape) != 4 or len(weight.shape) != 4:
-        raise ValueError("only 2-D NCHW inputs (x 4-D, weight 4-D) are supported, got "
-                         f"x {x.shape}, weight {weight.shape}")
+        raise ValueError(
+            f'only 2-D NCHW inputs (x 4-D, weight 4-D) are supported, got x {x.shape}, weight {weight.shape}'
+        )
     if weight.shape[x_channel_axis] != x.shape[1]:
-        raise ValueError(f"weight {weight.shape} does not match {x.shape[1]} input channels "
-                         "(grouped convolution is not supported)")
+        raise ValueError(
+            f'weight {weight.shape} does not match {x.shape[1]} input channels '
+            '(grouped convolution is not supported)'
+        )
     out_ch = weight.shape[out_channel_axis]
     if bias is not None and tuple(bias.shape) != (out_ch,):
-        raise ValueError(f"bias must have shape ({out_ch},), got {bias.shape}")
+        raise ValueError(f'bias must have shape ({out_ch},), got {bias.shape}')
 
 
 def convolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), reflect_pad=(0, 0)):
     """Same as F.convolution(x, weight, bias, base_axis=1, pad=pad, stride=stride); with
     reflect_pad, same as F.convolution(F.pad(x, reflect_pad * 2, mode='reflect'), ...)."""
     _check_args(x, weight, bias, x_channel_axis=1, out_channel_axis=0)
-    pad, stride = _pair("pad", pad, 0), _pair("stride", stride, 1)
-    reflect_pad = _pair("reflect_pad", reflect_pad, 0)
+    pad, stride = _pair('pad', pad, 0), _pair('stride', stride, 1)
+    reflect_pad = _pair('reflect_pad', reflect_pad, 0)
     if any(p >= n for p, n in zip(reflect_pad, x.shape[2:])):
-        raise ValueError(f"reflect_pad {reflect_pad} must be smaller than the input {x.shape}")
+        raise ValueError(f'reflect_pad {reflect_pad} must be smaller than the input {x.shape}')
     seen_hw = tuple(n + 2 * p for n, p in zip(x.shape[2:], reflect_pad))
     if min(_conv_out_hw(seen_hw, weight.shape[2:], pad, stride)) < 1:
-        raise ValueError(f"kernel {weight.shape[2:]} does not fit into padded input {x.shape}")
+        raise ValueError(f'kernel {weight.shape[2:]} does not fit into padded input {x.shape}')
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return _BlasConvolution(pad, stride, transposed=False, reflect_pad=reflect_pad)(*inputs)
 
@@ -479,14 +535,12 @@ def deconvolution(x, weight, bias=None, pad=(0, 0), stride=(1, 1), output_paddin
     """Same as F.deconvolution(x, weight, bias, base_axis=1, pad=pad, stride=stride,
     output_padding=output_padding); weight is (in channels, out channels, kh, kw)."""
     _check_args(x, weight, bias, x_channel_axis=0, out_channel_axis=1)
-    pad, stride = _pair("pad", pad, 0), _pair("stride", stride, 1)
-    output_padding = _pair("output_padding", output_padding, 0)
+    pad, stride = _pair('pad', pad, 0), _pair('stride', stride, 1)
+    output_padding = _pair('output_padding', output_padding, 0)
     if any(op >= s for op, s in zip(output_padding, stride)):
-        raise ValueError(f"output_padding {output_padding} must be smaller than stride {stride}")
-    if min(s * (n - 1) - 2 * p + k
-           for n, k, p, s in zip(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
-        raise ValueError(f"pad {pad} is too large for input {x.shape} and kernel "
-                         f"{weight.shape[2:]}")
+        raise ValueError(f'output_padding {output_padding} must be smaller than stride {stride}')
+    if min(s * (n - 1) - 2 * p + k for n, k, p, s in zip(x.shape[2:], weight.shape[2:], pad, stride)) < 1:
+        raise ValueError(f'pad {pad} is too large for input {x.shape} and kernel {weight.shape[2:]}')
     inputs = (x, weight) if bias is None else (x, weight, bias)
     return _BlasConvolution(pad, stride, transposed=True, output_padding=output_padding)(*inputs)
 
@@ -516,7 +570,7 @@ class _InstanceNormalization(_ShapePreserving):
 
     @property
     def name(self):
-        return "CpuInstanceNormalization"
+        return 'CpuInstanceNormalization'
 
     def setup_impl(self, inputs, outputs):
         super().setup_impl(inputs, outputs)
@@ -531,17 +585,32 @@ class _InstanceNormalization(_ShapePreserving):
     # small enough at the small sizes that the numpy views cost more than the loops.
     def forward_impl(self, inputs, outputs):
         kernels().instance_norm_forward(
-            _pointer(inputs[0].data), self._rows, self._size, self._eps, self._slope,
-            self._split, _pointer(outputs[0].data, overwrite=True), self._mean,
-            self._inverse_std)
+            _pointer(inputs[0].data),
+            self._rows,
+            self._size,
+            self._eps,
+            self._slope,
+            self._split,
+            _pointer(outputs[0].data, overwrite=True),
+            self._mean,
+            self._inverse_std,
+        )
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
         kernels().instance_norm_backward(
-            _pointer(inputs[0].data), _pointer(outputs[0].grad), self._mean, self._inverse_std,
-            self._rows, self._size, self._slope, int(accum[0]), self._split,
-            _pointer(inputs[0].grad, overwrite=not accum[0]))
+            _pointer(inputs[0].data),
+            _pointer(outputs[0].grad),
+            self._mean,
+            self._inverse_std,
+            self._rows,
+            self._size,
+            self._slope,
+            int(accum[0]),
+            self._split,
+            _pointer(inputs[0].grad, overwrite=not accum[0]),
+        )
 
     def grad_depends_output_data(self, i, o):
         return False
@@ -554,7 +623,7 @@ def instance_normalization(x, eps=1e-5, slope=1.0):
     """Same as F.instance_normalization(x, None, None, channel_axis=1, batch_axis=0, eps=eps),
     followed by F.leaky_relu(alpha=slope) unless slope is 1 (slope 0: F.relu)."""
     if len(x.shape) < 3:
-        raise ValueError(f"instance normalisation needs (B, C, ...) inputs, got {x.shape}")
+        raise ValueError(f'instance normalisation needs (B, C, ...) inputs, got {x.shape}')
     return _InstanceNormalization(eps, slope)(x)
 
 
@@ -573,7 +642,7 @@ class _SpectralNorm(_ShapePreserving):
 
     @property
     def name(self):
-        return "CpuSpectralNorm"
+        return 'CpuSpectralNorm'
 
     def setup_impl(self, inputs, outputs):
         super().setup_impl(inputs, outputs)
@@ -585,17 +654,30 @@ class _SpectralNorm(_ShapePreserving):
     def forward_impl(self, inputs, outputs):
         u = _pointer(inputs[1].data)  # read, then updated in place
         self._sigma = kernels().spectral_norm_forward(
-            _pointer(inputs[0].data), self._rows, self._columns, self._eps, u, _address(self._v),
-            _pointer(outputs[0].data, overwrite=True))
+            _pointer(inputs[0].data),
+            self._rows,
+            self._columns,
+            self._eps,
+            u,
+            _address(self._v),
+            _pointer(outputs[0].data, overwrite=True),
+        )
         ctypes.memmove(_address(self._u), u, 4 * self._rows)
 
     def backward_impl(self, inputs, outputs, propagate_down, accum):
         if not propagate_down[0]:
             return
         kernels().spectral_norm_backward(
-            _pointer(inputs[0].data), _pointer(outputs[0].grad), _address(self._u),
-            _address(self._v), self._rows, self._columns, self._sigma, int(accum[0]),
-            _pointer(inputs[0].grad, overwrite=not accum[0]))
+            _pointer(inputs[0].data),
+            _pointer(outputs[0].grad),
+            _address(self._u),
+            _address(self._v),
+            self._rows,
+            self._columns,
+            self._sigma,
+            int(accum[0]),
+            _pointer(inputs[0].grad, overwrite=not accum[0]),
+        )
 
     def grad_depends_output_data(self, i, o):
         return False
@@ -619,6 +701,7 @@ def spectral_norm(weight, u, eps=1e-12):
 def _register_nnabla_relative_imports():
     import nnabla
     import nnabla_ext.cpu
+
     sys.modules.setdefault('nnabla.nnabla', nnabla)
     sys.modules.setdefault('nnabla.nnabla_ext', None)
     sys.modules.setdefault('nnabla.nnabla_ext.cpu', nnabla_ext.cpu)
@@ -666,22 +749,31 @@ def _numpy_version(function):
     """(inputs, make): make(*inputs) builds this module's version of `function`. None where
     there is none."""
     kind, args, inputs = function.info.type_name, function.info.args, function.inputs
-    plain = kind in ('Convolution', 'Deconvolution') and len(inputs[0].shape) == 4 and \
-        (args['base_axis'], args['dilation'], args['group'], args['channel_last']) == \
-        (1, [1, 1], 1, False)
+    plain = (
+        kind in ('Convolution', 'Deconvolution')
+        and len(inputs[0].shape) == 4
+        and (args['base_axis'], args['dilation'], args['group'], args['channel_last'])
+        == (1, [1, 1], 1, False)
+    )
     if kind == 'Convolution' and plain:
         x, reflect_pad = inputs[0], (0, 0)
         padding = _made_by(x, 'Pad', mode='reflect')
         widths = padding.info.args['pad_width'] if padding else []
         if len(widths) == 4 and widths[0] == widths[1] and widths[2] == widths[3]:
             x, reflect_pad = padding.inputs[0], (widths[0], widths[2])
-        return [x] + inputs[1:], partial(convolution, pad=args['pad'], stride=args['stride'],
-                                         reflect_pad=reflect_pad)
+        return [x] + inputs[1:], partial(
+            convolution, pad=args['pad'], stride=args['stride'], reflect_pad=reflect_pad
+        )
     if kind == 'Deconvolution' and plain:
-        return inputs, partial(deconvolution, pad=args['pad'], stride=args['stride'],
-                               output_padding=args['output_padding'])
-    if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) \
-            == (0, 1, False, False):
+        return inputs, partial(
+            deconvolution, pad=args['pad'], stride=args['stride'], output_padding=args['output_padding']
+        )
+    if kind == 'SpectralNorm' and (args['dim'], args['itr'], args['test'], args['output_u']) == (
+        0,
+        1,
+        False,
+        False,
+    ):
         return inputs, partial(spectral_norm, eps=args['eps'])
     normalised, slope = None, 1.0
     if kind == 'Div2':
@@ -702,12 +794,16 @@ def _copy(function):
     """(inputs, make): make(*inputs) builds another nnabla function like `function`."""
     kind = getattr(nnabla_function, function.info.type_name, None)
     if kind is None:
-        raise ValueError(f'{function.info.type_name} is not an nnabla function: accelerate each '
-                         'graph once, with all its outputs')
+        raise ValueError(
+            f'{function.info.type_name} is not an nnabla function: accelerate each '
+            'graph once, with all its outputs'
+        )
 
     def make(*inputs):
         return kind(function.context, **function.info.args)(
-            *inputs, n_outputs=len(function.outputs), auto_forward=False)
+            *inputs, n_outputs=len(function.outputs), auto_forward=False
+        )
+
     return function.inputs, make
 
 

@@ -35,6 +35,7 @@ and never all of them when there are two or more) from train to test. The photos
 every machine. Each category is split on its own: a photo that contains both can be in testA
 and in trainB. The default F = 0 writes no test folders.
 """
+
 import argparse
 import json
 import os
@@ -48,21 +49,21 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 # datasets/ is on sys.path when this script runs (top-level code imports `datasets.ccp`);
 # the project root goes after it, for runtime/.
-from ccp import (DatasetError, check_layout, instance_masks, label_names, load_mat,
-                 load_photo, pick_test_names)
+from ccp import DatasetError, check_layout, instance_masks, label_names, load_mat, load_photo, pick_test_names
+from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from runtime.processes import this_process, why_gone
 
 MARKER = '.generate_ccp_dataset.json'
 # The folders a run makes in save_root; the files it writes are listed in the marker.
-OUTPUT_FOLDERS = {'valA', 'valB'} | {f'{split}{domain}{seg}' for split in ('train', 'test')
-                                    for domain in 'AB' for seg in ('', '_seg')}
+OUTPUT_FOLDERS = {'valA', 'valB'} | {
+    f'{split}{domain}{seg}' for split in ('train', 'test') for domain in 'AB' for seg in ('', '_seg')
+}
 STAGING_OWNER = 'staging.json'
 
 
@@ -77,14 +78,18 @@ def leave_signals_to_main_process():
     os.setpgrp()
     if sys.platform == 'linux':
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def find_instances(annotation_path, targets, split_instances, min_instance_area):
     """The label map and (domain, instance masks) for every (domain, label) of `targets` present."""
     labels = load_mat(annotation_path, 'groundtruth')
-    found = [(domain, masks) for domain, label in targets
-             if (masks := instance_masks(labels == label, split_instances, min_instance_area))]
+    found = [
+        (domain, masks)
+        for domain, label in targets
+        if (masks := instance_masks(labels == label, split_instances, min_instance_area))
+    ]
     return labels, found
 
 
@@ -108,8 +113,10 @@ def export_pixel_level(annotation_path, photos, out, targets, test_names, **inst
         photo = load_photo(photos / f'{name}.jpg')
         if photo.size != labels.shape[::-1]:
             height, width = labels.shape
-            raise DatasetError(f'{annotation_path}: annotation is {width}x{height} '
-                               f'but its photo is {photo.width}x{photo.height}')
+            raise DatasetError(
+                f'{annotation_path}: annotation is {width}x{height} '
+                f'but its photo is {photo.width}x{photo.height}'
+            )
         for domain, masks in found:
             folder = f'test{domain}' if name in test_names.get(domain, ()) else f'train{domain}'
             photo.save(out / folder / f'{name}.png')
@@ -167,9 +174,11 @@ def is_within(path, folder):
     """Whether the resolved `path` is the resolved `folder` or lies inside it. File identities
     are compared as well as names, which also sees through bind mounts and case-insensitive
     file systems."""
-    return any(candidate == folder or (candidate.exists() and folder.exists()
-                                       and os.path.samefile(candidate, folder))
-               for candidate in [path, *path.parents])
+    return any(
+        candidate == folder
+        or (candidate.exists() and folder.exists() and os.path.samefile(candidate, folder))
+        for candidate in [path, *path.parents]
+    )
 
 
 def written_files(save_root):
@@ -179,13 +188,16 @@ def written_files(save_root):
         if not isinstance(files, list) or not all(isinstance(file, str) for file in files):
             raise TypeError('files is not a list of paths')
     except KeyError:
-        raise DatasetError(f'--save_root {save_root}: its {MARKER} does not list the files this '
-                           'script wrote (an earlier version made it), so --overwrite cannot '
-                           'tell them from yours; delete the folder yourself') from None
+        raise DatasetError(
+            f'--save_root {save_root}: its {MARKER} does not list the files this '
+            'script wrote (an earlier version made it), so --overwrite cannot '
+            'tell them from yours; delete the folder yourself'
+        ) from None
     except (OSError, ValueError, TypeError) as error:
-        raise DatasetError(f'--save_root {save_root}: {MARKER} is unreadable ('
-                           f'{type(error).__name__}: {error}); delete the folder yourself') \
-            from None
+        raise DatasetError(
+            f'--save_root {save_root}: {MARKER} is unreadable ('
+            f'{type(error).__name__}: {error}); delete the folder yourself'
+        ) from None
     return set(files)
 
 
@@ -203,9 +215,11 @@ def foreign_paths(save_root, written):
                 foreign.append(path)
                 folders.remove(name)
         folders.sort()
-        foreign += [relative / name for name in sorted(files)
-                    if (relative / name).as_posix() not in ours
-                    or (save_root / relative / name).is_symlink()]
+        foreign += [
+            relative / name
+            for name in sorted(files)
+            if (relative / name).as_posix() not in ours or (save_root / relative / name).is_symlink()
+        ]
     return sorted(foreign)
 
 
@@ -214,25 +228,30 @@ def check_save_root(save_root, data_root, overwrite):
     inside, contains = is_within(save_root, data_root), is_within(data_root, save_root)
     if inside or contains:
         relation = 'is' if inside and contains else 'lies inside' if inside else 'contains'
-        raise DatasetError(f'--save_root {save_root} {relation} --data_root {data_root}; '
-                           'write the dataset outside the CCP copy')
+        raise DatasetError(
+            f'--save_root {save_root} {relation} --data_root {data_root}; '
+            'write the dataset outside the CCP copy'
+        )
     existing = next(path for path in [save_root, *save_root.parents] if path.exists())
     if not existing.is_dir():
         raise DatasetError(f'--save_root {save_root}: {existing} exists and is not a folder')
     if existing != save_root:
         return
     if not (save_root / MARKER).is_file():
-        raise DatasetError(f'--save_root {save_root}: exists and has no {MARKER}, the mark of a '
-                           'dataset made by this script; --overwrite replaces only those, so '
-                           'choose another folder or remove it yourself')
+        raise DatasetError(
+            f'--save_root {save_root}: exists and has no {MARKER}, the mark of a '
+            'dataset made by this script; --overwrite replaces only those, so '
+            'choose another folder or remove it yourself'
+        )
     if not overwrite:
-        raise DatasetError(f'--save_root {save_root}: already exists; pass --overwrite to '
-                           'replace it')
+        raise DatasetError(f'--save_root {save_root}: already exists; pass --overwrite to replace it')
     foreign = foreign_paths(save_root, written_files(save_root))
     if foreign:
         more = f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''
-        raise DatasetError(f'--save_root {save_root}: holds {save_root / foreign[0]}{more}, which '
-                           'this script did not write; move it out before using --overwrite')
+        raise DatasetError(
+            f'--save_root {save_root}: holds {save_root / foreign[0]}{more}, which '
+            'this script did not write; move it out before using --overwrite'
+        )
 
 
 def remove_stale_staging(save_root):
@@ -240,8 +259,9 @@ def remove_stale_staging(save_root):
     leaves one behind). Only those naming a process of this host are judged; any other is left
     alone."""
     prefix = f'.{save_root.name}.'  # tempfile.mkdtemp's, below
-    for path in sorted(save_root.parent / name for name in os.listdir(save_root.parent)
-                       if name.startswith(prefix)):
+    for path in sorted(
+        save_root.parent / name for name in os.listdir(save_root.parent) if name.startswith(prefix)
+    ):
         try:
             owner = json.loads((path / STAGING_OWNER).read_text())
             gone = owner['host'] == this_process()['host'] and why_gone(owner)
@@ -250,11 +270,13 @@ def remove_stale_staging(save_root):
         if gone and not path.is_symlink():
             if (path / 'replaced').is_dir() and not save_root.exists():  # killed between renames
                 os.rename(path / 'replaced', save_root)
-                print(f'generate_ccp_dataset.py: restored {save_root} from {path}',
-                      file=sys.stderr)
+                print(f'generate_ccp_dataset.py: restored {save_root} from {path}', file=sys.stderr)
             shutil.rmtree(path)
-            print(f'generate_ccp_dataset.py: removed {path}, the staging folder of an interrupted '
-                  f'run (pid {owner["pid"]}: {gone})', file=sys.stderr)
+            print(
+                f'generate_ccp_dataset.py: removed {path}, the staging folder of an interrupted '
+                f'run (pid {owner["pid"]}: {gone})',
+                file=sys.stderr,
+            )
 
 
 @contextmanager
@@ -270,8 +292,18 @@ def staging_folder(save_root):
         shutil.rmtree(staging)
 
 
-def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, workers=2,
-             split_instances=False, min_instance_area=0.002, test_fraction=0.0, split_seed=0):
+def generate(
+    data_root,
+    save_root,
+    cat1='jeans',
+    cat2='skirt',
+    overwrite=False,
+    workers=2,
+    split_instances=False,
+    min_instance_area=0.002,
+    test_fraction=0.0,
+    split_seed=0,
+):
     """Write the cat1 (A) <-> cat2 (B) dataset to save_root; return {'trainA': count, ...}
     with testA and testB only when test_fraction > 0. main()'s argparse types check the ranges
     of the numbers."""
@@ -284,8 +316,9 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
     categories = sorted(name for name in names if name not in ('', 'null'))
     for flag, category in [('--cat1', cat1), ('--cat2', cat2)]:
         if category not in categories:
-            raise DatasetError(f'{flag} {category!r}: unknown category; '
-                               f'valid categories: {", ".join(categories)}')
+            raise DatasetError(
+                f'{flag} {category!r}: unknown category; valid categories: {", ".join(categories)}'
+            )
     if cat1 == cat2:
         raise DatasetError(f'--cat1 and --cat2 are both {cat1!r}; they must differ')
 
@@ -293,50 +326,70 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
     annotations = data_root / 'annotations'
     instance_args = dict(split_instances=split_instances, min_instance_area=min_instance_area)
     with Pool(workers, initializer=leave_signals_to_main_process) as pool:
-        photo_names = photos_per_domain(pool, annotations / 'pixel-level', targets=targets,
-                                        **instance_args)
+        photo_names = photos_per_domain(pool, annotations / 'pixel-level', targets=targets, **instance_args)
         for flag, category, domain in [('--cat1', cat1, 'A'), ('--cat2', cat2, 'B')]:
             if not photo_names[domain]:
-                area = (f' in a region of at least --min-instance-area {min_instance_area}'
-                        if split_instances else '')
-                labels = set().union(*run_parallel(pool, pixel_level_labels,
-                                                   annotations / 'pixel-level', 'categories'))
-                present = sorted(name for label, name in enumerate(names)
-                                 if label in labels and name not in ('', 'null'))
-                raise DatasetError(f'{flag} {category!r}: no pixel-level annotation contains '
-                                   f'it{area}, so train{domain} would be empty; categories '
-                                   f'with pixel-level photos: {", ".join(present)}')
-        test_names = {domain: pick_test_names(domain_names, test_fraction, split_seed)
-                      for domain, domain_names in photo_names.items()}
+                area = (
+                    f' in a region of at least --min-instance-area {min_instance_area}'
+                    if split_instances
+                    else ''
+                )
+                labels = set().union(
+                    *run_parallel(pool, pixel_level_labels, annotations / 'pixel-level', 'categories')
+                )
+                present = sorted(
+                    name for label, name in enumerate(names) if label in labels and name not in ('', 'null')
+                )
+                raise DatasetError(
+                    f'{flag} {category!r}: no pixel-level annotation contains '
+                    f'it{area}, so train{domain} would be empty; categories '
+                    f'with pixel-level photos: {", ".join(present)}'
+                )
+        test_names = {
+            domain: pick_test_names(domain_names, test_fraction, split_seed)
+            for domain, domain_names in photo_names.items()
+        }
 
         save_root.parent.mkdir(parents=True, exist_ok=True)
         with staging_folder(save_root) as staging:
             out = staging / save_root.name
-            photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0
-                                                    else [])
+            photo_folders = ['trainA', 'trainB'] + (['testA', 'testB'] if test_fraction > 0 else [])
             try:
                 for folder in photo_folders + ['valA', 'valB']:
                     (out / folder).mkdir(parents=True)
                 for folder in photo_folders:
                     (out / f'{folder}_seg').mkdir()
                 export_args = dict(photos=data_root / 'photos', out=out, targets=targets)
-                found = run_export(pool, partial(export_pixel_level, **export_args,
-                                                 test_names=test_names, **instance_args),
-                                   annotations / 'pixel-level', 'train (pixel-level)')
-                found |= run_export(pool, partial(export_image_level, **export_args),
-                                    annotations / 'image-level', 'val (image-level)')
+                found = run_export(
+                    pool,
+                    partial(export_pixel_level, **export_args, test_names=test_names, **instance_args),
+                    annotations / 'pixel-level',
+                    'train (pixel-level)',
+                )
+                found |= run_export(
+                    pool,
+                    partial(export_image_level, **export_args),
+                    annotations / 'image-level',
+                    'val (image-level)',
+                )
             finally:
                 # No worker may write into the staging folder while it is removed: after a
                 # signal to the process group the pool even starts new ones for the dead.
                 pool.terminate()
                 pool.join()
             counts = {folder: found.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}
-            files = sorted(path.relative_to(out).as_posix() for path in out.rglob('*')
-                           if path.is_file())
-            record = dict(data_root=str(data_root), cat1=cat1, cat2=cat2,
-                          split_instances=split_instances, min_instance_area=min_instance_area,
-                          test_fraction=test_fraction, split_seed=split_seed, counts=counts,
-                          files=files)
+            files = sorted(path.relative_to(out).as_posix() for path in out.rglob('*') if path.is_file())
+            record = dict(
+                data_root=str(data_root),
+                cat1=cat1,
+                cat2=cat2,
+                split_instances=split_instances,
+                min_instance_area=min_instance_area,
+                test_fraction=test_fraction,
+                split_seed=split_seed,
+                counts=counts,
+                files=files,
+            )
             (out / MARKER).write_text(json.dumps(record, indent=2) + '\n')
             check_save_root(save_root, data_root, overwrite)  # in case it appeared meanwhile
             if save_root.exists():
@@ -347,6 +400,7 @@ def generate(data_root, save_root, cat1='jeans', cat2='skirt', overwrite=False, 
 
 def number_in(kind, low, below, bounds):
     """argparse type: a `kind` (int or float) x with low <= x < below; `bounds` words the range."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -356,6 +410,7 @@ def number_in(kind, low, below, bounds):
         if not low <= value < below:  # also rejects nan
             raise argparse.ArgumentTypeError(f'{text} must be in {bounds}')
         return value
+
     return parse
 
 
@@ -369,33 +424,61 @@ def main():
     fraction = number_in(float, 0, 1, '[0, 1)')
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data_root', default='datasets/clothing-co-parsing', help='CCP copy')
-    parser.add_argument('--save_root', default='datasets/jeans2skirt_ccp',
-                        help='output folder, outside data_root')
+    parser.add_argument(
+        '--save_root', default='datasets/jeans2skirt_ccp', help='output folder, outside data_root'
+    )
     parser.add_argument('--cat1', default='jeans', help='category of domain A')
     parser.add_argument('--cat2', default='skirt', help='category of domain B')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace a save_root that this script made earlier')
-    parser.add_argument('--workers', type=number_in(int, 1, cores + 1, f'[1, {cores}], the cores '
-                                                    'here'), default=cores,
-                        help='worker processes (default: one per core)')
-    parser.add_argument('--split-instances', action='store_true',
-                        help='one instance per connected component instead of per category')
-    parser.add_argument('--min-instance-area', type=fraction, default=0.002,
-                        help='with --split-instances, drop components smaller than this '
-                             'fraction of the photo area')
-    parser.add_argument('--test-fraction', type=fraction, default=0.0,
-                        help='hold out this fraction of each category\'s pixel-annotated photos '
-                             'in testA(_seg)/testB(_seg); 0 makes no test folders')
-    parser.add_argument('--split-seed', type=number_in(int, 0, 2**32, '[0, 2**32)'), default=0,
-                        help='seed that picks the --test-fraction photos')
+    parser.add_argument(
+        '--overwrite', action='store_true', help='replace a save_root that this script made earlier'
+    )
+    parser.add_argument(
+        '--workers',
+        type=number_in(int, 1, cores + 1, f'[1, {cores}], the cores here'),
+        default=cores,
+        help='worker processes (default: one per core)',
+    )
+    parser.add_argument(
+        '--split-instances',
+        action='store_true',
+        help='one instance per connected component instead of per category',
+    )
+    parser.add_argument(
+        '--min-instance-area',
+        type=fraction,
+        default=0.002,
+        help='with --split-instances, drop components smaller than this fraction of the photo area',
+    )
+    parser.add_argument(
+        '--test-fraction',
+        type=fraction,
+        default=0.0,
+        help="hold out this fraction of each category's pixel-annotated photos "
+        'in testA(_seg)/testB(_seg); 0 makes no test folders',
+    )
+    parser.add_argument(
+        '--split-seed',
+        type=number_in(int, 0, 2**32, '[0, 2**32)'),
+        default=0,
+        help='seed that picks the --test-fraction photos',
+    )
     args = parser.parse_args()
     # Let `kill` unwind like Ctrl-C does, so the staging folder is removed (a second SIGTERM
     # must not cut that short).
     signal.signal(signal.SIGTERM, terminated)
     try:
-        counts = generate(args.data_root, args.save_root, args.cat1, args.cat2, args.overwrite,
-                          args.workers, args.split_instances, args.min_instance_area,
-                          args.test_fraction, args.split_seed)
+        counts = generate(
+            args.data_root,
+            args.save_root,
+            args.cat1,
+            args.cat2,
+            args.overwrite,
+            args.workers,
+            args.split_instances,
+            args.min_instance_area,
+            args.test_fraction,
+            args.split_seed,
+        )
     except (DatasetError, OSError) as error:  # OSError: a full disk, a read-only folder, ...
         sys.exit(f'generate_ccp_dataset.py: {error}')
     except KeyboardInterrupt:  # the staging folder is gone by now, as on any error

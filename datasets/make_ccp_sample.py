@@ -22,6 +22,7 @@ the training load size; masks are resized the same way and re-binarised to 0/255
 instances that vanish in the resize are dropped, the rest renumbered without gaps. Only the
 six image folders are replaced, so LICENSE and NOTICE.md in save_root stay.
 """
+
 import argparse
 import shutil
 from pathlib import Path
@@ -49,8 +50,11 @@ def pick(dataset, phase, domain, count, min_area, min_instances, exclude):
     """Ids of the first `count` usable photos of {phase}{domain}."""
     other = 'B' if domain == 'A' else 'A'
     in_other = {path.stem for path in (dataset / f'{phase}{other}').glob('*.png')}
-    ids = [path.stem for path in sorted((dataset / f'{phase}{domain}').glob('*.png'))
-           if path.stem not in in_other and path.stem not in exclude]
+    ids = [
+        path.stem
+        for path in sorted((dataset / f'{phase}{domain}').glob('*.png'))
+        if path.stem not in in_other and path.stem not in exclude
+    ]
     if phase == 'train':
         instance_counts = {}
         for name in ids:
@@ -59,13 +63,14 @@ def pick(dataset, phase, domain, count, min_area, min_instances, exclude):
                 instance_counts[name] = len(masks)
         ids = sorted(instance_counts, key=lambda name: -instance_counts[name])  # stable: id order
     if len(ids) < count:
-        raise SystemExit(f'make_ccp_sample.py: {dataset / f"{phase}{domain}"}: '
-                         f'only {len(ids)} usable photos, {count} needed')
+        raise SystemExit(
+            f'make_ccp_sample.py: {dataset / f"{phase}{domain}"}: '
+            f'only {len(ids)} usable photos, {count} needed'
+        )
     return ids[:count]
 
 
-def make_sample(dataset, save_root, train_count=8, val_count=4, min_area=0.05, min_instances=1,
-                exclude=()):
+def make_sample(dataset, save_root, train_count=8, val_count=4, min_area=0.05, min_instances=1, exclude=()):
     dataset, save_root = Path(dataset), Path(save_root)
     for phase, count in [('train', train_count), ('val', val_count)]:
         for domain in 'AB':
@@ -77,31 +82,46 @@ def make_sample(dataset, save_root, train_count=8, val_count=4, min_area=0.05, m
             for name in ids:
                 with Image.open(dataset / f'{phase}{domain}' / f'{name}.png') as image:
                     image.convert('RGB').resize(LOAD_SIZE, Image.BILINEAR).save(
-                        save_root / f'{phase}{domain}' / f'{name}.png', optimize=True)
+                        save_root / f'{phase}{domain}' / f'{name}.png', optimize=True
+                    )
                 if phase == 'train':
                     masks = resized_instances(dataset / f'train{domain}_seg', name)
                     for index, mask in enumerate(masks):
                         Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
-                            save_root / f'train{domain}_seg' / f'{name}_{index}.png',
-                            optimize=True)
+                            save_root / f'train{domain}_seg' / f'{name}_{index}.png', optimize=True
+                        )
             print(f'{phase}{domain}: {" ".join(ids)}')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--dataset', default='datasets/jeans2skirt_ccp',
-                        help='output of generate_ccp_dataset.py')
+    parser.add_argument(
+        '--dataset', default='datasets/jeans2skirt_ccp', help='output of generate_ccp_dataset.py'
+    )
     parser.add_argument('--save_root', default='datasets/ccp_sample')
     parser.add_argument('--train_count', type=int, default=8, help='photos per training domain')
     parser.add_argument('--val_count', type=int, default=4, help='photos per validation domain')
     parser.add_argument('--min_area', type=float, default=0.05, help='smallest mask area fraction')
-    parser.add_argument('--min_instances', type=int, default=1,
-                        help='fewest instances a training photo keeps at load size')
-    parser.add_argument('--exclude', nargs='*', default=[], metavar='ID',
-                        help='photo ids to leave out, e.g. ones with annotation errors')
+    parser.add_argument(
+        '--min_instances', type=int, default=1, help='fewest instances a training photo keeps at load size'
+    )
+    parser.add_argument(
+        '--exclude',
+        nargs='*',
+        default=[],
+        metavar='ID',
+        help='photo ids to leave out, e.g. ones with annotation errors',
+    )
     args = parser.parse_args()
-    make_sample(args.dataset, args.save_root, args.train_count, args.val_count, args.min_area,
-                args.min_instances, args.exclude)
+    make_sample(
+        args.dataset,
+        args.save_root,
+        args.train_count,
+        args.val_count,
+        args.min_area,
+        args.min_instances,
+        args.exclude,
+    )
 
 
 if __name__ == '__main__':

@@ -46,8 +46,7 @@ def to_photo(values, size):
     """(C, h, w) in [-1, 1] -> uint8 (H, W, C) at the photo's size."""
     pixels = ((np.clip(values, -1, 1) + 1) * 127.5).round().astype(np.uint8)
     return np.stack(
-        [np.asarray(Image.fromarray(c).resize((size[1], size[0]), Image.BILINEAR)) for c in pixels],
-        axis=-1,
+        [np.asarray(Image.fromarray(c).resize((size[1], size[0]), Image.BILINEAR)) for c in pixels], axis=-1
     )
 
 
@@ -91,9 +90,7 @@ def main():
     Image.fromarray(to_photo(image_out, photo_size)).save(args.out)
     stem, extension = os.path.splitext(args.out)
     for index, mask in enumerate(masks_out):
-        Image.fromarray(to_photo(mask[None], photo_size)[:, :, 0]).save(
-            f'{stem}_{index}{extension}'
-        )
+        Image.fromarray(to_photo(mask[None], photo_size)[:, :, 0]).save(f'{stem}_{index}{extension}')
     if args.npz:
         np.savez(args.npz, image=image_out, masks=masks_out)
     print(f'wrote {args.out} and {len(masks_out)} translated masks')

@@ -6,7 +6,6 @@ Every failure a user can meet is a RunError, whose message is one line naming th
 flag; the programs print it and exit non-zero.
 """
 
-
 import sys
 
 

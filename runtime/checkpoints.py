@@ -14,6 +14,7 @@ moment leaves the older checkpoints intact and no half-written one. Nothing is p
 shared checkpoint is data, never code, and arrays load with allow_pickle=False. Checkpoints of
 earlier versions (a SOLVER.h5 per solver, older parameter names) still load.
 """
+
 import io
 import json
 import os
@@ -40,15 +41,19 @@ class DamagedCheckpoint(RunError):
 
 def checkpoint_folders(model_path):
     """The checkpoint folders in model_path, oldest first, complete or not."""
-    names = sorted(n for n in os.listdir(model_path)
-                   if CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(model_path, n)))
+    names = sorted(
+        n
+        for n in os.listdir(model_path)
+        if CHECKPOINT.fullmatch(n) and os.path.isdir(os.path.join(model_path, n))
+    )
     return [os.path.join(model_path, n) for n in names]
 
 
 def checkpoint_paths(model_path):
     """The complete checkpoints in model_path (with their state.json), oldest first."""
-    return [path for path in checkpoint_folders(model_path)
-            if os.path.exists(os.path.join(path, 'state.json'))]
+    return [
+        path for path in checkpoint_folders(model_path) if os.path.exists(os.path.join(path, 'state.json'))
+    ]
 
 
 def split_arrays(tree, arrays, key='state'):
@@ -107,9 +112,12 @@ def save_checkpoint(model_path, iteration, state, solvers, keep):
     partial = os.path.join(model_path, f'.{name}.partial')
     arrays = {}
     state = split_arrays(dict(state, iteration=iteration), arrays)
-    files = {PARAMETERS: parameters_bytes(), SOLVER_STATES: npz_bytes(solver_state_arrays(solvers)),
-             ARRAYS: npz_bytes(arrays),
-             'state.json': json.dumps(state, indent=1, allow_nan=False).encode()}
+    files = {
+        PARAMETERS: parameters_bytes(),
+        SOLVER_STATES: npz_bytes(solver_state_arrays(solvers)),
+        ARRAYS: npz_bytes(arrays),
+        'state.json': json.dumps(state, indent=1, allow_nan=False).encode(),
+    }
     try:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
@@ -132,8 +140,9 @@ def damaged(path, name, error):
     if isinstance(error, FileNotFoundError):
         reason = 'missing'
         if name == ARRAYS and os.path.exists(os.path.join(path, 'trainer.pkl')):
-            reason += (' (an older version wrote trainer.pkl, which is never unpickled: '
-                       'unpickling can run code)')
+            reason += (
+                ' (an older version wrote trainer.pkl, which is never unpickled: unpickling can run code)'
+            )
     else:
         reason = f'unreadable ({type(error).__name__}: {error})'
     return DamagedCheckpoint(f'{os.path.join(path, name)} is {reason}')
@@ -169,9 +178,11 @@ def read_parameters(path, rename=None):
     version's name -> today's). Raises OSError or ValueError if it is not one."""
     arrays = {}
     with h5py.File(path, 'r') as f:
+
         def visit(name, item):
             if isinstance(item, h5py.Dataset):
                 arrays[rename(name) if rename else name] = item[()]
+
         f.visititems(visit)
     if not arrays:
         raise ValueError('holds no parameters')
@@ -185,8 +196,7 @@ def load_parameters(path, rename=None):
     for name, array in arrays.items():
         if name in current:
             if current[name].shape != array.shape:
-                raise ValueError(f'{name} is {array.shape}, the networks need '
-                                 f'{current[name].shape}')
+                raise ValueError(f'{name} is {array.shape}, the networks need {current[name].shape}')
             current[name].d = array
     return set(arrays)
 
@@ -194,8 +204,7 @@ def load_parameters(path, rename=None):
 def load_solver_states(path, solvers, rename=None):
     """Each solver's states from solver_states.npz, or from an earlier version's SOLVER.h5."""
     npz = os.path.join(path, SOLVER_STATES)
-    if not os.path.exists(npz) and any(os.path.exists(os.path.join(path, f'{name}.h5'))
-                                       for name in solvers):
+    if not os.path.exists(npz) and any(os.path.exists(os.path.join(path, f'{name}.h5')) for name in solvers):
         return load_old_solver_states(path, solvers, rename)
     with np.load(npz, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
@@ -223,14 +232,16 @@ def load_old_solver_states(path, solvers, rename):
         with h5py.File(file, 'r') as f:
             f.visit(stored.add)
         params = solver.get_parameters()
-        old_names = {new: old for old, new in ((name, rename(name) if rename else name)
-                                               for name in stored) if new in params}
+        old_names = {
+            new: old
+            for old, new in ((name, rename(name) if rename else name) for name in stored)
+            if new in params
+        }
         reader = type(solver)()
         reader.set_parameters({old_names.get(name, name): v for name, v in params.items()})
         reader.load_states(file)
         by_old = {old: new for new, old in old_names.items()}
-        solver.set_states({by_old.get(name, name): state
-                           for name, state in reader.get_states().items()})
+        solver.set_states({by_old.get(name, name): state for name, state in reader.get_states().items()})
 
 
 def load_parameters_and_solvers(path, solvers, rename=None):
@@ -241,8 +252,9 @@ def load_parameters_and_solvers(path, solvers, rename=None):
         held = load_parameters(file, rename)
         missing = sorted(set(nn.get_parameters(grad_only=False)) - held)
         if missing:
-            raise ValueError(f'lacks {missing[0]}' + (f' and {len(missing) - 1} more'
-                                                      if len(missing) > 1 else ''))
+            raise ValueError(
+                f'lacks {missing[0]}' + (f' and {len(missing) - 1} more' if len(missing) > 1 else '')
+            )
     except Exception as error:
         raise damaged(path, PARAMETERS, error) from None
     try:
@@ -276,8 +288,9 @@ def resume_newest(model_path, restore):
             os.rename(bad, bad + '.damaged')
             logger.info(f'--resume: renamed {bad} to {bad}.damaged')
         return path, restored
-    raise RunError(f'--resume: no intact checkpoint in {model_path} (skipped {len(skipped)}, '
-                   'see the warnings above)')
+    raise RunError(
+        f'--resume: no intact checkpoint in {model_path} (skipped {len(skipped)}, see the warnings above)'
+    )
 
 
 def shown(value):
@@ -287,8 +300,11 @@ def shown(value):
 
 def changed_flags(names, saved_args, args):
     """[(name, value in the checkpoint, value now)] of the flags in `names` that changed."""
-    return [(name, saved_args[name], getattr(args, name)) for name in names
-            if name in saved_args and saved_args[name] != getattr(args, name)]
+    return [
+        (name, saved_args[name], getattr(args, name))
+        for name in names
+        if name in saved_args and saved_args[name] != getattr(args, name)
+    ]
 
 
 def dataset_changes(saved, now):
@@ -300,63 +316,68 @@ def dataset_changes(saved, now):
         current = now['domains'][domain]
         folder = os.path.join(now['path'], current['folder'])
         if then['images'] != current['images']:
-            changes.append(f'{folder} held {then["images"]} images and now holds '
-                           f'{current["images"]}')
+            changes.append(f'{folder} held {then["images"]} images and now holds {current["images"]}')
         elif then['fingerprint'] != current['fingerprint']:
             changes.append(f'the names of the files in {folder} or {folder}_seg changed')
     if saved['ins_max'] != now['ins_max']:
-        changes.append(f'its images had at most {saved["ins_max"]} instance masks and now have '
-                       f'{now["ins_max"]}')
+        changes.append(
+            f'its images had at most {saved["ins_max"]} instance masks and now have {now["ins_max"]}'
+        )
     return changes
 
 
-def resume(args, solvers, training_state, dataset, fixed, changeable, rename=None,
-           check=None):
+def resume(args, solvers, training_state, dataset, fixed, changeable, rename=None, check=None):
     """Restore the newest intact checkpoint of args.model_save_path into the current parameters,
     `solvers` and `training_state`; returns its state.json. A flag of `fixed` given another
     value, or a dataset (Loaders.identity()) that changed, refuses the run with one line; so
     does check(path, state), called before anything is restored. Each changed flag of
     `changeable` gets a line."""
+
     def restore(path):
-        saved = read_checkpoint(path, keys=['args', 'dataset', 'training_state', 'epoch',
-                                            'epoch_samples', 'processes'])
+        saved = read_checkpoint(
+            path, keys=['args', 'dataset', 'training_state', 'epoch', 'epoch_samples', 'processes']
+        )
         if not isinstance(saved['args'], dict) or not isinstance(saved['dataset'], dict):
-            raise DamagedCheckpoint(f'{path}/state.json is unreadable (args or dataset is not '
-                                    'an object)')
+            raise DamagedCheckpoint(f'{path}/state.json is unreadable (args or dataset is not an object)')
         for key, least in [('epoch', 0), ('epoch_samples', 0), ('processes', 1)]:
             if type(saved[key]) is not int or saved[key] < least:
-                raise DamagedCheckpoint(f'{path}/state.json is unreadable ({key} is '
-                                        f'{saved[key]!r})')
+                raise DamagedCheckpoint(f'{path}/state.json is unreadable ({key} is {saved[key]!r})')
         refused = changed_flags(fixed, saved['args'], args)
         if refused:
-            listed = '; '.join(f'--{name.replace("_", "-")} {shown(old)}, not {shown(new)}'
-                               for name, old, new in refused)
-            raise RunError(f'{path} was made with {listed} (these flags decide the data, the '
-                           'shapes or the saved state and cannot change on resume)')
+            listed = '; '.join(
+                f'--{name.replace("_", "-")} {shown(old)}, not {shown(new)}' for name, old, new in refused
+            )
+            raise RunError(
+                f'{path} was made with {listed} (these flags decide the data, the '
+                'shapes or the saved state and cannot change on resume)'
+            )
         try:
             changes = dataset_changes(saved['dataset'], dataset)
         except (KeyError, TypeError, AttributeError) as error:
-            raise DamagedCheckpoint(f'{path}/state.json: unreadable dataset record '
-                                    f'({type(error).__name__}: {error})') from None
+            raise DamagedCheckpoint(
+                f'{path}/state.json: unreadable dataset record ({type(error).__name__}: {error})'
+            ) from None
         if changes:
-            raise RunError(f'{path}: the dataset changed since: {"; ".join(changes)}; resume '
-                           'with the data it was trained on, or start afresh')
+            raise RunError(
+                f'{path}: the dataset changed since: {"; ".join(changes)}; resume '
+                'with the data it was trained on, or start afresh'
+            )
         if check:
             check(path, saved)
         load_parameters_and_solvers(path, solvers, rename)
         try:
             training_state.load_state_dict(saved['training_state'])
         except (KeyError, IndexError, TypeError, ValueError) as error:
-            raise DamagedCheckpoint(f'{path}/state.json and {ARRAYS} do not hold a training '
-                                    f'state of this run ({type(error).__name__}: {error})') \
-                from None
+            raise DamagedCheckpoint(
+                f'{path}/state.json and {ARRAYS} do not hold a training '
+                f'state of this run ({type(error).__name__}: {error})'
+            ) from None
         return saved
 
     path, saved = resume_newest(args.model_save_path, restore)
     logger.info(f'resumed from {path} at iteration {saved["iteration"]}')
     for name, old, new in changed_flags(changeable, saved['args'], args):
-        logger.info(f'--resume: --{name.replace("_", "-")} {shown(new)} (the checkpoint has '
-                    f'{shown(old)})')
+        logger.info(f'--resume: --{name.replace("_", "-")} {shown(new)} (the checkpoint has {shown(old)})')
     return saved
 
 
@@ -384,18 +405,26 @@ class Checkpoints:
             return None
         args = self.args
         global_batch = args.batch_size * self.processes.size
-        saved = {'epoch': epoch, 'epoch_samples': position * global_batch, 'run': self.run.id,
-                 'args': vars(args), 'dataset': self.loaders.identity(),
-                 'processes': self.processes.size,
-                 'learning_rates': {k: s.learning_rate() for k, s in self.solvers.items()},
-                 'training_state': self.state_dict()}
+        saved = {
+            'epoch': epoch,
+            'epoch_samples': position * global_batch,
+            'run': self.run.id,
+            'args': vars(args),
+            'dataset': self.loaders.identity(),
+            'processes': self.processes.size,
+            'learning_rates': {k: s.learning_rate() for k, s in self.solvers.items()},
+            'training_state': self.state_dict(),
+        }
         try:
-            return save_checkpoint(args.model_save_path, iteration, saved, self.solvers,
-                                   args.keep_checkpoints)
+            return save_checkpoint(
+                args.model_save_path, iteration, saved, self.solvers, args.keep_checkpoints
+            )
         except WriteFailed as error:
-            raise RunError(f'could not write the checkpoint of iteration {iteration} in '
-                           f'{args.model_save_path} ({error.reason}); the earlier ones are '
-                           'intact') from None
+            raise RunError(
+                f'could not write the checkpoint of iteration {iteration} in '
+                f'{args.model_save_path} ({error.reason}); the earlier ones are '
+                'intact'
+            ) from None
 
     def start(self, fixed, changeable, rename):
         """Where training starts: (0, 0, 0), or with --resume where the newest intact checkpoint
@@ -411,21 +440,33 @@ class Checkpoints:
         samples of that epoch already trained on, which any number of ranks can continue."""
         place = [0, 0, 0]
         if self.processes.rank == 0:
-            saved = resume(self.args, self.solvers, self, self.loaders.identity(), fixed,
-                           changeable, rename, check=lambda path, saved: self.run.continue_run(
-                               path, saved.get('run')))
+            saved = resume(
+                self.args,
+                self.solvers,
+                self,
+                self.loaders.identity(),
+                fixed,
+                changeable,
+                rename,
+                check=lambda path, saved: self.run.continue_run(path, saved.get('run')),
+            )
             place = [saved['iteration'], saved['epoch'], saved['epoch_samples']]
             if saved['processes'] != self.processes.size:
-                logger.info(f'--resume: {self.processes.size} processes continue a checkpoint '
-                            f'of {saved["processes"]}: the data order goes on, the pools of '
-                            'ranks other than 0 start empty')
+                logger.info(
+                    f'--resume: {self.processes.size} processes continue a checkpoint '
+                    f'of {saved["processes"]}: the data order goes on, the pools of '
+                    'ranks other than 0 start empty'
+                )
         iteration, epoch, samples = (int(value) for value in self.processes.sum(place))
         if epoch >= self.args.max_epoch:
-            raise RunError(f'--resume: the checkpoint is at iteration {iteration} (epoch '
-                           f'{epoch}), where --max-epoch {self.args.max_epoch} has ended: '
-                           'nothing to train; give a larger --max-epoch')
+            raise RunError(
+                f'--resume: the checkpoint is at iteration {iteration} (epoch '
+                f'{epoch}), where --max-epoch {self.args.max_epoch} has ended: '
+                'nothing to train; give a larger --max-epoch'
+            )
         if self.processes.rank:
             path = os.path.join(self.args.model_save_path, f'checkpoint_{iteration:09d}')
             self.loaders.load_state_dict(
-                read_checkpoint(path, ['training_state'])['training_state']['loaders'])
+                read_checkpoint(path, ['training_state'])['training_state']['loaders']
+            )
         return iteration, epoch, samples

@@ -1,6 +1,7 @@
 """The device a program computes on: NNabla's default context, and on the CPU the optional
 engine (cpu_engine) that moves a built graph's convolutions and normalisations onto every core.
 """
+
 import nnabla as nn
 from nnabla.ext_utils import get_extension_context
 from nnabla.logger import logger
@@ -15,6 +16,7 @@ TYPE_CONFIGS = ['float']
 def cuda_installed():
     try:
         import nnabla_ext.cuda  # noqa: F401 (the import is the test)
+
         return True
     except ImportError:
         return False
@@ -32,13 +34,15 @@ def set_context(context=None, device_id='0', type_config='float', cpu_conv='blas
     if context == 'cuda':
         context = 'cudnn'
     if context == 'cudnn' and not cuda_installed():
-        raise RunError('--context cudnn needs nnabla-ext-cuda, which is not installed '
-                       '(pip install -r requirements-cuda.txt)')
-    nn.set_default_context(get_extension_context(context, device_id=device_id,
-                                                 type_config=type_config))
+        raise RunError(
+            '--context cudnn needs nnabla-ext-cuda, which is not installed '
+            '(pip install -r requirements-cuda.txt)'
+        )
+    nn.set_default_context(get_extension_context(context, device_id=device_id, type_config=type_config))
     if context != 'cpu' or cpu_conv != 'blas':
         return context, lambda *outputs: None
     import cpu_engine
+
     try:
         cpu_engine.kernels()
     except cpu_engine.KernelsUnavailable as error:

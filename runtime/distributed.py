@@ -10,6 +10,7 @@ across the ranks, and the broadcast of rank 0's parameters and solver states. Wi
 path follows nnabla-examples (MultiProcessDataParallelCommunicator, local rank -> device);
 only the object that moves the bytes differs from the CPU path that the tests run.
 """
+
 import os
 
 import numpy as np
@@ -89,9 +90,11 @@ class MpiProcesses(Processes):
         try:
             from mpi4py import MPI
         except ImportError:
-            raise RunError('train.py runs under mpiexec, and on the CPU the ranks talk through '
-                           'mpi4py, which is not installed (pip install -r '
-                           'requirements-dev.txt)') from None
+            raise RunError(
+                'train.py runs under mpiexec, and on the CPU the ranks talk through '
+                'mpi4py, which is not installed (pip install -r '
+                'requirements-dev.txt)'
+            ) from None
         self.mpi, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -99,7 +102,7 @@ class MpiProcesses(Processes):
         if hasattr(os, 'sched_setaffinity'):
             cores = sorted(os.sched_getaffinity(0))
             if len(cores) >= local_size:
-                os.sched_setaffinity(0, cores[self.local_rank::local_size])
+                os.sched_setaffinity(0, cores[self.local_rank :: local_size])
 
     def mean_gradients(self, solver):
         parameters = solver.get_parameters()
@@ -109,7 +112,7 @@ class MpiProcesses(Processes):
         flat /= self.size
         start = 0
         for parameter, gradient in zip(parameters.values(), gradients):
-            parameter.g = flat[start:start + gradient.size].reshape(gradient.shape)
+            parameter.g = flat[start : start + gradient.size].reshape(gradient.shape)
             start += gradient.size
 
     def sum(self, values):
@@ -132,15 +135,14 @@ class NcclProcesses(Processes):
     def __init__(self, context):
         import nnabla as nn
         import nnabla.communicators as C
+
         self.nn = nn
         self.comm = C.MultiProcessDataParallelCommunicator(context)
         self.comm.init()
-        self.rank, self.size, self.local_rank = self.comm.rank, self.comm.size, \
-            self.comm.local_rank
+        self.rank, self.size, self.local_rank = self.comm.rank, self.comm.size, self.comm.local_rank
 
     def mean_gradients(self, solver):
-        self.comm.all_reduce([p.grad for p in solver.get_parameters().values()], division=True,
-                             inplace=True)
+        self.comm.all_reduce([p.grad for p in solver.get_parameters().values()], division=True, inplace=True)
 
     def sum(self, values):
         array = self.nn.NdArray.from_numpy_array(np.array(values, np.float32))
@@ -164,8 +166,8 @@ def start_processes(context, device_id):
         return Processes(), device_id
     if context in ('cudnn', 'cuda'):
         from nnabla.ext_utils import get_extension_context
-        local_rank = int(os.environ.get('MPI_LOCALRANKID',
-                                        os.environ.get('OMPI_COMM_WORLD_LOCAL_RANK', 0)))
+
+        local_rank = int(os.environ.get('MPI_LOCALRANKID', os.environ.get('OMPI_COMM_WORLD_LOCAL_RANK', 0)))
         device_id = str(int(device_id) + local_rank)
         return NcclProcesses(get_extension_context('cudnn', device_id=device_id)), device_id
     return MpiProcesses(), device_id

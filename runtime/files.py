@@ -3,6 +3,7 @@ final one and renamed into place, so that a reader sees the old file or the new 
 of one. A write that fails on the disk (full, over quota, read-only, an I/O error) becomes a
 WriteFailed naming the file, and leaves nothing behind.
 """
+
 import errno
 import io
 import os

@@ -9,6 +9,7 @@ nnabla.monitor.plot_series and plot_time_elapsed read it:
 Unlike nnabla's monitors, these never empty a file when created (a fresh run starts without
 one) and continue it exactly on resume through state_dict/load_state_dict.
 """
+
 import gc
 import io
 import math
@@ -29,8 +30,10 @@ TIMER = 'elapsed_time'
 
 
 def write_arguments(folder, args):
-    write_text(os.path.join(folder, 'Arguments.txt'),
-               ''.join(f'{name}: {value}\n' for name, value in sorted(vars(args).items())))
+    write_text(
+        os.path.join(folder, 'Arguments.txt'),
+        ''.join(f'{name}: {value}\n' for name, value in sorted(vars(args).items())),
+    )
 
 
 def lines_before(path, iteration):
@@ -62,17 +65,18 @@ class SeriesFile:
 
     def state_dict(self):
         # An array, not a JSON list: a NaN loss (--nan-policy warn) is no JSON number.
-        return {'next_iteration': self.next_iteration,
-                'pending': np.array(self.pending, np.float64)}
+        return {'next_iteration': self.next_iteration, 'pending': np.array(self.pending, np.float64)}
 
     @staticmethod
     def parse(state):
         """(next iteration, pending values) of a state_dict(); earlier versions kept the values
         as a JSON list. ValueError unless it is one."""
         next_iteration, pending = state['next_iteration'], state['pending']
-        numbers = pending.dtype.kind == 'f' and pending.ndim == 1 if isinstance(
-            pending, np.ndarray) else isinstance(pending, list) and all(
-            type(v) in (int, float) for v in pending)
+        numbers = (
+            pending.dtype.kind == 'f' and pending.ndim == 1
+            if isinstance(pending, np.ndarray)
+            else isinstance(pending, list) and all(type(v) in (int, float) for v in pending)
+        )
         if type(next_iteration) is not int or next_iteration < 0 or not numbers:
             raise ValueError(f'series state {state!r}')
         return next_iteration, [float(v) for v in pending]
@@ -89,8 +93,8 @@ class TimerFile:
     def __init__(self, folder, interval):
         self.path = os.path.join(folder, TIMER + '.timer.txt')
         self.interval = interval
-        self.total = 0.0   # seconds of training up to the last line
-        self.lap = 0.0     # seconds since then
+        self.total = 0.0  # seconds of training up to the last line
+        self.lap = 0.0  # seconds since then
         self.since = None  # perf_counter at the last add
         self.next_iteration = 0
 
@@ -115,7 +119,8 @@ class TimerFile:
         """(next iteration, total, lap) of a state_dict(); ValueError unless it is one."""
         values = [state['next_iteration'], state['total'], state['lap']]
         if type(values[0]) is not int or not all(
-                type(v) in (int, float) and 0 <= v < math.inf for v in values):
+            type(v) in (int, float) and 0 <= v < math.inf for v in values
+        ):
             raise ValueError(f'timer state {state!r}')
         return values
 
@@ -143,22 +148,31 @@ class Monitors:
             self.timer.add(iteration)
         except WriteFailed as error:
             paths = checkpoint_paths(self.resume_from) if self.resume_from else []
-            then = f'; {paths[-1]} is intact: continue from it with --resume' if paths else \
-                ', before its first checkpoint'
+            then = (
+                f'; {paths[-1]} is intact: continue from it with --resume'
+                if paths
+                else ', before its first checkpoint'
+            )
             raise RunError(f'{error}; stopped at iteration {iteration}{then}') from None
 
     def save_pictures(self, epoch, visuals, loss_names):
         """The epoch's translation tiles ({source: [(images, masks) of the batch, of the
         translation, of the reconstruction]}) and losses.png."""
         if self.writes:
-            tiles = {f'translation_{source}2{"y" if source == "x" else "x"}':
-                     [[image_panel(i) for i, _ in rows], [mask_panel(m) for _, m in rows]]
-                     for source, rows in visuals.items()}
+            tiles = {
+                f'translation_{source}2{"y" if source == "x" else "x"}': [
+                    [image_panel(i) for i, _ in rows],
+                    [mask_panel(m) for _, m in rows],
+                ]
+                for source, rows in visuals.items()
+            }
             save_pictures(self.folder, epoch, tiles, loss_names)
 
     def state_dict(self):
-        return {'series': {name: s.state_dict() for name, s in self.series.items()},
-                'timer': self.timer.state_dict()}
+        return {
+            'series': {name: s.state_dict() for name, s in self.series.items()},
+            'timer': self.timer.state_dict(),
+        }
 
     def load_state_dict(self, state):
         parts = [(series, state['series'][name]) for name, series in self.series.items()]
@@ -184,8 +198,9 @@ class Progress:
 
     def __enter__(self):
         if self.shown and sys.stderr.isatty():
-            self.bar = tqdm(total=self.total, initial=self.count, desc=self.description,
-                            leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total, initial=self.count, desc=self.description, leave=False, dynamic_ncols=True
+            )
         self.last = time.monotonic()
         return self
 
@@ -199,8 +214,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(shown)
-        elif self.shown and (time.monotonic() - self.last >= self.every
-                             or self.count == self.total):
+        elif self.shown and (time.monotonic() - self.last >= self.every or self.count == self.total):
             self.last = time.monotonic()
             values = ''.join(f' {name} {value}' for name, value in shown.items())
             logger.info(f'{self.description}: {self.count}/{self.total}{values}')
@@ -213,8 +227,18 @@ def image_panel(images):
 
 def mask_panel(masks):
     """Sample 0 of (B, N, H, W) masks in [-1, 1] -> (H, W, 3), one colour per instance slot."""
-    palette = np.array([[1, 0.2, 0.2], [0.2, 1, 0.2], [0.3, 0.5, 1], [1, 1, 0.2],
-                        [1, 0.2, 1], [0.2, 1, 1], [1, 0.6, 0.2], [0.7, 0.7, 0.7]])
+    palette = np.array(
+        [
+            [1, 0.2, 0.2],
+            [0.2, 1, 0.2],
+            [0.3, 0.5, 1],
+            [1, 1, 0.2],
+            [1, 0.2, 1],
+            [0.2, 1, 1],
+            [1, 0.6, 0.2],
+            [0.7, 0.7, 0.7],
+        ]
+    )
     weights = (np.clip(masks[0], -1, 1) + 1) / 2
     colours = palette[np.arange(len(weights)) % len(palette)]
     return np.max(weights[:, :, :, None] * colours[:, None, None, :], axis=0)
@@ -229,8 +253,10 @@ def save_tile(path, rows):
 def plot_losses(folder, loss_names):
     """Redraw FOLDER/losses.png from the series files of `loss_names` (each _x and _y)."""
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, len(loss_names), figsize=(4 * len(loss_names), 3.2))
     try:
         for axis, name in zip(axes, loss_names):

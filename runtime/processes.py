@@ -7,6 +7,7 @@ clock ticks after boot): a pid alone is reused by unrelated processes, and after
 runs is another process. Where /proc does not exist (macOS) the two are None and only the pid
 is checked.
 """
+
 import os
 import socket
 
@@ -28,14 +29,13 @@ def start_time(pid):
     except OSError:
         return None
     # Field 2, the command name in parentheses, may hold spaces and parentheses itself.
-    fields = stat[stat.rindex(b')') + 2:].split()
+    fields = stat[stat.rindex(b')') + 2 :].split()
     return int(fields[22 - 3])
 
 
 def this_process():
     pid = os.getpid()
-    return {'pid': pid, 'host': socket.gethostname(), 'boot_id': boot_id(),
-            'start_time': start_time(pid)}
+    return {'pid': pid, 'host': socket.gethostname(), 'boot_id': boot_id(), 'start_time': start_time(pid)}
 
 
 def process_exists(pid):

@@ -7,6 +7,7 @@ also takes over SIGINT and SIGTERM: while `run.stop.deferring`, the first asks t
 checkpoint and stop after the current iteration; otherwise the process ends at once, after
 releasing the locks. On exit the locks are released, whatever happened.
 """
+
 import json
 import os
 import re
@@ -65,9 +66,13 @@ class FolderLock:
             with open(self.path) as f:
                 holder = json.load(f)
             pid, host = holder['pid'], holder['host']
-            if not (isinstance(pid, int) and pid > 0 and isinstance(host, str)
-                    and isinstance(holder.get('boot_id'), (str, type(None)))
-                    and isinstance(holder.get('start_time'), (int, type(None)))):
+            if not (
+                isinstance(pid, int)
+                and pid > 0
+                and isinstance(host, str)
+                and isinstance(holder.get('boot_id'), (str, type(None)))
+                and isinstance(holder.get('start_time'), (int, type(None)))
+            ):
                 raise ValueError(f'pid {pid}')
         except FileNotFoundError:  # released meanwhile
             return
@@ -77,20 +82,24 @@ class FolderLock:
             except FileNotFoundError:
                 return
             if age < 10:  # a new run is writing it
-                raise FolderInUse(f'{self.folder} is in use by a run that is '
-                                  'starting') from None
-            raise FolderInUse(f'{self.folder} is locked by {self.path}, which names no process; '
-                              'delete it if no run uses the folder') from None
+                raise FolderInUse(f'{self.folder} is in use by a run that is starting') from None
+            raise FolderInUse(
+                f'{self.folder} is locked by {self.path}, which names no process; '
+                'delete it if no run uses the folder'
+            ) from None
         if host != self.owner['host']:
             # Its processes cannot be seen from here: only the user can tell.
-            raise FolderInUse(f'{self.folder} is locked by a run on {host} (pid {pid}); '
-                              f'if no run on {host} uses the folder, delete {self.path}')
+            raise FolderInUse(
+                f'{self.folder} is locked by a run on {host} (pid {pid}); '
+                f'if no run on {host} uses the folder, delete {self.path}'
+            )
         gone = why_gone(holder)
         if gone is None:
-            raise FolderInUse(f'{self.folder} is in use by another run (pid {pid}); '
-                              'wait for it to end or choose other folders')
-        logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer '
-                       f'runs ({gone})')
+            raise FolderInUse(
+                f'{self.folder} is in use by another run (pid {pid}); '
+                'wait for it to end or choose other folders'
+            )
+        logger.warning(f'{self.folder}: taking over the lock of pid {pid}, which no longer runs ({gone})')
         try:
             os.remove(self.path)
         except FileNotFoundError:
@@ -110,12 +119,14 @@ def run_files(series):
     """The names a training run writes into its folders, temporary ones included, given the
     names of its loss series."""
     names = '|'.join(re.escape(name) for name in series)
-    return re.compile(r'\.?checkpoint_\d{9}(\.partial|\.damaged)?'
-                      rf'|({names})\.series(\.partial)?\.txt'
-                      r'|elapsed_time\.timer(\.partial)?\.txt'
-                      r'|seconds_per_iteration\.series\.txt'  # written by earlier versions
-                      r'|(run|Arguments)(\.partial)?\.(json|txt)'
-                      r'|(losses|translation_(x2y|y2x)_epoch_\d{4,})(\.partial)?\.png')
+    return re.compile(
+        r'\.?checkpoint_\d{9}(\.partial|\.damaged)?'
+        rf'|({names})\.series(\.partial)?\.txt'
+        r'|elapsed_time\.timer(\.partial)?\.txt'
+        r'|seconds_per_iteration\.series\.txt'  # written by earlier versions
+        r'|(run|Arguments)(\.partial)?\.(json|txt)'
+        r'|(losses|translation_(x2y|y2x)_epoch_\d{4,})(\.partial)?\.png'
+    )
 
 
 def remove(path):
@@ -131,24 +142,24 @@ class Run:
     holding any of it, and --overwrite deletes it (nothing else). A run has an identity `id`,
     kept in identity_folder/run.json and in its checkpoints."""
 
-    def __init__(self, folders, identity_folder, run_file, resume=False, overwrite=False,
-                 arguments=None):
+    def __init__(self, folders, identity_folder, run_file, resume=False, overwrite=False, arguments=None):
         self.identity_file = os.path.join(identity_folder, 'run.json')
         self.arguments = arguments
         # One lock per real folder: -m and -o may name the same one.
-        self.folders = list({os.path.realpath(path): (flag, path)
-                             for flag, path in folders.items()}.values())
+        self.folders = list({os.path.realpath(path): (flag, path) for flag, path in folders.items()}.values())
         self.run_file, self.resume, self.overwrite = run_file, resume, overwrite
         self.locks = []
-        self.stop = StopRequest('saving a checkpoint after this iteration',
-                                before_exit=[self.release])
+        self.stop = StopRequest('saving a checkpoint after this iteration', before_exit=[self.release])
 
     @classmethod
     def for_training(cls, args, run_file, rank=0):
         """train.py's run: rank 0 holds -o and -m (with run.json and Arguments.txt in -m);
         the other ranks of a data-parallel run hold no folder, only their stop requests."""
-        folders = {'--model-save-path': args.model_save_path,
-                   '--monitor-path': args.monitor_path} if rank == 0 else {}
+        folders = (
+            {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
+            if rank == 0
+            else {}
+        )
         return cls(folders, args.monitor_path, run_file, args.resume, args.overwrite, args)
 
     def __enter__(self):
@@ -190,8 +201,9 @@ class Run:
         rank 0 wrote the checkpoint)."""
         what = self.stop.name if self.stop.received else 'a stop on another rank'
         where = saved or 'a checkpoint (rank 0 writes it)'
-        raise Stopped(f'{what} at iteration {iteration}: saved {where}; continue with --resume',
-                      self.stop.received)
+        raise Stopped(
+            f'{what} at iteration {iteration}: saved {where}; continue with --resume', self.stop.received
+        )
 
     def read_identity(self):
         """The run named by the monitor folder's run.json, None where there is none."""
@@ -204,22 +216,30 @@ class Run:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
-            raise RunError(f'{self.identity_file} is unreadable; it names the run that writes '
-                           'the folder: restore it or start afresh') from None
+            raise RunError(
+                f'{self.identity_file} is unreadable; it names the run that writes '
+                'the folder: restore it or start afresh'
+            ) from None
 
     def continue_run(self, checkpoint, run):
         """On resume: the checkpoint's run (None from earlier versions) must be the one whose
         monitor folder this is, so that no run writes into another's series and pictures."""
         if not isinstance(run, (str, type(None))):
-            raise DamagedCheckpoint(f'{checkpoint}/state.json is unreadable (run is {run!r}, not '
-                                    'the id of a run)')
+            raise DamagedCheckpoint(
+                f'{checkpoint}/state.json is unreadable (run is {run!r}, not the id of a run)'
+            )
         held = self.read_identity()
         monitor = os.path.dirname(self.identity_file)
-        foreign = held != run if held else run is not None and any(
-            self.run_file.fullmatch(name) for name in os.listdir(monitor))
+        foreign = (
+            held != run
+            if held
+            else run is not None and any(self.run_file.fullmatch(name) for name in os.listdir(monitor))
+        )
         if foreign:
-            raise RunError(f'--resume: {checkpoint} and --monitor-path {monitor} belong to '
-                           'different runs; give the monitor path of the run it continues')
+            raise RunError(
+                f'--resume: {checkpoint} and --monitor-path {monitor} belong to '
+                'different runs; give the monitor path of the run it continues'
+            )
         self.id = run or uuid.uuid4().hex
         write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
 
@@ -237,10 +257,13 @@ class Run:
             found = sorted(name for name in os.listdir(folder) if self.run_file.fullmatch(name))
             if found and not self.overwrite:
                 listed = ', '.join(found[:2]) + (', ...' if len(found) > 2 else '')
-                raise RunError(f'{folder} holds another run ({listed}): continue it with '
-                               '--resume, or delete its files with --overwrite')
+                raise RunError(
+                    f'{folder} holds another run ({listed}): continue it with '
+                    '--resume, or delete its files with --overwrite'
+                )
             for name in found:
                 remove(os.path.join(folder, name))
             if found:
-                logger.info(f'--overwrite: deleted the {len(found)} files and folders of the '
-                            f'earlier run in {folder}')
+                logger.info(
+                    f'--overwrite: deleted the {len(found)} files and folders of the earlier run in {folder}'
+                )

@@ -7,6 +7,7 @@ nnabla's calls into Python comes out as a SystemError, and such ends have crashe
 has something to finish (a checkpoint, the current image) asks for a StopRequest instead: the
 first signal is recorded for the program to act on, a second one ends at once.
 """
+
 import os
 import signal
 import sys

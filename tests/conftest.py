@@ -31,6 +31,24 @@ def two_images(tmp_path_factory):
             stem = os.path.splitext(image)[0]
             for mask in os.listdir(os.path.join(SAMPLE, f'train{letter}_seg')):
                 if mask.startswith(stem + '_'):
-                    shutil.copy(os.path.join(SAMPLE, f'train{letter}_seg', mask),
-                                root / f'train{letter}_seg')
+                    shutil.copy(os.path.join(SAMPLE, f'train{letter}_seg', mask), root / f'train{letter}_seg')
+    return root
+
+
+@pytest.fixture(scope='module')
+def two_epochs(tmp_path_factory, two_images):
+    """A finished run of two epochs on two_images, with checkpoints at iterations 2 and 4."""
+    from test_checkpoints import run_in
+
+    folder = tmp_path_factory.mktemp('two_epochs')
+    run_in(folder, two_images, '--max-epoch', '2')
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A writable copy of the bundled sample."""
+    root = tmp_path / 'data'
+    for folder in ['trainA', 'trainA_seg', 'trainB', 'trainB_seg']:
+        shutil.copytree(os.path.join(SAMPLE, folder), root / folder)
     return root

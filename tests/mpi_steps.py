@@ -7,6 +7,7 @@ mpiexec launch, and saves what tests/test_distributed.py compares: the losses of
 
 With the environment variable NAN_RANK=R, rank R's images become NaN from the second step.
 """
+
 import os
 import sys
 
@@ -14,12 +15,12 @@ import nnabla as nn
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402 (the project root goes on sys.path first)
-from args import get_args  # noqa: E402
-from data import Loaders  # noqa: E402
-from runtime import RunError  # noqa: E402
-from runtime.device import set_context  # noqa: E402
-from runtime.distributed import start_processes  # noqa: E402
+import train
+from args import get_args
+from data import Loaders
+from runtime import RunError
+from runtime.device import set_context
+from runtime.distributed import start_processes
 
 
 def main():
@@ -28,9 +29,17 @@ def main():
     processes, device_id = start_processes('cpu', '0')
     set_context('cpu', device_id, 'float', args.cpu_conv)
     nn.seed(args.seed)
-    loaders = Loaders(args.dataroot, args.batch_size, (args.loadSizeH, args.loadSizeW),
-                      (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
-                      args.set_order, args.seed, share=(processes.rank, processes.size))
+    loaders = Loaders(
+        args.dataroot,
+        args.batch_size,
+        (args.loadSizeH, args.loadSizeW),
+        (args.fineSizeH, args.fineSizeW),
+        args.ins_max,
+        not args.no_flip,
+        args.set_order,
+        args.seed,
+        share=(processes.rank, processes.size),
+    )
     with loaders:
         trainer = train.Trainer(args, loaders.ins_max, processes)
         processes.broadcast_parameters(nn.get_parameters(grad_only=False), trainer.solvers)
@@ -42,25 +51,31 @@ def main():
                 if str(processes.rank) == os.environ.get('NAN_RANK') and step >= 1:
                     images['x'][:] = np.nan
                 step_losses, _, _ = trainer.step(images, masks, step)
-                losses.append([processes.mean_losses(step_losses, train.SERIES)[name]
-                               for name in train.SERIES])
+                losses.append(
+                    [processes.mean_losses(step_losses, train.SERIES)[name] for name in train.SERIES]
+                )
         except RunError as error:
             sys.exit(f'rank {processes.rank}: {error}')
     rng = np.random.RandomState(7)
     image = rng.uniform(-1, 1, (1, 3, args.fineSizeH, args.fineSizeW)).astype(np.float32)
-    masks = np.where(rng.rand(1, trainer.ins_per, args.fineSizeH, args.fineSizeW) > 0.5, 1.0,
-                     -1.0).astype(np.float32)
+    masks = np.where(rng.rand(1, trainer.ins_per, args.fineSizeH, args.fineSizeW) > 0.5, 1.0, -1.0).astype(
+        np.float32
+    )
     outputs = {}
     for scope in train.GENERATORS:
         with nn.parameter_scope(scope), nn.no_grad():
             image_out, masks_out = train.models.generator(
-                nn.Variable.from_numpy_array(image), nn.Variable.from_numpy_array(masks),
-                args.ngf, args.n_blocks)
+                nn.Variable.from_numpy_array(image),
+                nn.Variable.from_numpy_array(masks),
+                args.ngf,
+                args.n_blocks,
+            )
         nn.forward_all([image_out, masks_out])
         outputs[f'{scope}/image'], outputs[f'{scope}/masks'] = image_out.d, masks_out.d
     parameters = {f'parameter/{k}': v.d for k, v in nn.get_parameters(grad_only=False).items()}
-    np.savez(os.path.join(out, f'rank_{processes.rank}.npz'), losses=np.array(losses),
-             **outputs, **parameters)
+    np.savez(
+        os.path.join(out, f'rank_{processes.rank}.npz'), losses=np.array(losses), **outputs, **parameters
+    )
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Every flag of train.py refuses zero, negative and out-of-range values as it is parsed."""
+
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from conftest import ROOT
 BAD_VALUES = {
     args.positive_int: ['0', '-1', '2.5', 'many'],
     args.non_negative_int: ['-1', '1.5'],
-    args.seed: ['-1', str(2 ** 31)],
+    args.seed: ['-1', str(2**31)],
     args.non_negative_float: ['-1', '-1e-9', 'nan', 'inf'],
     args.adam_beta: ['5', '1', '-0.1', 'nan'],
     args.device_id: ['-1', 'gpu'],
@@ -43,8 +44,9 @@ print(json.dumps(results))
 
 
 def parse_all(argvs):
-    result = subprocess.run([sys.executable, '-c', PARSE, json.dumps(argvs)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, '-c', PARSE, json.dumps(argvs)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -81,22 +83,45 @@ def test_every_flag_refuses_bad_values_in_one_line():
 
 def test_defaults_and_good_values_parse():
     assert parse()[0] == 0
-    code, stderr = parse('--batch-size', '2', '--n-blocks', '0', '--lambda-idt', '0',
-                         '--beta1', '0', '--seed', str(2 ** 31 - 1), '--device-id', '1')
+    code, stderr = parse(
+        '--batch-size',
+        '2',
+        '--n-blocks',
+        '0',
+        '--lambda-idt',
+        '0',
+        '--beta1',
+        '0',
+        '--seed',
+        str(2**31 - 1),
+        '--device-id',
+        '1',
+    )
     assert code == 0, stderr
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--max-epoch', '3', '--lr-decay-start-epoch', '4'],
-     '--lr-decay-start-epoch 4 is beyond --max-epoch 3'),
-    (['--fineSizeH', '30'], '--fineSizeH 30 --fineSizeW 200: a network height of 30 is not a '
-                            'multiple of 4 of at least 24 (--n-layers-D 3)'),
-    (['--fineSizeW', '8', '--n-layers-D', '2'], '--fineSizeH 300 --fineSizeW 8: a network '
-                                                'width of 8 is not a multiple of 4 of at least '
-                                                '12 (--n-layers-D 2)'),
-    (['--fineSizeH', '400'], 'fine size 400x200 is larger than load size 330x220'),
-    (['--resume', '--overwrite'], 'argument --overwrite: not allowed with argument --resume'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (
+            ['--max-epoch', '3', '--lr-decay-start-epoch', '4'],
+            '--lr-decay-start-epoch 4 is beyond --max-epoch 3',
+        ),
+        (
+            ['--fineSizeH', '30'],
+            '--fineSizeH 30 --fineSizeW 200: a network height of 30 is not a '
+            'multiple of 4 of at least 24 (--n-layers-D 3)',
+        ),
+        (
+            ['--fineSizeW', '8', '--n-layers-D', '2'],
+            '--fineSizeH 300 --fineSizeW 8: a network '
+            'width of 8 is not a multiple of 4 of at least '
+            '12 (--n-layers-D 2)',
+        ),
+        (['--fineSizeH', '400'], 'fine size 400x200 is larger than load size 330x220'),
+        (['--resume', '--overwrite'], 'argument --overwrite: not allowed with argument --resume'),
+    ],
+)
 def test_flags_that_contradict_each_other(argv, message):
     code, stderr = parse(*argv)
     assert code == 2 and stderr.strip().splitlines()[-1] == 'train.py: error: ' + message
@@ -107,14 +132,12 @@ def test_the_decay_starts_after_two_thirds_of_the_epochs_unless_given():
     --max-epoch alone makes a consistent schedule."""
     assert args.get_args([]).lr_decay_start_epoch == 400
     assert args.get_args(['--max-epoch', '3']).lr_decay_start_epoch == 2
-    assert args.get_args(['--max-epoch', '3', '--lr-decay-start-epoch', '0']) \
-        .lr_decay_start_epoch == 0
+    assert args.get_args(['--max-epoch', '3', '--lr-decay-start-epoch', '0']).lr_decay_start_epoch == 0
 
 
 def test_nnabla_examples_spellings():
     """-c cuda and --learning-rate_G/_D, as nnabla-examples' READMEs write them."""
-    parsed = args.get_args(['-c', 'cuda', '--learning-rate_G', '1e-3', '--learning-rate_D',
-                            '3e-4'])
+    parsed = args.get_args(['-c', 'cuda', '--learning-rate_G', '1e-3', '--learning-rate_D', '3e-4'])
     assert parsed.context == 'cudnn'
     assert (parsed.learning_rate_G, parsed.learning_rate_D) == (1e-3, 3e-4)
     assert args.get_args(['-t', 'float']).type_config == 'float'
@@ -122,10 +145,21 @@ def test_nnabla_examples_spellings():
 
 
 def test_train_py_refuses_before_loading_anything(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--batch-size',
-                             '0', '--model-save-path', str(tmp_path / 'models')],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'train.py'),
+            '--batch-size',
+            '0',
+            '--model-save-path',
+            str(tmp_path / 'models'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "train.py: error: argument --batch-size/-b: '0' is not a positive integer")
+        "train.py: error: argument --batch-size/-b: '0' is not a positive integer"
+    )
     assert not (tmp_path / 'models').exists()

@@ -1,5 +1,6 @@
 """bench.py refuses bad values of its own flags at parse time, before any benchmark runs, and
 ends every other failure, Ctrl-C included, with one line."""
+
 import os
 import re
 import signal
@@ -22,19 +23,30 @@ BAD_VALUES = {  # flag: values that must be refused
 
 
 def test_bad_values_cover_every_flag():
-    result = subprocess.run([sys.executable, str(BENCH), '--help'], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(BENCH), '--help'], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     flags = set(re.findall(r'(?<![\w-])--[a-zA-Z][\w-]*', result.stdout)) - {'--help'}
     assert flags == set(BAD_VALUES)
 
 
-@pytest.mark.parametrize('flag, value', [(flag, value) for flag, values in BAD_VALUES.items()
-                                         for value in values])
+@pytest.mark.parametrize(
+    'flag, value', [(flag, value) for flag, values in BAD_VALUES.items() for value in values]
+)
 def test_every_bad_flag_value_is_a_usage_error(tmp_path, flag, value):
     # Should the value be accepted, the missing --dataroot stops the run before any timing.
-    command = [sys.executable, str(BENCH), f'{flag}={value}', '--dataroot', tmp_path / 'none',
-               '--monitor-path', tmp_path / 'monitor', '--model-save-path', tmp_path / 'models']
+    command = [
+        sys.executable,
+        str(BENCH),
+        f'{flag}={value}',
+        '--dataroot',
+        tmp_path / 'none',
+        '--monitor-path',
+        tmp_path / 'monitor',
+        '--model-save-path',
+        tmp_path / 'models',
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
@@ -43,26 +55,54 @@ def test_every_bad_flag_value_is_a_usage_error(tmp_path, flag, value):
 
 
 def test_missing_dataset_and_missing_compiler_are_one_line(tmp_path):
-    command = [sys.executable, str(BENCH), '--iters', '1', '--monitor-path', tmp_path / 'm',
-               '--model-save-path', tmp_path / 'o']
-    result = subprocess.run(command + ['--dataroot', tmp_path / 'none'], capture_output=True,
-                            text=True, timeout=120)
+    command = [
+        sys.executable,
+        str(BENCH),
+        '--iters',
+        '1',
+        '--monitor-path',
+        tmp_path / 'm',
+        '--model-save-path',
+        tmp_path / 'o',
+    ]
+    result = subprocess.run(
+        command + ['--dataroot', tmp_path / 'none'], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f'bench.py: {tmp_path / "none"}: dataset folder not found '
-        '(datasets/generate_ccp_dataset.py makes one)')
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, CC=str(tmp_path / 'no-such-cc')))
+        '(datasets/generate_ccp_dataset.py makes one)'
+    )
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CC=str(tmp_path / 'no-such-cc')),
+    )
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        'bench.py: cannot compile cpu_engine/kernels.c')
+    assert result.stderr.strip().splitlines()[-1].startswith('bench.py: cannot compile cpu_engine/kernels.c')
 
 
 def test_ctrl_c_is_one_line(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, str(BENCH), '--warmup', '0', '--iters', '1000', '--monitor-path',
-         tmp_path / 'm', '--model-save-path', tmp_path / 'o'], cwd=BENCH.parent,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(BENCH),
+            '--warmup',
+            '0',
+            '--iters',
+            '1000',
+            '--monitor-path',
+            tmp_path / 'm',
+            '--model-save-path',
+            tmp_path / 'o',
+        ],
+        cwd=BENCH.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().startswith('iteration 0')  # in the timed loop
         process.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
 """data.py: mask loading, crop/flip alignment, instance order, determinism, resuming, errors."""
+
 import pickle
 import struct
 import zlib
@@ -8,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (
-    DataError,
-    MaskedImageIterator,
-    count_max_instances,
-    load_image,
-    load_mask,
-    mask_paths,
-)
+from data import DataError, MaskedImageIterator, count_max_instances, load_image, load_mask, mask_paths
 
 SAMPLE = Path(__file__).resolve().parents[1] / 'datasets' / 'ccp_sample'
 MULTI_SAMPLE = SAMPLE.with_name('ccp_multi_sample')
@@ -28,7 +22,8 @@ def save_example(root, folder, name, image, masks):
     Image.fromarray(image).save(root / folder / f'{name}.png')
     for index, mask in enumerate(masks):
         Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(
-            root / f'{folder}_seg' / f'{name}_{index}.png')
+            root / f'{folder}_seg' / f'{name}_{index}.png'
+        )
 
 
 def iterator_a(root, batch_size=1, **options):
@@ -112,8 +107,7 @@ def test_crop_windows_and_flips_vary(tmp_path):
 def test_flip_can_be_disabled(tmp_path):
     save_example(tmp_path, 'trainA', 'grid', coordinate_image(10, 8), [np.ones((10, 8), bool)])
     for seed in range(10):
-        with iterator_a(tmp_path, load_size=(10, 8), fine_size=(10, 6), flip=False,
-                        seed=seed) as iterator:
+        with iterator_a(tmp_path, load_size=(10, 8), fine_size=(10, 6), flip=False, seed=seed) as iterator:
             green = iterator.next()[0][0, 1, 0]
         assert (np.diff(green) > 0).all()
 
@@ -121,8 +115,7 @@ def test_flip_can_be_disabled(tmp_path):
 def test_instances_sorted_by_decreasing_area_and_padded(three_instances):
     areas = {}
     for ins_max in (2, 3, 5):
-        with iterator_a(three_instances, load_size=(10, 10), fine_size=(10, 10),
-                        ins_max=ins_max) as iterator:
+        with iterator_a(three_instances, load_size=(10, 10), fine_size=(10, 10), ins_max=ins_max) as iterator:
             _, masks = iterator.next()
         assert set(np.unique(masks)) <= {-1.0, 1.0}
         areas[ins_max] = (masks[0] == 1).sum(axis=(1, 2)).tolist()
@@ -132,8 +125,9 @@ def test_instances_sorted_by_decreasing_area_and_padded(three_instances):
 def test_random_set_order_shuffles_instances(three_instances):
     orders = set()
     for seed in range(20):
-        with iterator_a(three_instances, load_size=(10, 10), fine_size=(10, 10),
-                        set_order='random', seed=seed) as iterator:
+        with iterator_a(
+            three_instances, load_size=(10, 10), fine_size=(10, 10), set_order='random', seed=seed
+        ) as iterator:
             _, masks = iterator.next()
         orders.add(tuple((masks[0, :3] == 1).sum(axis=(1, 2))))
     assert len(orders) > 1 and all(sorted(order) == [10, 20, 60] for order in orders)
@@ -160,8 +154,9 @@ def test_each_pass_visits_every_image_once_in_a_new_order(tmp_path):
         image = np.full((8, 8, 3), 10 * index, np.uint8)
         save_example(tmp_path, 'trainA', f'{index}', image, [np.ones((8, 8), bool)])
     with iterator_a(tmp_path, batch_size=4, load_size=(8, 8), fine_size=(8, 8)) as iterator:
-        passes = [tuple(to_uint8(image)[0, 0, 0] // 10 for image in images)
-                  for images, _ in batches(iterator, 6)]
+        passes = [
+            tuple(to_uint8(image)[0, 0, 0] // 10 for image in images) for images, _ in batches(iterator, 6)
+        ]
     assert all(sorted(order) == [0, 1, 2, 3] for order in passes)
     assert len(set(passes)) > 1
 
@@ -212,9 +207,14 @@ def png16(path, values, colour_type):
     def chunk(kind, data):
         crc = zlib.crc32(kind + data)
         return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
+
     header = struct.pack('>IIBBBBB', width, height, 16, colour_type, 0, 0, 0)
-    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header)
-                     + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+    path.write_bytes(
+        b'\x89PNG\r\n\x1a\n'
+        + chunk(b'IHDR', header)
+        + chunk(b'IDAT', zlib.compress(rows))
+        + chunk(b'IEND', b'')
+    )
 
 
 SIXTEEN_BIT = np.array([[0, 257, 32896, 65535, 1000]] * 2, np.uint16)
@@ -249,22 +249,27 @@ def test_a_cmyk_jpeg_reads_as_its_colours_not_its_inks(tmp_path):
 
 def test_16_bit_photos_are_scaled_not_clipped(tmp_path):
     png16(tmp_path / 'grey.png', SIXTEEN_BIT, 0)
-    png16(tmp_path / 'rgb.png', np.stack([SIXTEEN_BIT, SIXTEEN_BIT[:, ::-1],
-                                          np.full_like(SIXTEEN_BIT, 32896)], axis=-1), 2)
+    png16(
+        tmp_path / 'rgb.png',
+        np.stack([SIXTEEN_BIT, SIXTEEN_BIT[:, ::-1], np.full_like(SIXTEEN_BIT, 32896)], axis=-1),
+        2,
+    )
     grey = to_uint8(load_image(tmp_path / 'grey.png'))
     np.testing.assert_array_equal(grey[:, 0], [[0, 1, 128, 255, 4]] * 3)  # not white: scaled
     colour = to_uint8(load_image(tmp_path / 'rgb.png'))[:, 0]
     # Pillow keeps the high byte of 16-bit colour: 1000 is 3.9 in 8 bits, and becomes 3.
-    np.testing.assert_array_equal(colour, [[0, 1, 128, 255, 3], [3, 255, 128, 1, 0],
-                                           [128] * 5])
+    np.testing.assert_array_equal(colour, [[0, 1, 128, 255, 3], [3, 255, 128, 1, 0], [128] * 5])
 
 
 @pytest.mark.parametrize('mode', ['I', 'F', 'LAB'])
 def test_modes_without_rgb_of_a_known_scale_are_refused(tmp_path, mode):
     """A TIFF named .png: files are recognised by their content."""
     grey = np.random.RandomState(0).randint(0, 256, (6, 5)).astype(np.uint8)
-    image = Image.fromarray(grey).convert('RGB').convert(mode) if mode == 'LAB' else \
-        Image.fromarray(grey).convert(mode)
+    image = (
+        Image.fromarray(grey).convert('RGB').convert(mode)
+        if mode == 'LAB'
+        else Image.fromarray(grey).convert(mode)
+    )
     path = tmp_path / 'image.png'
     image.save(path, format='TIFF')
     for read, kind in [(load_image, 'image'), (load_mask, 'mask')]:
@@ -272,7 +277,8 @@ def test_modes_without_rgb_of_a_known_scale_are_refused(tmp_path, mode):
             read(path)
         assert str(error.value) == (
             f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or grey values of '
-            'a known scale); save it as an 8-bit or 16-bit grey, RGB or RGBA PNG')
+            'a known scale); save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
+        )
 
 
 def palette_mask(truth, white=False):
@@ -291,21 +297,23 @@ MASK_FORMATS = {
     '16-bit 0/1': lambda truth: Image.fromarray(truth.astype(np.uint16)),
     'RGBA opaque': lambda truth: Image.fromarray(truth.astype(np.uint8) * 255).convert('RGBA'),
     # in the alpha channel, under one colour
-    'LA alpha': lambda truth: Image.fromarray(np.stack(
-        [np.full(truth.shape, 0, np.uint8), truth.astype(np.uint8) * 255], -1), 'LA'),
-    'RGBA white, alpha': lambda truth: Image.fromarray(np.dstack(
-        [np.full(truth.shape + (3,), 255, np.uint8), truth.astype(np.uint8) * 255])),
-    'RGBA black, alpha': lambda truth: Image.fromarray(np.dstack(
-        [np.zeros(truth.shape + (3,), np.uint8), truth.astype(np.uint8) * 255])),
+    'LA alpha': lambda truth: Image.fromarray(
+        np.stack([np.full(truth.shape, 0, np.uint8), truth.astype(np.uint8) * 255], -1), 'LA'
+    ),
+    'RGBA white, alpha': lambda truth: Image.fromarray(
+        np.dstack([np.full(truth.shape + (3,), 255, np.uint8), truth.astype(np.uint8) * 255])
+    ),
+    'RGBA black, alpha': lambda truth: Image.fromarray(
+        np.dstack([np.zeros(truth.shape + (3,), np.uint8), truth.astype(np.uint8) * 255])
+    ),
     # colour and alpha agree
-    'LA both': lambda truth: Image.fromarray(np.stack([truth.astype(np.uint8) * 255] * 2, -1),
-                                             'LA'),
+    'LA both': lambda truth: Image.fromarray(np.stack([truth.astype(np.uint8) * 255] * 2, -1), 'LA'),
     'palette, transparent black': lambda truth: with_info(palette_mask(truth), transparency=0),
     # the mask only in the transparency: both palette entries are white
-    'palette, white, transparent': lambda truth: with_info(palette_mask(truth, white=True),
-                                                           transparency=0),
+    'palette, white, transparent': lambda truth: with_info(palette_mask(truth, white=True), transparency=0),
     'grey, transparent black': lambda truth: with_info(
-        Image.fromarray(truth.astype(np.uint8) * 255), transparency=0),
+        Image.fromarray(truth.astype(np.uint8) * 255), transparency=0
+    ),
 }
 
 
@@ -333,7 +341,8 @@ def test_a_mask_whose_colour_and_alpha_disagree_is_refused(tmp_path, kind):
         load_mask(tmp_path / 'mask.png')
     assert str(error.value) == (
         f'{tmp_path / "mask.png"}: its colour and its transparency draw different masks; save '
-        'the mask in one of them (white instance on black, opaque)')
+        'the mask in one of them (white instance on black, opaque)'
+    )
 
 
 def test_empty_mask_stays_empty(tmp_path):
@@ -359,7 +368,8 @@ def test_mask_paths_and_count_max_instances(tmp_path):
     save_example(tmp_path, 'trainA', 'one', np.zeros((4, 4, 3), np.uint8), [empty])
     save_example(tmp_path, 'trainB', 'three', np.zeros((4, 4, 3), np.uint8), [empty] * 3)
     assert mask_paths(tmp_path / 'trainB' / 'three.png') == [
-        tmp_path / 'trainB_seg' / f'three_{index}.png' for index in range(3)]
+        tmp_path / 'trainB_seg' / f'three_{index}.png' for index in range(3)
+    ]
     assert count_max_instances(tmp_path) == 3
 
 
@@ -399,8 +409,10 @@ def test_two_images_of_one_name_are_refused_naming_both(tmp_path, other):
     save_example(tmp_path, 'trainA', 'a', image, [np.ones((4, 4), bool)])
     save_example(tmp_path, 'trainB', 'b', image, [np.ones((4, 4), bool)])
     Image.fromarray(image).save(tmp_path / 'trainA' / other, format='PNG')
-    message = (f"{tmp_path / 'trainA' / other} and {tmp_path / 'trainA' / 'a.png'}: two "
-               'images named a, which would share the masks a_0.png, ...; rename one')
+    message = (
+        f'{tmp_path / "trainA" / other} and {tmp_path / "trainA" / "a.png"}: two '
+        'images named a, which would share the masks a_0.png, ...; rename one'
+    )
     for action in [lambda: iterator_a(tmp_path), lambda: count_max_instances(tmp_path)]:
         with pytest.raises(DataError) as error:
             action()
@@ -447,11 +459,13 @@ def test_bundled_sample_loads():
 def test_bundled_multi_sample_has_several_instances_per_image():
     assert count_max_instances(MULTI_SAMPLE) == 3
     for domain in 'AB':
-        mask_counts = [len(mask_paths(path))
-                       for path in sorted((MULTI_SAMPLE / f'train{domain}').glob('*.png'))]
+        mask_counts = [
+            len(mask_paths(path)) for path in sorted((MULTI_SAMPLE / f'train{domain}').glob('*.png'))
+        ]
         # One batch of the whole folder, uncropped, so every instance slot is seen at load size.
-        with MaskedImageIterator(MULTI_SAMPLE, 'train', domain, len(mask_counts),
-                                 fine_size=(330, 220), ins_max=4) as iterator:
+        with MaskedImageIterator(
+            MULTI_SAMPLE, 'train', domain, len(mask_counts), fine_size=(330, 220), ins_max=4
+        ) as iterator:
             images, masks = iterator.next()
         assert images.shape == (6, 3, 330, 220) and masks.shape == (6, 4, 330, 220)
         filled_slots = (masks == 1).any(axis=(2, 3)).sum(axis=1)

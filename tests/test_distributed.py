@@ -1,6 +1,7 @@
 """Data parallelism on the CPU under `mpiexec -n 2` (mpi4py and mpich's wheel, dev requirements):
 the ranks agree, two ranks of batch 1 train as one process of batch 2, rank 0 alone writes,
 and a fault on one rank ends both."""
+
 import os
 import re
 import signal
@@ -10,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from test_train import SAMPLE, TINY
+from test_train import TINY
 
 from conftest import ROOT
 
@@ -24,8 +25,9 @@ def steps(out, processes, batch, count=4, env=None):
     command = [sys.executable, STEPS, str(out), str(count)] + EXACT + ['--batch-size', str(batch)]
     if processes > 1:
         command = [MPIEXEC, '-n', str(processes)] + command
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, **(env or {})))
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {}))
+    )
     return result, {path.stem: np.load(path) for path in out.glob('rank_*.npz')}
 
 
@@ -54,17 +56,21 @@ def test_a_nan_on_one_rank_stops_both(tmp_path):
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith('rank ')]
     assert sorted(lines) == [
-        'rank 0: a loss of another rank is not finite at iteration 1; stopped before updating '
-        'with it',
-        'rank 1: generator_loss_x is nan at iteration 1; stopped before updating with it']
+        'rank 0: a loss of another rank is not finite at iteration 1; stopped before updating with it',
+        'rank 1: generator_loss_x is nan at iteration 1; stopped before updating with it',
+    ]
 
 
 def launch(tmp_path, *flags, processes=2):
     return subprocess.Popen(
-        [MPIEXEC, '-n', str(processes), sys.executable, os.path.join(ROOT, 'train.py')] + TINY +
-        ['--monitor-path', str(tmp_path / 'monitor'), '--model-save-path',
-         str(tmp_path / 'models')] + list(flags),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [MPIEXEC, '-n', str(processes), sys.executable, os.path.join(ROOT, 'train.py')]
+        + TINY
+        + ['--monitor-path', str(tmp_path / 'monitor'), '--model-save-path', str(tmp_path / 'models')]
+        + list(flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def ranks_of(launcher):
@@ -75,14 +81,16 @@ def ranks_of(launcher):
             continue
         try:
             with open(f'/proc/{pid}/environ', 'rb') as f:
-                environ = dict(item.split(b'=', 1) for item in f.read().split(b'\0')
-                               if b'=' in item)
+                environ = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
             with open(f'/proc/{pid}/cmdline', 'rb') as f:
                 command = f.read()
         except OSError:
             continue
-        if b'train.py' in command and b'PMI_RANK' in environ and \
-                str(tmp_path_of(launcher)).encode() in command:
+        if (
+            b'train.py' in command
+            and b'PMI_RANK' in environ
+            and str(tmp_path_of(launcher)).encode() in command
+        ):
             found[int(environ[b'PMI_RANK'])] = int(pid)
     return found
 
@@ -99,22 +107,36 @@ def wait_for(path, process, timeout=120):
 
 
 def test_only_rank_0_writes_and_a_resume_under_two_continues_a_single_run(tmp_path):
-    single = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
-        '--max-epoch', '1', '--monitor-path', str(tmp_path / 'monitor'),
-        '--model-save-path', str(tmp_path / 'models')], capture_output=True, text=True,
-        timeout=300)
+    single = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'train.py')]
+        + TINY
+        + [
+            '--max-epoch',
+            '1',
+            '--monitor-path',
+            str(tmp_path / 'monitor'),
+            '--model-save-path',
+            str(tmp_path / 'models'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
     written = set(os.listdir(tmp_path / 'monitor'))
     process = launch(tmp_path, '--max-epoch', '2', '--resume', processes=2)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    assert '--resume: 2 processes continue a checkpoint of 1: the data order goes on, the ' \
-           'pools of ranks other than 0 start empty' in stderr
+    assert (
+        '--resume: 2 processes continue a checkpoint of 1: the data order goes on, the '
+        'pools of ranks other than 0 start empty' in stderr
+    )
     # 8 images a domain, batch 1 a rank: epoch 2 is 4 iterations of the global batch of 2.
-    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000008',
-                                                       'checkpoint_000000012']
+    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000008', 'checkpoint_000000012']
     assert set(os.listdir(tmp_path / 'monitor')) == written | {
-        'translation_x2y_epoch_0002.png', 'translation_y2x_epoch_0002.png'}
+        'translation_x2y_epoch_0002.png',
+        'translation_y2x_epoch_0002.png',
+    }
     series = np.loadtxt(tmp_path / 'monitor' / 'generator_loss_x.series.txt', ndmin=2)
     assert list(series[:, 0]) == [3, 7, 11]  # one line each, not one per rank
     assert sorted(os.listdir(tmp_path)) == ['models', 'monitor']
@@ -142,8 +164,11 @@ def test_sigterm_on_one_rank_checkpoints_and_stops_both(tmp_path, rank):
     os.kill(ranks_of(process)[rank], signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and 'Traceback' not in stderr
-    stops = re.findall(r'train\.py: (SIGTERM|a stop on another rank) at iteration (\d+): saved '
-                       r'(.+); continue with --resume', stderr)
+    stops = re.findall(
+        r'train\.py: (SIGTERM|a stop on another rank) at iteration (\d+): saved '
+        r'(.+); continue with --resume',
+        stderr,
+    )
     assert sorted(what for what, _, _ in stops) == ['SIGTERM', 'a stop on another rank']
     iteration = int(stops[0][1])
     assert stops[0][1] == stops[1][1]

@@ -1,4 +1,5 @@
 """evaluate.py: its classifiers and metrics on hand-made inputs, and end to end on a tiny model."""
+
 import json
 import math
 import os
@@ -25,7 +26,7 @@ SIZE = (32, 24)  # network size (H, W) of the hand-made datasets and of TINY
 def strip(top, left, height=20, width=6, size=SIZE):
     """One instance mask in [-1, 1]: a height x width rectangle at (top, left)."""
     mask = np.full(size, -1, np.float32)
-    mask[top:top + height, left:left + width] = 1
+    mask[top : top + height, left : left + width] = 1
     return mask
 
 
@@ -38,7 +39,8 @@ def write_dataset(root, phase, domain, images, mask_sets):
         Image.fromarray(pixels).save(root / (phase + domain) / f'{i:03d}.png')
         for n, mask in enumerate(masks):
             Image.fromarray(((mask > 0) * 255).astype(np.uint8)).save(
-                root / (phase + domain + '_seg') / f'{i:03d}_{n}.png')
+                root / (phase + domain + '_seg') / f'{i:03d}_{n}.png'
+            )
 
 
 def grey(size=SIZE):
@@ -61,19 +63,21 @@ def identity(image, masks):
 
 
 def fitted_classifier(root):
-    features = {d: evaluate.mask_features(s.masks for s in evaluate.load_phase(
-        root, 'train', d, SIZE)) for d in 'AB'}
+    features = {
+        d: evaluate.mask_features(s.masks for s in evaluate.load_phase(root, 'train', d, SIZE)) for d in 'AB'
+    }
     classifier = evaluate.LogisticRegression().fit(
         np.concatenate([features['A'], features['B']]),
-        np.r_[np.zeros(len(features['A'])), np.ones(len(features['B']))])
+        np.r_[np.zeros(len(features['A'])), np.ones(len(features['B']))],
+    )
     return classifier, features
 
 
 def score(root, forward, backward, phase='test'):
     classifier, features = fitted_classifier(root)
     summary, results = evaluate.evaluate_direction(
-        evaluate.load_phase(root, phase, 'A', SIZE), forward, backward, classifier, 'B',
-        features['B'])
+        evaluate.load_phase(root, phase, 'A', SIZE), forward, backward, classifier, 'B', features['B']
+    )
     return summary, results
 
 
@@ -102,8 +106,9 @@ def test_two_sample_accuracy_is_one_when_separable_and_near_half_when_alike():
     assert abs(evaluate.cross_validated_accuracy(first, second) - 0.5) < 0.15
     # balanced: a few samples against many still give about one half, not the majority's share
     assert abs(evaluate.cross_validated_accuracy(first[:10], second) - 0.5) < 0.2
-    assert evaluate.cross_validated_accuracy(first, second, seed=3) == \
-        evaluate.cross_validated_accuracy(first, second, seed=3)
+    assert evaluate.cross_validated_accuracy(first, second, seed=3) == evaluate.cross_validated_accuracy(
+        first, second, seed=3
+    )
 
 
 def test_classes_weigh_equally_and_accuracy_is_balanced():
@@ -117,8 +122,9 @@ def test_classes_weigh_equally_and_accuracy_is_balanced():
 def test_mask_iou_by_hand():
     top, lower = strip(0, 0, height=16), strip(8, 0, height=16)
     empty = np.full(SIZE, -1, np.float32)
-    np.testing.assert_allclose(evaluate.mask_iou(np.stack([top, top, empty]),
-                                                 np.stack([top, lower, empty])), [1, 1 / 3, 1])
+    np.testing.assert_allclose(
+        evaluate.mask_iou(np.stack([top, top, empty]), np.stack([top, lower, empty])), [1, 1 / 3, 1]
+    )
 
 
 def test_perfectly_separable_masks_give_domain_score_one(tmp_path):
@@ -131,8 +137,14 @@ def test_perfectly_separable_masks_give_domain_score_one(tmp_path):
     assert summary['realism_accuracy'] < 0.75  # the mirrored masks are copies of real B ones
     assert summary['mask_iou'] == 0  # left strip against right strip
     # mirroring a uniform image changes nothing; mirroring twice is the identity
-    for key in ['background_error', 'inside_error', 'background_error_full',
-                'resampling_floor_full', 'cycle_error_image', 'cycle_error_masks']:
+    for key in [
+        'background_error',
+        'inside_error',
+        'background_error_full',
+        'resampling_floor_full',
+        'cycle_error_image',
+        'cycle_error_masks',
+    ]:
         assert summary[key] == pytest.approx(0, abs=1e-6), key
     probabilities = [r.target_probability for r in results]
     assert probabilities == sorted(probabilities, reverse=True) and min(probabilities) > 0.5
@@ -148,8 +160,13 @@ def test_identity_translation_costs_only_resampling(tmp_path):
     summary, results = score(tmp_path, identity, identity)
     assert summary['domain_score'] == 0 and summary['mask_iou'] == 1
     assert summary['realism_accuracy'] == summary['realism_accuracy_source']
-    for key in ['background_error', 'inside_error', 'cycle_error_image', 'cycle_error_masks',
-                'background_excess_full']:
+    for key in [
+        'background_error',
+        'inside_error',
+        'cycle_error_image',
+        'cycle_error_masks',
+        'background_excess_full',
+    ]:
         assert summary[key] == 0, key
     assert summary['resampling_floor_full'] > 0.1
     assert summary['background_error_full'] == summary['resampling_floor_full']
@@ -172,16 +189,15 @@ def test_context_and_cycle_errors_by_hand(tmp_path):
     assert summary['resampling_floor_full'] == 0
     # the painted translated strip is half the union of source and translated strips
     assert summary['inside_error'] == pytest.approx(0.25 / 2)
-    area = np.mean([(s.masks > 0).mean() for s in evaluate.load_phase(tmp_path, 'test', 'A',
-                                                                        SIZE)])
+    area = np.mean([(s.masks > 0).mean() for s in evaluate.load_phase(tmp_path, 'test', 'A', SIZE)])
     assert summary['cycle_error_image'] == pytest.approx(0.25 * area)
     # |m - mirror(m) / 2| with m = +-1: 1.5 on either strip, 0.5 elsewhere
     assert summary['cycle_error_masks'] == pytest.approx(1.5 * 2 * area + 0.5 * (1 - 2 * area))
 
-    summary, _ = score(tmp_path, lambda image, masks: (image + 0.1, masks),
-                       lambda image, masks: (image - 0.05, masks))
-    assert summary['background_error_full'] == summary['background_excess_full'] == \
-        pytest.approx(0.1)
+    summary, _ = score(
+        tmp_path, lambda image, masks: (image + 0.1, masks), lambda image, masks: (image - 0.05, masks)
+    )
+    assert summary['background_error_full'] == summary['background_excess_full'] == pytest.approx(0.1)
     assert summary['resampling_floor_full'] == 0
     assert summary['inside_error'] == pytest.approx(0.1)
     assert summary['cycle_error_image'] == pytest.approx(0.05)
@@ -207,24 +223,41 @@ def trained(tmp_path_factory):
     """A checkpoint of one tiny epoch on the bundled sample."""
     path = tmp_path_factory.mktemp('run')
     nn.clear_parameters()
-    train.main(TINY + ['--max-epoch', '1', '--monitor-path', str(path / 'monitor'),
-                       '--model-save-path', str(path / 'models')])
+    train.main(
+        TINY
+        + [
+            '--max-epoch',
+            '1',
+            '--monitor-path',
+            str(path / 'monitor'),
+            '--model-save-path',
+            str(path / 'models'),
+        ]
+    )
     return path / 'models'
 
 
 def run_evaluate(*flags):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py')] + list(flags),
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'evaluate.py')] + list(flags),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     return result.returncode, result.stdout, result.stderr
 
 
 def run_evaluate_patched(patch, *flags):
     """run_evaluate, with the Python code `patch` run first in the same process."""
-    script = (patch + 'import runpy, sys\n'
-              f'sys.argv = ["evaluate.py"] + {list(flags)!r}\n'
-              'runpy.run_path("evaluate.py", run_name="__main__")\n')
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
+    script = (
+        patch + 'import runpy, sys\n'
+        f'sys.argv = ["evaluate.py"] + {list(flags)!r}\n'
+        'runpy.run_path("evaluate.py", run_name="__main__")\n'
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     return result.returncode, result.stdout, result.stderr
 
 
@@ -239,8 +272,17 @@ def test_both_generators_stay_usable_side_by_side(trained):
 
 
 def test_evaluate_a_tiny_model_end_to_end(trained, tmp_path):
-    code, stdout, stderr = run_evaluate('--model-save-path', str(trained), '--dataroot', SAMPLE,
-                                        '--phase', 'train', '--json', '--out', str(tmp_path))
+    code, stdout, stderr = run_evaluate(
+        '--model-save-path',
+        str(trained),
+        '--dataroot',
+        SAMPLE,
+        '--phase',
+        'train',
+        '--json',
+        '--out',
+        str(tmp_path),
+    )
     assert code == 0, stderr
     assert len(stdout.splitlines()) == 1
     report = json.loads(stdout)
@@ -253,32 +295,50 @@ def test_evaluate_a_tiny_model_end_to_end(trained, tmp_path):
         figures = report[direction]
         assert set(figures) == {'images', 'instances'} | {key for key, _ in evaluate.METRICS}
         assert figures['images'] == 8
-        assert figures['instances'] == len(os.listdir(os.path.join(SAMPLE, 'train' + source +
-                                                                   '_seg')))
+        assert figures['instances'] == len(os.listdir(os.path.join(SAMPLE, 'train' + source + '_seg')))
         assert all(math.isfinite(value) for value in figures.values())
-        for key in ['domain_score', 'domain_score_source', 'realism_accuracy',
-                    'realism_accuracy_source', 'mask_iou']:
+        for key in [
+            'domain_score',
+            'domain_score_source',
+            'realism_accuracy',
+            'realism_accuracy_source',
+            'mask_iou',
+        ]:
             assert 0 <= figures[key] <= 1, key
-        for key in ['background_error', 'inside_error', 'background_error_full',
-                    'resampling_floor_full', 'cycle_error_image', 'cycle_error_masks']:
+        for key in [
+            'background_error',
+            'inside_error',
+            'background_error_full',
+            'resampling_floor_full',
+            'cycle_error_image',
+            'cycle_error_masks',
+        ]:
             assert 0 <= figures[key] <= 2, key
         assert figures['background_excess_full'] == pytest.approx(
-            figures['background_error_full'] - figures['resampling_floor_full'])
+            figures['background_error_full'] - figures['resampling_floor_full']
+        )
 
     page = (tmp_path / 'index.html').read_text()
     assert not list(tmp_path.glob('*.partial*'))
     for direction, (source, _) in evaluate.DIRECTIONS.items():
         section = page.split(f'<h2>{direction}</h2>')[1].split('<h2>')[0]
         tiles = re.findall(r'<img src="([^"]+)"', section)
-        stems = sorted(os.path.splitext(n)[0] for n in os.listdir(
-            os.path.join(SAMPLE, 'train' + source)))
+        stems = sorted(os.path.splitext(n)[0] for n in os.listdir(os.path.join(SAMPLE, 'train' + source)))
         assert sorted(tiles) == [f'{direction}_{s}.png' for s in stems]
         assert all(Image.open(tmp_path / tile).size == (4 * SIZE[1], SIZE[0]) for tile in tiles)
         probabilities = [float(p) for p in re.findall(r'p\(target\) ([0-9.]+)', section)]
         assert probabilities == sorted(probabilities, reverse=True)
 
-    code, table, stderr = run_evaluate('--model-save-path', str(trained), '--dataroot', SAMPLE,
-                                       '--phase', 'train', '--out', str(tmp_path / 'table'))
+    code, table, stderr = run_evaluate(
+        '--model-save-path',
+        str(trained),
+        '--dataroot',
+        SAMPLE,
+        '--phase',
+        'train',
+        '--out',
+        str(tmp_path / 'table'),
+    )
     assert code == 0, stderr
     assert table.strip() == evaluate.format_table(report)
 
@@ -286,8 +346,17 @@ def test_evaluate_a_tiny_model_end_to_end(trained, tmp_path):
 def test_classifier_figures_on_separable_data(trained, tmp_path, capsys):
     left_and_right(tmp_path, 'train', 6)
     left_and_right(tmp_path, 'test', 3)
-    evaluate.main(['--model-save-path', str(trained), '--dataroot', str(tmp_path), '--json',
-                   '--out', str(tmp_path / 'out')])
+    evaluate.main(
+        [
+            '--model-save-path',
+            str(trained),
+            '--dataroot',
+            str(tmp_path),
+            '--json',
+            '--out',
+            str(tmp_path / 'out'),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert report['classifier']['accuracy'] == 1
     assert report['classifier']['phase_images'] == {'A': 3, 'B': 3}
@@ -307,34 +376,49 @@ def refusal(*flags):
 
 def test_bad_inputs_get_one_line(trained, tmp_path):
     base = ['--model-save-path', str(trained), '--dataroot', SAMPLE, '--out', str(tmp_path / 'o')]
-    assert refusal(*base, '--phase', 'test') == \
-        'evaluate.py: {}: folder not found'.format(os.path.join(SAMPLE, 'testA'))
+    assert refusal(*base, '--phase', 'test') == 'evaluate.py: {}: folder not found'.format(
+        os.path.join(SAMPLE, 'testA')
+    )
     line = refusal(*base, '--phase', 'val')
-    assert re.fullmatch(r'evaluate\.py: \S+valA/\S+\.png: no instance mask in \S+valA_seg; '
-                        r'evaluate\.py needs a phase with masks \(val has none\)', line), line
+    assert re.fullmatch(
+        r'evaluate\.py: \S+valA/\S+\.png: no instance mask in \S+valA_seg; '
+        r'evaluate\.py needs a phase with masks \(val has none\)',
+        line,
+    ), line
 
     damaged = tmp_path / 'damaged'
     shutil.copytree(trained, damaged)
     checkpoint = checkpoint_paths(str(damaged))[-1]
-    flags = ['--model-save-path', str(damaged), '--dataroot', SAMPLE, '--phase', 'train',
-             '--out', str(tmp_path / 'o')]
+    flags = [
+        '--model-save-path',
+        str(damaged),
+        '--dataroot',
+        SAMPLE,
+        '--phase',
+        'train',
+        '--out',
+        str(tmp_path / 'o'),
+    ]
     parameters = os.path.join(checkpoint, 'parameters.h5')
     with open(parameters, 'r+b') as f:
         f.truncate(1000)
     assert refusal(*flags).startswith(
-        f'evaluate.py: {parameters}: damaged or not a parameter file (OSError: ')
-    shutil.copy(os.path.join(checkpoint_paths(str(trained))[-1], 'parameters.h5'),
-                parameters)
+        f'evaluate.py: {parameters}: damaged or not a parameter file (OSError: '
+    )
+    shutil.copy(os.path.join(checkpoint_paths(str(trained))[-1], 'parameters.h5'), parameters)
     with open(os.path.join(checkpoint, 'state.json'), 'w') as f:
         f.write('{"args": ')
     assert refusal(*flags).startswith(
         'evaluate.py: {}: unreadable or damaged (JSONDecodeError: '.format(
-            os.path.join(checkpoint, 'state.json')))
+            os.path.join(checkpoint, 'state.json')
+        )
+    )
     assert not (tmp_path / 'o').exists()
 
     code, _, stderr = run_evaluate(*base[:2], '--dataroot', str(tmp_path / 'nowhere'))
     assert code == 2 and stderr.strip().splitlines()[-1].endswith(
-        "argument --dataroot: {}: folder not found".format(tmp_path / 'nowhere'))
+        'argument --dataroot: {}: folder not found'.format(tmp_path / 'nowhere')
+    )
     code, _, stderr = run_evaluate(*base, '--phase', '../train')
     assert code == 2 and "'../train' is not a phase name" in stderr
 
@@ -351,12 +435,20 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(trained, tmp_path):
         '    save(*args, **kwargs)\n'
         '    os.kill(os.getpid(), signal.SIGINT)\n'
         'Image.Image.save = save_then_stop\n',
-        '--model-save-path', str(trained), '--dataroot', SAMPLE, '--phase', 'train',
-        '--out', str(tmp_path))
+        '--model-save-path',
+        str(trained),
+        '--dataroot',
+        SAMPLE,
+        '--phase',
+        'train',
+        '--out',
+        str(tmp_path),
+    )
     assert code == 130
     assert 'Traceback' not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        'evaluate.py: stopped by SIGINT after 1 tile; index.html is not written')
+        'evaluate.py: stopped by SIGINT after 1 tile; index.html is not written'
+    )
     written = os.listdir(tmp_path)
     assert len(written) == 1 and written[0].endswith('.png') and '.partial' not in written[0]
     Image.open(tmp_path / written[0]).load()  # whole
@@ -374,8 +466,15 @@ def test_ctrl_c_inside_the_graph_is_one_line(trained, tmp_path):
         '    os.kill(os.getpid(), signal.SIGINT)\n'
         '    forward(*args)\n'
         'cpu_functions._InstanceNormalization.forward_impl = forward_then_stop\n',
-        '--model-save-path', str(trained), '--dataroot', SAMPLE, '--phase', 'train',
-        '--out', str(tmp_path))
+        '--model-save-path',
+        str(trained),
+        '--dataroot',
+        SAMPLE,
+        '--phase',
+        'train',
+        '--out',
+        str(tmp_path),
+    )
     assert code == 130
     assert 'Traceback' not in stderr
     assert stderr.strip().splitlines()[-1] == 'evaluate.py: stopped by SIGINT'

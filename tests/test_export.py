@@ -19,16 +19,7 @@ from google.protobuf import text_format
 from nnabla.utils import nnabla_pb2
 from PIL import Image
 from test_data import save_example
-from test_translate import (
-    FINE,
-    N_BLOCKS,
-    NGF,
-    catches_sigterm,
-    noise,
-    rectangle,
-    save_generators,
-    wait_for,
-)
+from test_translate import FINE, N_BLOCKS, NGF, catches_sigterm, noise, rectangle, save_generators, wait_for
 
 import export
 import exporting
@@ -69,9 +60,7 @@ def model(tmp_path_factory):
 
 
 def config_of(model, size, slots):
-    return network_config(
-        str(model), {'fineSizeH': size[0], 'fineSizeW': size[1], 'ins_per': slots}
-    )
+    return network_config(str(model), {'fineSizeH': size[0], 'fineSizeW': size[1], 'ins_per': slots})
 
 
 def one_pass_inputs(size, slots, seed=0):
@@ -108,9 +97,7 @@ def training_graph_outputs(params, direction, size, slots, inputs):
 def exported(model, direction, config, tmp_path, opset=11):
     """{format: path} of both files, written without a check."""
     paths = {}
-    for fmt, data in exporting.export_bytes(
-        str(model), direction, config, exporting.FORMATS, opset
-    ).items():
+    for fmt, data in exporting.export_bytes(str(model), direction, config, exporting.FORMATS, opset).items():
         paths[fmt] = tmp_path / exporting.file_name(direction, config, fmt)
         paths[fmt].write_bytes(data)
     return paths
@@ -187,10 +174,7 @@ def test_files_say_what_they_hold(model, tmp_path):
     (executor,) = proto.executor
     assert executor.name == said
     assert [v.variable_name for v in executor.data_variable] == ['image', 'masks']
-    assert [v.variable_name for v in executor.output_variable] == [
-        'translated_image',
-        'translated_masks',
-    ]
+    assert [v.variable_name for v in executor.output_variable] == ['translated_image', 'translated_masks']
     assert comment.startswith(said) and 'layout: NCHW' in comment
 
 
@@ -261,9 +245,7 @@ def test_a_file_above_its_limit_is_not_kept_and_the_exit_is_non_zero(
     out = tmp_path / 'out'
     code = exit_of('--params', model, '--out', out, '--direction', 'AtoB', '--format', fmt)
     file = out / f'generator_AtoB_32x24_k2.{fmt}'
-    assert one_line_error(code, capsys).startswith(
-        f'export.py: {file} differs from NNabla by up to '
-    )
+    assert one_line_error(code, capsys).startswith(f'export.py: {file} differs from NNabla by up to ')
     assert code.endswith(f'(limit {limit:g} for {fmt}); not written')
     assert os.listdir(out) == []
 
@@ -367,8 +349,7 @@ def test_out_that_would_overwrite_an_input_or_join_a_dataset_is_refused(model, t
         (
             ['--params', model],
             photos / 'trainA_seg' / 'new',
-            f"lies in {photos / 'trainA_seg'}, which is a dataset's mask folder; choose another "
-            'folder',
+            f"lies in {photos / 'trainA_seg'}, which is a dataset's mask folder; choose another folder",
         ),
         (
             ['--params', model, '--check-dataroot', photos],
@@ -392,9 +373,7 @@ def test_a_check_image_without_masks_is_refused(model, tmp_path, capsys):
     photo = tmp_path / 'photo.png'
     Image.fromarray(noise(6)).save(photo)
     code = exit_of('--params', model, '--out', tmp_path / 'out', '--check-image', photo)
-    assert one_line_error(code, capsys).startswith(
-        f'export.py: {photo}: no instance masks given or found'
-    )
+    assert one_line_error(code, capsys).startswith(f'export.py: {photo}: no instance masks given or found')
 
 
 def test_ctrl_c_during_start_up_is_one_line(model, tmp_path):

@@ -1,4 +1,5 @@
 """datasets/generate_ccp_dataset.py on a tiny CCP look-alike built in tmp_path."""
+
 import json
 import os
 import re
@@ -17,8 +18,8 @@ from PIL import Image
 
 DATASETS = Path(__file__).resolve().parents[1] / 'datasets'
 sys.path.insert(0, str(DATASETS))
-import generate_ccp_dataset  # noqa: E402
-from generate_ccp_dataset import MARKER, DatasetError, generate  # noqa: E402
+import generate_ccp_dataset
+from generate_ccp_dataset import MARKER, DatasetError, generate
 
 from runtime.processes import boot_id, start_time
 
@@ -68,8 +69,9 @@ def write_ccp(root, pixel_level, image_level):
     for name, labels in pixel_level.items():
         scipy.io.savemat(root / 'annotations/pixel-level' / f'{name}.mat', {'groundtruth': labels})
     for name, tags in image_level.items():
-        scipy.io.savemat(root / 'annotations/image-level' / f'{name}.mat',
-                         {'tags': np.array([tags], np.uint8)})
+        scipy.io.savemat(
+            root / 'annotations/image-level' / f'{name}.mat', {'tags': np.array([tags], np.uint8)}
+        )
     return root
 
 
@@ -103,8 +105,10 @@ def names(folder):
 
 def snapshot(folder):
     """Every path under `folder` with the bytes of the files, to show that nothing changed."""
-    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
-            for path in folder.rglob('*')}
+    return {
+        str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+        for path in folder.rglob('*')
+    }
 
 
 def read_mask(path):
@@ -116,8 +120,7 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
     counts = generate(ccp, save_root, 'jeans', 'skirt')
 
     assert counts == {'trainA': 2, 'trainB': 2, 'valA': 1, 'valB': 1}
-    assert names(save_root) == [MARKER, 'trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA',
-                                'valB']
+    assert names(save_root) == [MARKER, 'trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']
     assert names(save_root / 'trainA') == ['0001.png', '0003.png']
     assert names(save_root / 'trainA_seg') == ['0001_0.png', '0003_0.png']
     assert names(save_root / 'trainB') == ['0002.png', '0003.png']
@@ -126,7 +129,7 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
     assert names(save_root / 'valB') == ['0006.png']
     for domain, label in [('A', JEANS), ('B', SKIRT)]:
         for path in (save_root / f'train{domain}_seg').iterdir():
-            name = path.stem[:-len('_0')]
+            name = path.stem[: -len('_0')]
             mask = np.asarray(Image.open(path))
             np.testing.assert_array_equal(mask, np.where(PIXEL_LEVEL[name] == label, 255, 0))
             image = Image.open(save_root / f'train{domain}' / f'{name}.png')
@@ -138,11 +141,22 @@ def test_generates_train_and_val_folders(ccp, tmp_path):
 def test_dataset_records_its_arguments_and_counts(ccp, tmp_path):
     save_root = tmp_path / 'out'
     counts = generate(ccp, save_root, split_instances=True, min_instance_area=0.01)
-    written = sorted(str(path.relative_to(save_root)) for path in save_root.rglob('*')
-                     if path.is_file() and path.name != MARKER)
+    written = sorted(
+        str(path.relative_to(save_root))
+        for path in save_root.rglob('*')
+        if path.is_file() and path.name != MARKER
+    )
     assert json.loads((save_root / MARKER).read_text()) == dict(
-        data_root=str(ccp), cat1='jeans', cat2='skirt', split_instances=True,
-        min_instance_area=0.01, test_fraction=0.0, split_seed=0, counts=counts, files=written)
+        data_root=str(ccp),
+        cat1='jeans',
+        cat2='skirt',
+        split_instances=True,
+        min_instance_area=0.01,
+        test_fraction=0.0,
+        split_seed=0,
+        counts=counts,
+        files=written,
+    )
     assert 'trainA_seg/0001_0.png' in written
 
 
@@ -153,8 +167,9 @@ def test_categories_are_configurable(ccp, tmp_path):
 
 def test_unknown_category_lists_valid_names(ccp, tmp_path):
     result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', '--cat2', 'kilt')
-    assert_one_line_error(result, "--cat2 'kilt': unknown category",
-                          'valid categories: bag, clogs, jeans, shirt, skirt')
+    assert_one_line_error(
+        result, "--cat2 'kilt': unknown category", 'valid categories: bag, clogs, jeans, shirt, skirt'
+    )
     assert not (tmp_path / 'out').exists()
 
 
@@ -192,13 +207,25 @@ def test_overwrite_refuses_a_dataset_holding_other_files(ccp, tmp_path):
     (save_root / 'notes.txt').write_text('keep me')
     before = snapshot(save_root)
     result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
-    assert_one_line_error(result, f'--save_root {save_root}: holds {save_root / "notes.txt"} and '
-                                  '1 more, which this script did not write')
+    assert_one_line_error(
+        result,
+        f'--save_root {save_root}: holds {save_root / "notes.txt"} and '
+        '1 more, which this script did not write',
+    )
     assert snapshot(save_root) == before
 
 
-@pytest.mark.parametrize('added', ['trainA/mine.png', 'trainA_seg/mine_0.png', 'valA/edits/a.png',
-                                   'trainB_seg/old/', 'notes.txt', 'trainA/link.png@'])
+@pytest.mark.parametrize(
+    'added',
+    [
+        'trainA/mine.png',
+        'trainA_seg/mine_0.png',
+        'valA/edits/a.png',
+        'trainB_seg/old/',
+        'notes.txt',
+        'trainA/link.png@',
+    ],
+)
 def test_overwrite_refuses_anything_it_did_not_write_anywhere_in_the_tree(ccp, tmp_path, added):
     """Files, folders (even empty) and links the user put inside the script's own folders."""
     save_root = tmp_path / 'out'
@@ -214,8 +241,11 @@ def test_overwrite_refuses_anything_it_did_not_write_anywhere_in_the_tree(ccp, t
     first = save_root / added.split('/')[0] / 'edits' if 'edits' in added else path
     before = snapshot(save_root)
     result = run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite')
-    assert_one_line_error(result, f'--save_root {save_root}: holds {first}, which this script '
-                                  'did not write; move it out before using --overwrite')
+    assert_one_line_error(
+        result,
+        f'--save_root {save_root}: holds {first}, which this script '
+        'did not write; move it out before using --overwrite',
+    )
     assert snapshot(save_root) == before
     if first.is_dir() and not first.is_symlink():
         shutil.rmtree(first)
@@ -224,11 +254,14 @@ def test_overwrite_refuses_anything_it_did_not_write_anywhere_in_the_tree(ccp, t
     assert run_cli('--data_root', ccp, '--save_root', save_root, '--overwrite').returncode == 0
 
 
-@pytest.mark.parametrize('marker, reason', [
-    ({'cat1': 'jeans'}, 'does not list the files this script wrote (an earlier version made it)'),
-    ('{"files": ', f'{MARKER} is unreadable (JSONDecodeError'),
-    ({'files': 'trainA/0001.png'}, f'{MARKER} is unreadable (TypeError: files is not a list'),
-])
+@pytest.mark.parametrize(
+    'marker, reason',
+    [
+        ({'cat1': 'jeans'}, 'does not list the files this script wrote (an earlier version made it)'),
+        ('{"files": ', f'{MARKER} is unreadable (JSONDecodeError'),
+        ({'files': 'trainA/0001.png'}, f'{MARKER} is unreadable (TypeError: files is not a list'),
+    ],
+)
 def test_overwrite_refuses_a_marker_without_a_readable_file_list(ccp, tmp_path, marker, reason):
     save_root = tmp_path / 'out'
     generate(ccp, save_root)
@@ -249,10 +282,16 @@ def test_save_root_through_a_file_is_refused(ccp, tmp_path, save_root):
 
 
 # save_root relative to tmp_path, which holds the CCP copy at tmp_path/parent/ccp
-OVERLAPS = [('parent/ccp', 'is'), ('parent/ccp/../ccp', 'is'), ('link_to_ccp', 'is'),
-            ('parent', 'contains'), ('.', 'contains'),
-            ('parent/ccp/photos', 'lies inside'), ('parent/ccp/new', 'lies inside'),
-            ('link_to_ccp/new', 'lies inside')]
+OVERLAPS = [
+    ('parent/ccp', 'is'),
+    ('parent/ccp/../ccp', 'is'),
+    ('link_to_ccp', 'is'),
+    ('parent', 'contains'),
+    ('.', 'contains'),
+    ('parent/ccp/photos', 'lies inside'),
+    ('parent/ccp/new', 'lies inside'),
+    ('link_to_ccp/new', 'lies inside'),
+]
 
 
 @pytest.mark.parametrize('save_root, relation', OVERLAPS)
@@ -294,18 +333,29 @@ def test_dataset_appearing_during_the_run_is_not_replaced(ccp, tmp_path, monkeyp
     assert names(tmp_path) == ['ccp', 'out']
 
 
-@pytest.mark.parametrize('flag, category, options, where', [
-    ('--cat1', 'clogs', [], ''), ('--cat2', 'clogs', [], ''),
-    # bag is only in 0004, on 24 of its 96 pixels
-    ('--cat1', 'bag', ['--split-instances', '--min-instance-area', '0.3'],
-     ' in a region of at least --min-instance-area 0.3')])
-def test_category_without_pixel_level_photos_is_refused(ccp, tmp_path, flag, category, options,
-                                                        where):
+@pytest.mark.parametrize(
+    'flag, category, options, where',
+    [
+        ('--cat1', 'clogs', [], ''),
+        ('--cat2', 'clogs', [], ''),
+        # bag is only in 0004, on 24 of its 96 pixels
+        (
+            '--cat1',
+            'bag',
+            ['--split-instances', '--min-instance-area', '0.3'],
+            ' in a region of at least --min-instance-area 0.3',
+        ),
+    ],
+)
+def test_category_without_pixel_level_photos_is_refused(ccp, tmp_path, flag, category, options, where):
     result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out', flag, category, *options)
     domain = 'A' if flag == '--cat1' else 'B'
-    assert_one_line_error(result, f"{flag} '{category}': no pixel-level annotation contains "
-                                  f'it{where}, so train{domain} would be empty; categories with '
-                                  'pixel-level photos: bag, jeans, shirt, skirt')
+    assert_one_line_error(
+        result,
+        f"{flag} '{category}': no pixel-level annotation contains "
+        f'it{where}, so train{domain} would be empty; categories with '
+        'pixel-level photos: bag, jeans, shirt, skirt',
+    )
     assert names(tmp_path) == ['ccp']
 
 
@@ -318,20 +368,26 @@ def test_os_error_is_one_line(ccp, tmp_path):
 def test_ctrl_c_is_one_line_and_leaves_nothing(ccp, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(generate_ccp_dataset, 'run_export', interrupted)
-    monkeypatch.setattr(sys, 'argv', ['generate_ccp_dataset.py', '--data_root', str(ccp),
-                                      '--save_root', str(tmp_path / 'out')])
+    monkeypatch.setattr(
+        sys,
+        'argv',
+        ['generate_ccp_dataset.py', '--data_root', str(ccp), '--save_root', str(tmp_path / 'out')],
+    )
     try:
-        with pytest.raises(SystemExit, match='^generate_ccp_dataset.py: stopped by Ctrl-C; '
-                                             'nothing was written$'):
+        with pytest.raises(
+            SystemExit, match='^generate_ccp_dataset.py: stopped by Ctrl-C; nothing was written$'
+        ):
             generate_ccp_dataset.main()
     except KeyboardInterrupt:  # would otherwise end the whole test session
         pytest.fail('Ctrl-C left main() as a traceback')
     assert names(tmp_path) == ['ccp']  # neither the output nor its staging folder
 
 
-@pytest.mark.parametrize('broken', ['photos', 'annotations/pixel-level', 'annotations/image-level',
-                                    'label_list.mat'])
+@pytest.mark.parametrize(
+    'broken', ['photos', 'annotations/pixel-level', 'annotations/image-level', 'label_list.mat']
+)
 def test_missing_ccp_part_is_named(ccp, tmp_path, broken):
     path = ccp / broken
     if path.is_dir():
@@ -345,8 +401,9 @@ def test_missing_ccp_part_is_named(ccp, tmp_path, broken):
     assert names(tmp_path) == ['ccp']
 
 
-@pytest.mark.parametrize('broken', ['label_list.mat', 'annotations/pixel-level/0002.mat',
-                                    'annotations/image-level/0006.mat'])
+@pytest.mark.parametrize(
+    'broken', ['label_list.mat', 'annotations/pixel-level/0002.mat', 'annotations/image-level/0006.mat']
+)
 def test_unreadable_mat_is_named_and_nothing_is_left(ccp, tmp_path, broken):
     (ccp / broken).write_bytes(b'not a mat file')
     result = run_cli('--data_root', ccp, '--save_root', tmp_path / 'out')
@@ -367,18 +424,21 @@ def test_failure_keeps_the_previous_dataset(ccp, tmp_path):
 def test_split_instances_writes_one_mask_per_component(tmp_path):
     ccp = write_ccp(tmp_path / 'ccp', SPLIT_PIXEL_LEVEL, {})
     save_root = tmp_path / 'out'
-    result = run_cli('--data_root', ccp, '--save_root', save_root, '--split-instances',
-                     '--min-instance-area', 0.05)
+    result = run_cli(
+        '--data_root', ccp, '--save_root', save_root, '--split-instances', '--min-instance-area', 0.05
+    )
     assert result.returncode == 0, result.stderr
     assert 'trainA 2, trainB 1' in result.stdout
 
     assert names(save_root / 'trainA') == ['0001.png', '0002.png']  # 0003 has no blob left
     assert names(save_root / 'trainA_seg') == ['0001_0.png', '0001_1.png', '0002_0.png']
     for index, box in enumerate(TWO_BLOBS):  # in scan order, without the speck
-        np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / f'0001_{index}.png'),
-                                      label_map((JEANS, *box)) == JEANS)
-    np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / '0002_0.png'),
-                                  SPLIT_PIXEL_LEVEL['0002'] == JEANS)
+        np.testing.assert_array_equal(
+            read_mask(save_root / 'trainA_seg' / f'0001_{index}.png'), label_map((JEANS, *box)) == JEANS
+        )
+    np.testing.assert_array_equal(
+        read_mask(save_root / 'trainA_seg' / '0002_0.png'), SPLIT_PIXEL_LEVEL['0002'] == JEANS
+    )
     assert names(save_root / 'trainB_seg') == ['0004_0.png']
 
 
@@ -387,19 +447,36 @@ def test_without_split_each_region_stays_one_mask(tmp_path):
     counts = generate(write_ccp(tmp_path / 'ccp', SPLIT_PIXEL_LEVEL, {}), save_root)
     assert counts == {'trainA': 3, 'trainB': 1, 'valA': 0, 'valB': 0}
     for name in ['0001', '0002', '0003']:
-        np.testing.assert_array_equal(read_mask(save_root / 'trainA_seg' / f'{name}_0.png'),
-                                      SPLIT_PIXEL_LEVEL[name] == JEANS)
+        np.testing.assert_array_equal(
+            read_mask(save_root / 'trainA_seg' / f'{name}_0.png'), SPLIT_PIXEL_LEVEL[name] == JEANS
+        )
     assert names(save_root / 'trainA_seg') == ['0001_0.png', '0002_0.png', '0003_0.png']
 
 
 # For --test-fraction: jeans in 0001-0006 and a skirt in 0005-0015, so 0005 and 0006 have both
-SPLIT_LEVEL = {f'{index:04d}': label_map(*[(label, top, top + 4) for label, top, first, last
-                                           in [(JEANS, 0, 1, 6), (SKIRT, 6, 5, 15)]
-                                           if first <= index <= last])
-               for index in range(1, 16)}
+SPLIT_LEVEL = {
+    f'{index:04d}': label_map(
+        *[
+            (label, top, top + 4)
+            for label, top, first, last in [(JEANS, 0, 1, 6), (SKIRT, 6, 5, 15)]
+            if first <= index <= last
+        ]
+    )
+    for index in range(1, 16)
+}
 SPLIT_COUNTS = {'A': 6, 'B': 11}
-PHOTO_FOLDERS = ['testA', 'testA_seg', 'testB', 'testB_seg',
-                 'trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']
+PHOTO_FOLDERS = [
+    'testA',
+    'testA_seg',
+    'testB',
+    'testB_seg',
+    'trainA',
+    'trainA_seg',
+    'trainB',
+    'trainB_seg',
+    'valA',
+    'valB',
+]
 
 
 @pytest.fixture
@@ -446,8 +523,9 @@ def test_split_keeps_at_least_one_photo_on_each_side(split_ccp, tmp_path):
 
 
 def test_split_cli_prints_test_counts_and_no_fraction_makes_no_test_folders(split_ccp, tmp_path):
-    result = run_cli('--data_root', split_ccp, '--save_root', tmp_path / 'out',
-                     '--test-fraction', 0.3, '--split-seed', 3)
+    result = run_cli(
+        '--data_root', split_ccp, '--save_root', tmp_path / 'out', '--test-fraction', 0.3, '--split-seed', 3
+    )
     assert result.returncode == 0, result.stderr
     assert 'trainA 4, trainB 8, testA 2, testB 3, valA 1, valB 1' in result.stdout
 
@@ -481,8 +559,9 @@ def test_bad_values_cover_every_flag():
     assert flags == set(BAD_VALUES)
 
 
-@pytest.mark.parametrize('flag, value', [(flag, value) for flag, values in BAD_VALUES.items()
-                                         for value in values])
+@pytest.mark.parametrize(
+    'flag, value', [(flag, value) for flag, values in BAD_VALUES.items() for value in values]
+)
 def test_every_bad_flag_value_is_refused_in_one_line(ccp, tmp_path, flag, value):
     before = snapshot(tmp_path)
     result = run_cli('--data_root', 'ccp', '--save_root', 'out', f'{flag}={value}', cwd=tmp_path)
@@ -510,11 +589,13 @@ g.main()
 
 
 def start_slow(ccp, save_root):
-    script = SLOW.format(datasets=str(DATASETS), argv=['--data_root', str(ccp),
-                                                        '--save_root', str(save_root)])
+    script = SLOW.format(
+        datasets=str(DATASETS), argv=['--data_root', str(ccp), '--save_root', str(save_root)]
+    )
     # A session of its own: its process group is its alone, as a shell job's would be.
-    return subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, '-c', script], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def staging_folders(save_root):
@@ -523,8 +604,9 @@ def staging_folders(save_root):
 
 def wait_for_a_photo_in_staging(process, save_root):
     deadline = time.time() + 60
-    while not any((staging / save_root.name / 'trainA').glob('*.png')
-                  for staging in staging_folders(save_root)):
+    while not any(
+        (staging / save_root.name / 'trainA').glob('*.png') for staging in staging_folders(save_root)
+    ):
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.02)
 
@@ -536,8 +618,15 @@ def ended_process():
 
 
 def owner_record(**changes):
-    return json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': boot_id(),
-                       'start_time': start_time(os.getpid()), **changes})
+    return json.dumps(
+        {
+            'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'boot_id': boot_id(),
+            'start_time': start_time(os.getpid()),
+            **changes,
+        }
+    )
 
 
 def test_sigterm_to_the_process_group_ends_in_one_line_and_leaves_nothing(ccp, tmp_path):
@@ -572,14 +661,18 @@ def test_kill_9_leaves_a_staging_folder_that_the_next_run_removes(ccp, tmp_path,
     assert names(tmp_path) == ['ccp', 'out']
     assert capsys.readouterr().err.splitlines()[0] == (
         f'generate_ccp_dataset.py: removed {staging}, the staging folder of an interrupted run '
-        f'(pid {process.pid}: no process has that pid now)')
+        f'(pid {process.pid}: no process has that pid now)'
+    )
 
 
-@pytest.mark.parametrize('owner', [
-    None,  # not (yet) named: a run that has just made it, or not this script's
-    owner_record(),  # a process that runs
-    owner_record(host='elsewhere', pid=1),  # another machine's: cannot be seen from here
-])
+@pytest.mark.parametrize(
+    'owner',
+    [
+        None,  # not (yet) named: a run that has just made it, or not this script's
+        owner_record(),  # a process that runs
+        owner_record(host='elsewhere', pid=1),  # another machine's: cannot be seen from here
+    ],
+)
 def test_a_staging_folder_of_a_live_or_unknown_process_is_left_alone(ccp, tmp_path, owner):
     staging = tmp_path / '.out.abc123'
     (staging / 'out' / 'trainA').mkdir(parents=True)
@@ -590,8 +683,7 @@ def test_a_staging_folder_of_a_live_or_unknown_process_is_left_alone(ccp, tmp_pa
     assert snapshot(staging) == before
 
 
-@pytest.mark.parametrize('owner', [{'pid': 'ended'}, {'boot_id': 'an earlier boot'},
-                                   {'start_time': 1}])
+@pytest.mark.parametrize('owner', [{'pid': 'ended'}, {'boot_id': 'an earlier boot'}, {'start_time': 1}])
 def test_a_staging_folder_of_an_ended_process_is_removed(ccp, tmp_path, owner):
     """Gone: no such pid; a pid of an earlier boot; a pid now used by another process."""
     if owner.get('pid') == 'ended':

@@ -1,15 +1,10 @@
 """Each loss against a value worked out by hand on a tiny tensor."""
+
 import nnabla as nn
 import numpy as np
 import pytest
 
-from losses import (
-    context_preserving_loss,
-    discriminator_loss,
-    image_and_masks_l1,
-    lsgan_loss,
-    mask_union,
-)
+from losses import context_preserving_loss, discriminator_loss, image_and_masks_l1, lsgan_loss, mask_union
 
 
 def evaluate(loss):
@@ -47,8 +42,7 @@ def test_image_and_masks_l1_averages_over_all_channels():
     masks, other_masks = -np.ones((1, 1, 1, 2)), -np.ones((1, 1, 1, 2))
     other_masks[0, 0, 0, 1] = 1.0
     # 8 elements, absolute differences 0.6 and 2.0
-    loss = image_and_masks_l1(constant(image), constant(masks),
-                              constant(other_image), constant(other_masks))
+    loss = image_and_masks_l1(constant(image), constant(masks), constant(other_image), constant(other_masks))
     assert evaluate(loss) == pytest.approx(2.6 / 8)
 
 
@@ -61,13 +55,14 @@ def test_context_preserving_loss_weights_background_only():
     # 1 x 4 pixels; instance 0 covers pixel 0 in the source, the translation covers pixel 1.
     image = np.zeros((1, 3, 1, 4))
     translated = np.zeros((1, 3, 1, 4))
-    translated[:, :, 0, :] = [0.5, 0.7, 0.2, 0.1]   # every pixel changed
+    translated[:, :, 0, :] = [0.5, 0.7, 0.2, 0.1]  # every pixel changed
     masks = np.array([[[[1.0, -1.0, -1.0, -1.0]]]])
     translated_masks = np.array([[[[-1.0, 1.0, 0.0, -1.0]]]])
     # weights: 0 (source), 0 (translated), 0.5 (half in translated), 1 (background)
     expected = 3 * (0.5 * 0.2 + 1.0 * 0.1) / 12
-    loss = context_preserving_loss(constant(image), constant(masks),
-                                   constant(translated), constant(translated_masks))
+    loss = context_preserving_loss(
+        constant(image), constant(masks), constant(translated), constant(translated_masks)
+    )
     assert evaluate(loss) == pytest.approx(expected)
 
 
@@ -77,8 +72,7 @@ def test_context_preserving_loss_is_zero_when_only_instances_change():
     masks[:, 1, :2] = 1
     translated = image.copy()
     translated[:, :, :2] += 0.5
-    loss = context_preserving_loss(constant(image), constant(masks),
-                                   constant(translated), constant(masks))
+    loss = context_preserving_loss(constant(image), constant(masks), constant(translated), constant(masks))
     assert evaluate(loss) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -91,5 +85,4 @@ def test_weights_average_over_the_chosen_samples_only():
     loss = image_and_masks_l1(image, masks, constant(other), masks, weights)
     # per sample: 12 of 16 elements differ by 0.3 and 0.5; sample 2 is left out
     assert evaluate(loss) == pytest.approx((0.3 + 0.5) * 12 / 16 / 2)
-    assert evaluate(lsgan_loss(constant(np.zeros((3, 1, 1, 1))), 1.0,
-                               constant([0.0, 0.0, 0.0]))) == 0.0
+    assert evaluate(lsgan_loss(constant(np.zeros((3, 1, 1, 1))), 1.0, constant([0.0, 0.0, 0.0]))) == 0.0

@@ -1,5 +1,6 @@
 """mask_predictor.py, train_masks.py and datasets/ccp.py's split and instance rule, on tiny
 hand-made masks and a tiny CCP look-alike."""
+
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ def box(shape, top, bottom, left, right):
 
 # --- the network --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('levels, size', [(1, (6, 10)), (3, (16, 24)), (5, (144, 96))])
 def test_logits_have_one_plane_per_class_at_the_input_size(levels, size):
     image = nn.Variable((2, 3) + size)
@@ -67,13 +69,12 @@ def test_a_short_training_run_on_synthetic_photos_lowers_the_loss():
     for index in range(8):
         for value, label in [(0.9, 1), (-0.9, 2)]:
             top, left = rng.randint(0, 11, 2)
-            images[index, :, top:top + 5, left:left + 5] = value
-            labels[index, 0, top:top + 5, left:left + 5] = label
+            images[index, :, top : top + 5, left : left + 5] = value
+            labels[index, 0, top : top + 5, left : left + 5] = label
     image = nn.Variable((batch, 3) + size)
     target = nn.Variable((batch, 1) + size)
     one_hot = nn.Variable((batch, n_classes) + size)
-    loss = mp.segmentation_loss(mp.predictor_logits(image, n_classes, width=4, levels=2),
-                                target, one_hot)
+    loss = mp.segmentation_loss(mp.predictor_logits(image, n_classes, width=4, levels=2), target, one_hot)
     solver = S.Adam(1e-2)
     solver.set_parameters(nn.get_parameters())
     losses = []
@@ -107,6 +108,7 @@ def test_label_resizing_never_blends_labels():
 
 # --- a predictor, saved and loaded, on photos of any size -----------------------------------
 
+
 @pytest.fixture
 def saved_predictor(tmp_path):
     """A random predictor of two categories written as train_masks.py exports one."""
@@ -119,8 +121,12 @@ def saved_predictor(tmp_path):
 
 def test_saved_predictor_loads_with_its_configuration(saved_predictor):
     predictor = mp.load_predictor(saved_predictor)
-    assert (predictor.categories, predictor.size, predictor.width, predictor.levels) == \
-        (('jeans', 'skirt'), (8, 12), 4, 2)
+    assert (predictor.categories, predictor.size, predictor.width, predictor.levels) == (
+        ('jeans', 'skirt'),
+        (8, 12),
+        4,
+        2,
+    )
 
 
 @pytest.mark.parametrize('split', [False, True])
@@ -142,17 +148,20 @@ def test_predict_masks_answers_at_the_photo_resolution(saved_predictor, split):
     assert not (found['jeans'].region & found['skirt'].region).any()
 
 
-@pytest.mark.parametrize('change, message', [
-    (lambda c: c.update(categories=[]), 'categories'),
-    (lambda c: c.update(categories=['jeans', 'jeans']), 'categories'),
-    (lambda c: c.update(categories='jeans'), 'categories'),
-    (lambda c: c.update(size=[8, 12.5]), 'integers'),
-    (lambda c: c.update(size=[8, 13]), 'multiples'),
-    (lambda c: c.update(width=True), 'integers'),
-    (lambda c: c.update(width=0), 'width'),
-    (lambda c: c.update(levels=20), 'levels'),
-    (lambda c: c.pop('levels'), 'levels'),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        (lambda c: c.update(categories=[]), 'categories'),
+        (lambda c: c.update(categories=['jeans', 'jeans']), 'categories'),
+        (lambda c: c.update(categories='jeans'), 'categories'),
+        (lambda c: c.update(size=[8, 12.5]), 'integers'),
+        (lambda c: c.update(size=[8, 13]), 'multiples'),
+        (lambda c: c.update(width=True), 'integers'),
+        (lambda c: c.update(width=0), 'width'),
+        (lambda c: c.update(levels=20), 'levels'),
+        (lambda c: c.pop('levels'), 'levels'),
+    ],
+)
 def test_bad_configurations_are_refused(saved_predictor, change, message):
     path = saved_predictor / mp.CONFIG
     config = json.loads(path.read_text())
@@ -162,15 +171,25 @@ def test_bad_configurations_are_refused(saved_predictor, change, message):
         mp.load_predictor(saved_predictor)
 
 
-@pytest.mark.parametrize('edit, message', [
-    (lambda: nn.parameter.pop_parameter('mask_predictor/classifier/conv/b'),
-     'parameters.h5 lacks mask_predictor/classifier/conv/b'),
-    (lambda: nn.parameter.get_parameter_or_create('mask_predictor/extra', (1,)),
-     'parameters.h5 holds a parameter the network lacks: mask_predictor/extra'),
-    (lambda: nn.parameter.set_parameter('mask_predictor/classifier/conv/b',
-                                        nn.Variable.from_numpy_array(np.zeros(4))),
-     r'classifier/conv/b is \(4,\), the network needs \(3,\)'),
-])
+@pytest.mark.parametrize(
+    'edit, message',
+    [
+        (
+            lambda: nn.parameter.pop_parameter('mask_predictor/classifier/conv/b'),
+            'parameters.h5 lacks mask_predictor/classifier/conv/b',
+        ),
+        (
+            lambda: nn.parameter.get_parameter_or_create('mask_predictor/extra', (1,)),
+            'parameters.h5 holds a parameter the network lacks: mask_predictor/extra',
+        ),
+        (
+            lambda: nn.parameter.set_parameter(
+                'mask_predictor/classifier/conv/b', nn.Variable.from_numpy_array(np.zeros(4))
+            ),
+            r'classifier/conv/b is \(4,\), the network needs \(3,\)',
+        ),
+    ],
+)
 def test_parameters_that_are_not_the_network_are_refused(saved_predictor, edit, message):
     """A parameter left at its random start would predict noise without a word."""
     nn.load_parameters(str(saved_predictor / 'parameters.h5'))
@@ -182,6 +201,7 @@ def test_parameters_that_are_not_the_network_are_refused(saved_predictor, edit, 
 
 
 # --- the measures, on hand-made masks --------------------------------------------------------
+
 
 def test_iou_of_overlapping_squares():
     annotated, predicted = box((10, 10), 0, 4, 0, 4), box((10, 10), 2, 6, 0, 4)
@@ -197,8 +217,7 @@ def test_iou_pools_pixels_over_photos():
     # overlap 8 + 0, union 16 + 8
     assert mp.iou(p, a) == pytest.approx(8 / 24)
     # photos of different sizes
-    assert mp.iou([p[0], box((3, 5), 0, 1, 0, 1)], [a[0], box((3, 5), 0, 1, 0, 1)]) == \
-        pytest.approx(9 / 17)
+    assert mp.iou([p[0], box((3, 5), 0, 1, 0, 1)], [a[0], box((3, 5), 0, 1, 0, 1)]) == pytest.approx(9 / 17)
 
 
 def test_instance_count_accuracy():
@@ -210,8 +229,10 @@ def test_instance_count_accuracy():
 def test_instance_counts_of_hand_made_masks_follow_the_ccp_rule():
     annotated = label_map(*[(JEANS, *b) for b in TWO_BLOBS]) == JEANS
     one_blob = label_map((JEANS, *TWO_BLOBS[0])) == JEANS
-    counts = [[len(ccp.instance_masks(mask, True, 0.05)) for mask in pair]
-              for pair in [(annotated, annotated), (one_blob, annotated)]]
+    counts = [
+        [len(ccp.instance_masks(mask, True, 0.05)) for mask in pair]
+        for pair in [(annotated, annotated), (one_blob, annotated)]
+    ]
     assert counts == [[2, 2], [1, 2]]
     assert mp.instance_count_accuracy(*zip(*counts)) == 0.5
 
@@ -221,8 +242,9 @@ def test_boundary_marks_the_outline():
     expected = mask.copy()
     expected[2:4, 2:4] = False
     np.testing.assert_array_equal(mp.boundary(mask), expected)
-    np.testing.assert_array_equal(mp.boundary(np.ones((3, 3), bool)),
-                                  ~box((3, 3), 1, 2, 1, 2))  # the photo's edge is a boundary
+    np.testing.assert_array_equal(
+        mp.boundary(np.ones((3, 3), bool)), ~box((3, 3), 1, 2, 1, 2)
+    )  # the photo's edge is a boundary
 
 
 def test_boundary_f_score_of_a_square_shifted_by_one_row():
@@ -249,20 +271,20 @@ def test_boundary_f_score_counts_precision_and_recall_apart():
     # 2 px of the annotation's; annotated outline: 20 + 20 + 8 + 8 = 56, of which rows 0 and
     # 9 at columns 0-4 and column 0 rows 1-8 are within 2 px of the prediction's.
     precision, recall = 1.0, (5 + 5 + 8) / 56
-    assert mp.boundary_f_score(predicted, annotated, tolerance=2) == \
-        pytest.approx(2 * precision * recall / (precision + recall))
+    assert mp.boundary_f_score(predicted, annotated, tolerance=2) == pytest.approx(
+        2 * precision * recall / (precision + recall)
+    )
 
 
 # --- the shared CCP rules --------------------------------------------------------------------
 
+
 def test_connected_region_rule():
     regions = {name: labels == JEANS for name, labels in SPLIT_PIXEL_LEVEL.items()}
-    counts = {name: len(ccp.instance_masks(region, True, 0.05))
-              for name, region in regions.items()}
+    counts = {name: len(ccp.instance_masks(region, True, 0.05)) for name, region in regions.items()}
     # two blobs and a dropped speck; a corner touch joins (8-connectivity); too small
     assert counts == {'0001': 2, '0002': 1, '0003': 0, '0004': 0}
-    assert [len(ccp.instance_masks(region, False, 0.05)) for region in regions.values()] == \
-        [1, 1, 1, 0]
+    assert [len(ccp.instance_masks(region, False, 0.05)) for region in regions.values()] == [1, 1, 1, 0]
     first, second = ccp.instance_masks(regions['0001'], True, 0.05)
     np.testing.assert_array_equal(first, label_map((JEANS, *TWO_BLOBS[0])) == JEANS)
     np.testing.assert_array_equal(second, label_map((JEANS, *TWO_BLOBS[1])) == JEANS)
@@ -294,6 +316,7 @@ def test_label_maps_that_are_not_label_ids_are_refused(tmp_path):
 
 # --- train_masks.py on a CCP look-alike ------------------------------------------------------
 
+
 def test_epoch_order_is_seeded_and_balances_the_photos():
     classes = np.zeros((10, 2, 2), np.uint8)
     classes[[1, 4, 7], 0, 0] = 1
@@ -304,10 +327,29 @@ def test_epoch_order_is_seeded_and_balances_the_photos():
 
 
 def training_flags(tmp_path, root):
-    return ['--data_root', str(root), '-o', str(tmp_path / 'models'), '-m',
-            str(tmp_path / 'monitor'), '--size', '16', '16', '--levels', '2', '--width', '4',
-            '-b', '2', '--log-step', '1', '--test-fraction', '0.3',
-            '--cases-image', str(tmp_path / 'cases.png')]
+    return [
+        '--data_root',
+        str(root),
+        '-o',
+        str(tmp_path / 'models'),
+        '-m',
+        str(tmp_path / 'monitor'),
+        '--size',
+        '16',
+        '16',
+        '--levels',
+        '2',
+        '--width',
+        '4',
+        '-b',
+        '2',
+        '--log-step',
+        '1',
+        '--test-fraction',
+        '0.3',
+        '--cases-image',
+        str(tmp_path / 'cases.png'),
+    ]
 
 
 def test_train_resume_and_evaluate(tmp_path, capsys):
@@ -317,9 +359,13 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'training photos: 10; held out: 5 (jeans 2, skirt 3)' in out
     assert 'jeans: IoU' in out and 'skirt: IoU' in out
-    with pytest.raises(SystemExit, match=(
+    with pytest.raises(
+        SystemExit,
+        match=(
             r'models holds another run \(checkpoint_000000005, predictor\): continue it with '
-            '--resume, or delete its files with --overwrite')):
+            '--resume, or delete its files with --overwrite'
+        ),
+    ):
         train_masks.main(flags + ['--max-epoch', '2'])
     nn.clear_parameters()
     train_masks.main(flags + ['--max-epoch', '2', '--resume'])
@@ -338,11 +384,11 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     nn.clear_parameters()
     train_masks.main(flags + ['--evaluate', '--export', str(tmp_path / 'exported')])
     assert 'checkpoint_000000010: 2 epoch(s)' in capsys.readouterr().out
-    assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == \
-        (('jeans', 'skirt'), (16, 16), 4, 2)
+    assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == (('jeans', 'skirt'), (16, 16), 4, 2)
     with pytest.raises(SystemExit, match=r'other --width \(4, now 8\)'):
-        train_masks.main([('8' if flag == '4' else flag) for flag in flags]
-                         + ['--resume', '--max-epoch', '3'])
+        train_masks.main(
+            [('8' if flag == '4' else flag) for flag in flags] + ['--resume', '--max-epoch', '3']
+        )
 
     nn.clear_parameters()
     train_masks.main(flags + ['--max-epoch', '1', '--overwrite'])
@@ -354,13 +400,13 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
 def parameters_of(folder):
     with h5py.File(folder / 'parameters.h5', 'r') as f:
         arrays = {}
-        f.visititems(lambda name, item: arrays.update({name: item[()]})
-                     if isinstance(item, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None
+        )
     return arrays
 
 
-def test_a_stop_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp_path,
-                                                                              monkeypatch):
+def test_a_stop_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     """SIGINT during iteration 3 of the first epoch (of 5): a checkpoint after it, exit status
     130; --resume then ends where a run never stopped ends, series included."""
     root = write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, {})
@@ -387,10 +433,14 @@ def test_a_stop_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp
     nn.clear_parameters()
     train_masks.main(flags + ['--resume'])
     for name in ['loss.series.txt', 'epoch_time.series.txt']:
-        assert len((stopped / 'monitor' / name).read_text().splitlines()) == \
-            len((whole / 'monitor' / name).read_text().splitlines())
-    np.testing.assert_allclose(np.loadtxt(stopped / 'monitor' / 'loss.series.txt'),
-                               np.loadtxt(whole / 'monitor' / 'loss.series.txt'), rtol=1e-5)
+        assert len((stopped / 'monitor' / name).read_text().splitlines()) == len(
+            (whole / 'monitor' / name).read_text().splitlines()
+        )
+    np.testing.assert_allclose(
+        np.loadtxt(stopped / 'monitor' / 'loss.series.txt'),
+        np.loadtxt(whole / 'monitor' / 'loss.series.txt'),
+        rtol=1e-5,
+    )
     expected = parameters_of(whole / 'models' / 'predictor')
     for name, value in parameters_of(stopped / 'models' / 'predictor').items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-6)
@@ -398,8 +448,19 @@ def test_a_stop_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(tmp
 
 def test_evaluate_a_predictor_folder(saved_predictor, tmp_path, capsys):
     root = write_ccp(tmp_path / 'ccp', SPLIT_LEVEL, {})
-    train_masks.main(['--data_root', str(root), '-o', str(saved_predictor), '--evaluate',
-                      '--test-fraction', '0.3', '--cases-image', str(tmp_path / 'cases.png')])
+    train_masks.main(
+        [
+            '--data_root',
+            str(root),
+            '-o',
+            str(saved_predictor),
+            '--evaluate',
+            '--test-fraction',
+            '0.3',
+            '--cases-image',
+            str(tmp_path / 'cases.png'),
+        ]
+    )
     out = capsys.readouterr().out
     assert f'{saved_predictor}: predictor of jeans, skirt at 8x12' in out
     assert 'held-out photos: 5' in out and 'skirt: IoU' in out

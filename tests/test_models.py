@@ -1,4 +1,5 @@
 """Shapes and the set and batch properties the paper's networks must have."""
+
 import json
 import os
 from collections import Counter
@@ -26,7 +27,7 @@ def random_inputs(batch, slots, empty=(), seed=0):
             if (b, n) not in empty:
                 top, left = rng.randint(0, SIZE - 8, size=2)
                 height, width = rng.randint(4, 16, size=2)
-                masks[b, n, top:top + height, left:left + width] = 1
+                masks[b, n, top : top + height, left : left + width] = 1
     return images, masks
 
 
@@ -45,8 +46,7 @@ class Networks:
             else:
                 outputs = (models.discriminator(image_var, mask_var, ndf=NGF),)
             parameters = nn.get_parameters(grad_only=False)
-        snapshot = self.snapshots.setdefault(
-            network, {k: v.d.copy() for k, v in parameters.items()})
+        snapshot = self.snapshots.setdefault(network, {k: v.d.copy() for k, v in parameters.items()})
         for key, value in snapshot.items():
             parameters[key].d = value
         image_var.d, mask_var.d = images, masks
@@ -65,7 +65,7 @@ def test_shapes_and_transposed_convolution_weights(networks):
     image_out, masks_out = networks.run('generator', images, masks)
     assert image_out.shape == images.shape and masks_out.shape == masks.shape
     assert np.abs(image_out).max() <= 1 and np.abs(masks_out).max() <= 1
-    scores, = networks.run('discriminator', images, masks)
+    (scores,) = networks.run('discriminator', images, masks)
     assert scores.shape == (2, 1, 2, 2)
     parameters = nn.get_parameters(grad_only=False)
     # The paper's decoders upsample with 3x3 transposed convolutions.
@@ -85,8 +85,8 @@ def test_generator_is_permutation_equivariant(networks):
 
 def test_discriminator_is_permutation_invariant(networks):
     images, masks = random_inputs(2, 3, empty={(0, 1)})
-    scores, = networks.run('discriminator', images, masks)
-    permuted_scores, = networks.run('discriminator', images, masks[:, [1, 2, 0]])
+    (scores,) = networks.run('discriminator', images, masks)
+    (permuted_scores,) = networks.run('discriminator', images, masks[:, [1, 2, 0]])
     np.testing.assert_allclose(permuted_scores, scores, atol=ATOL)
 
 
@@ -95,9 +95,9 @@ def test_samples_of_a_batch_do_not_mix(networks, network):
     images, masks = random_inputs(3, 2, empty={(1, 1), (2, 0), (2, 1)})
     batch_outputs = networks.run(network, images, masks)
     for b in range(3):
-        alone = networks.run(network, images[b:b + 1], masks[b:b + 1])
+        alone = networks.run(network, images[b : b + 1], masks[b : b + 1])
         for together, single in zip(batch_outputs, alone):
-            np.testing.assert_allclose(together[b:b + 1], single, atol=ATOL)
+            np.testing.assert_allclose(together[b : b + 1], single, atol=ATOL)
 
 
 def test_empty_slots_pass_through_and_contribute_nothing(networks):
@@ -110,8 +110,8 @@ def test_empty_slots_pass_through_and_contribute_nothing(networks):
     np.testing.assert_allclose(padded_image_out, image_out, atol=ATOL)
     np.testing.assert_allclose(padded_masks_out[:, :2], masks_out, atol=ATOL)
     assert np.all(padded_masks_out[:, 2] == -1)
-    scores, = networks.run('discriminator', images, masks)
-    padded_scores, = networks.run('discriminator', images, padded)
+    (scores,) = networks.run('discriminator', images, masks)
+    (padded_scores,) = networks.run('discriminator', images, padded)
     np.testing.assert_allclose(padded_scores, scores, atol=ATOL)
 
 
@@ -134,10 +134,8 @@ def test_parameter_names_and_shapes_are_those_checkpoints_have():
         models.generator(image, masks, ngf=4, n_blocks=1)
     with nn.parameter_scope('discriminator_y'):
         models.discriminator(image, masks, ndf=4, n_layers=3)
-    built = {name: list(parameter.shape)
-             for name, parameter in nn.get_parameters(grad_only=False).items()}
-    assert built == {models.current_parameter_name(name): shape
-                     for name, shape in recorded.items()}
+    built = {name: list(parameter.shape) for name, parameter in nn.get_parameters(grad_only=False).items()}
+    assert built == {models.current_parameter_name(name): shape for name, shape in recorded.items()}
     assert len(built) == len(recorded)
 
 
@@ -173,18 +171,21 @@ def test_cpu_functions_give_the_same_networks():
             output.data.fill(np.nan)  # so that a variable no longer computed shows
         loss.forward()
         loss.backward()
-        return [output.d.copy() for output in outputs] + \
-            [parameters[name].d.copy() for name in sorted(parameters)] + \
-            [parameters[name].g.copy() for name in sorted(parameters)]
+        return (
+            [output.d.copy() for output in outputs]
+            + [parameters[name].d.copy() for name in sorted(parameters)]
+            + [parameters[name].g.copy() for name in sorted(parameters)]
+        )
 
     nnabla_results = outputs_and_gradients()
     nnabla_functions = function_counts(loss)
     cpu_functions.accelerate(loss)
     blas_functions = function_counts(loss)
     # Every convolution, normalisation and reflection padding moved.
-    assert [blas_functions[k] for k in ['BlasConvolution', 'BlasDeconvolution',
-                                        'CpuSpectralNorm', 'CpuInstanceNormalization']] == \
-        [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
+    assert [
+        blas_functions[k]
+        for k in ['BlasConvolution', 'BlasDeconvolution', 'CpuSpectralNorm', 'CpuInstanceNormalization']
+    ] == [nnabla_functions[k] for k in ['Convolution', 'Deconvolution', 'SpectralNorm', 'Div2']]
     assert not {'Convolution', 'Deconvolution', 'SpectralNorm', 'Pad', 'Div2'} & set(blas_functions)
     for nnabla_value, blas_value in zip(nnabla_results, outputs_and_gradients()):
         scale = max(1.0, float(np.abs(nnabla_value).max()))
@@ -198,8 +199,9 @@ def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
     left-over function of the old graph still reads it."""
     image, masks = random_inputs(1, 1)
     with nn.parameter_scope('generator'):
-        image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
-                                        nn.Variable.from_numpy_array(masks), NGF, BLOCKS)
+        image_out, _ = models.generator(
+            nn.Variable.from_numpy_array(image), nn.Variable.from_numpy_array(masks), NGF, BLOCKS
+        )
     cpu_functions.accelerate(image_out)
     image_out.forward(clear_no_need_grad=True)
     functions = []
@@ -208,8 +210,9 @@ def test_the_accelerated_graph_frees_what_a_directly_built_one_frees():
     for function in functions:
         for variable in function.inputs:
             readers.setdefault(variable, []).append(function.info.type_name)
-    normalised = [function.outputs[0] for function in functions
-                  if function.info.type_name == 'CpuInstanceNormalization']
+    normalised = [
+        function.outputs[0] for function in functions if function.info.type_name == 'CpuInstanceNormalization'
+    ]
     assert len(normalised) == 2 * (3 + 2 * BLOCKS) + 2  # both encoders, the image decoder
     added = [y for y in normalised if readers[y] == ['Add2']]
     assert len(added) == 2 * BLOCKS
@@ -220,8 +223,9 @@ def test_a_graph_is_accelerated_once():
     """A second call would make nnabla set up its CPU functions again, which crashes it."""
     image, masks = random_inputs(1, 1)
     with nn.parameter_scope('generator'):
-        image_out, _ = models.generator(nn.Variable.from_numpy_array(image),
-                                        nn.Variable.from_numpy_array(masks), NGF, BLOCKS)
+        image_out, _ = models.generator(
+            nn.Variable.from_numpy_array(image), nn.Variable.from_numpy_array(masks), NGF, BLOCKS
+        )
     cpu_functions.accelerate(image_out)
     with pytest.raises(ValueError, match='accelerate each graph once'):
         cpu_functions.accelerate(image_out)
@@ -246,8 +250,7 @@ def test_pretrained_generator_gives_the_recorded_outputs(direction):
     the tolerance is for other CPUs' float rounding)."""
     from translator import Translator, find_parameters, network_config
 
-    params = find_parameters(os.path.join(os.path.dirname(__file__), '..', 'pretrained',
-                                          'jeans2skirt_64x44'))
+    params = find_parameters(os.path.join(os.path.dirname(__file__), '..', 'pretrained', 'jeans2skirt_64x44'))
     config = network_config(params)
     config.ins_per = 2
     image_out, masks_out = Translator(params, direction, config)(*pretrained_inputs())
@@ -273,21 +276,40 @@ def test_instance_exists_is_greater_scalar_bit_for_bit():
     on a million peaks (1x1 masks) of every kind, from NaN and +-inf through the floats next
     to -1 to denormals, and on masks with empty slots and NaN or infinite pixels."""
     rng = np.random.RandomState(0)
-    special = np.array([np.nan, -np.nan, np.inf, -np.inf, -1, 0, -0.0, 1, -2,
-                        np.nextafter(np.float32(-1), np.float32(0)),
-                        np.nextafter(np.float32(-1), np.float32(-2)),
-                        np.finfo(np.float32).max, -np.finfo(np.float32).max,
-                        np.finfo(np.float32).tiny, -np.finfo(np.float32).tiny, 1e-45, -1e-45],
-                       np.float32)
-    peaks = np.concatenate([
-        special,
-        rng.choice(special, 200_000),
-        -1 + rng.uniform(-1e-6, 1e-6, 200_000).astype(np.float32),
-        rng.uniform(-2, 2, 200_000).astype(np.float32),
-        (rng.standard_normal(200_000) * 10.0 ** rng.randint(-40, 38, 200_000)).astype(np.float32),
-        rng.randint(0, 2 ** 32, 200_000 - len(special), dtype=np.uint64).astype(np.uint32)
-        .view(np.float32),  # any bit pattern, NaN payloads included
-    ])
+    special = np.array(
+        [
+            np.nan,
+            -np.nan,
+            np.inf,
+            -np.inf,
+            -1,
+            0,
+            -0.0,
+            1,
+            -2,
+            np.nextafter(np.float32(-1), np.float32(0)),
+            np.nextafter(np.float32(-1), np.float32(-2)),
+            np.finfo(np.float32).max,
+            -np.finfo(np.float32).max,
+            np.finfo(np.float32).tiny,
+            -np.finfo(np.float32).tiny,
+            1e-45,
+            -1e-45,
+        ],
+        np.float32,
+    )
+    peaks = np.concatenate(
+        [
+            special,
+            rng.choice(special, 200_000),
+            -1 + rng.uniform(-1e-6, 1e-6, 200_000).astype(np.float32),
+            rng.uniform(-2, 2, 200_000).astype(np.float32),
+            (rng.standard_normal(200_000) * 10.0 ** rng.randint(-40, 38, 200_000)).astype(np.float32),
+            rng.randint(0, 2**32, 200_000 - len(special), dtype=np.uint64)
+            .astype(np.uint32)
+            .view(np.float32),  # any bit pattern, NaN payloads included
+        ]
+    )
     assert len(peaks) == 1_000_000
     peaks = peaks.reshape(1000, 1000, 1, 1)
     assert np.isnan(peaks).any() and np.isposinf(peaks).any() and np.isneginf(peaks).any()
@@ -312,10 +334,10 @@ def test_no_variable_of_the_generator_is_reshaped_twice():
     image, masks = random_inputs(1, 2)
     with nn.parameter_scope('generator'):
         image_out, masks_out, active = models.generator_pass(
-            nn.Variable(image.shape), nn.Variable(masks.shape), ngf=4, n_blocks=1)
+            nn.Variable(image.shape), nn.Variable(masks.shape), ngf=4, n_blocks=1
+        )
     functions = []
     F.sink(image_out, masks_out, active).visit(functions.append)
-    reshaped = Counter(function.inputs[0] for function in functions
-                       if function.info.type_name == 'Reshape')
+    reshaped = Counter(function.inputs[0] for function in functions if function.info.type_name == 'Reshape')
     assert reshaped and max(reshaped.values()) == 1
     assert 'GreaterScalar' not in {function.info.type_name for function in functions}

@@ -2,6 +2,7 @@
 line and a non-zero exit, or in the right result. Full disks are real small file systems
 (tmpfs, mounted as root) and, so that the same code paths are tested everywhere, failures
 injected at the write calls."""
+
 import errno
 import json
 import os
@@ -42,8 +43,9 @@ def small_disk(tmp_path):
             pytest.skip('mounting a small file system needs root')
         path = tmp_path / name
         path.mkdir()
-        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs',
-                                 str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True
+        )
         if result.returncode:
             pytest.skip(f'mount -t tmpfs is not permitted here: {result.stderr.strip()}')
         mounted.append(path)
@@ -66,10 +68,15 @@ def fill(disk):
 
 def train_cli(dataroot, monitor, models, *flags):
     """train.py in a process of its own: a crash (a segfault) must not end the test session."""
-    return subprocess.run([sys.executable, TRAIN] + TINY + [
-        '--dataroot', str(dataroot), '--monitor-path', str(monitor),
-        '--model-save-path', str(models)] + list(flags),
-        capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, TRAIN]
+        + TINY
+        + ['--dataroot', str(dataroot), '--monitor-path', str(monitor), '--model-save-path', str(models)]
+        + list(flags),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def one_line(result, program='train.py'):
@@ -83,8 +90,13 @@ def one_line(result, program='train.py'):
 
 def left_behind(*folders):
     """Locks and half-written files left in the folders."""
-    return sorted(name for folder in folders if folder.exists() for name in os.listdir(folder)
-                  if name == 'train.lock' or '.partial' in name)
+    return sorted(
+        name
+        for folder in folders
+        if folder.exists()
+        for name in os.listdir(folder)
+        if name == 'train.lock' or '.partial' in name
+    )
 
 
 def snapshot(folder):
@@ -111,7 +123,7 @@ def fail_writes(monkeypatch, fragment, after=0):
             writes.append(self.file.name)
             if len(writes) <= after:
                 return self.file.write(data)
-            self.file.write(data[:len(data) // 2])
+            self.file.write(data[: len(data) // 2])
             self.file.flush()
             raise OSError(errno.ENOSPC, NO_SPACE)
 
@@ -140,27 +152,45 @@ def fail_fsync(monkeypatch, fragment):
         if fragment in os.readlink(f'/proc/self/fd/{descriptor}'):
             raise OSError(errno.ENOSPC, NO_SPACE)
         real_fsync(descriptor)
+
     monkeypatch.setattr(runtime.files.os, 'fsync', disk_full)
 
 
 # 2. --resume into another run's monitor folder ------------------------------------------------
 
+
 def test_resume_into_another_runs_monitor_folder_is_refused(tmp_path, two_images):
     for run in 'AB':
-        train_args = ['--max-epoch', '1', '--monitor-path', str(tmp_path / f'm{run}'),
-                      '--model-save-path', str(tmp_path / f'o{run}')]
+        train_args = [
+            '--max-epoch',
+            '1',
+            '--monitor-path',
+            str(tmp_path / f'm{run}'),
+            '--model-save-path',
+            str(tmp_path / f'o{run}'),
+        ]
         run_in(tmp_path, two_images, *train_args)
     before = snapshot(tmp_path / 'mA')
-    assert exit_message(tmp_path, two_images, '--max-epoch', '2', '--resume',
-                        '--monitor-path', str(tmp_path / 'mA'),
-                        '--model-save-path', str(tmp_path / 'oB')) == (
+    assert exit_message(
+        tmp_path,
+        two_images,
+        '--max-epoch',
+        '2',
+        '--resume',
+        '--monitor-path',
+        str(tmp_path / 'mA'),
+        '--model-save-path',
+        str(tmp_path / 'oB'),
+    ) == (
         f'train.py: --resume: {tmp_path}/oB/checkpoint_000000002 and --monitor-path '
-        f'{tmp_path}/mA belong to different runs; give the monitor path of the run it continues')
+        f'{tmp_path}/mA belong to different runs; give the monitor path of the run it continues'
+    )
     assert snapshot(tmp_path / 'mA') == before
     assert left_behind(tmp_path / 'mA', tmp_path / 'oB') == []
 
 
 # 3. A full disk while a checkpoint is written --------------------------------------------------
+
 
 def test_a_full_disk_while_a_checkpoint_is_written(tmp_path, two_images, small_disk):
     """One checkpoint of TINY takes 2.2 MB: the second does not fit beside the first."""
@@ -169,7 +199,8 @@ def test_a_full_disk_while_a_checkpoint_is_written(tmp_path, two_images, small_d
     result = train_cli(two_images, monitor, models, '--max-epoch', '2')
     assert one_line(result) == (
         f'train.py: could not write the checkpoint of iteration 4 in {models} ({NO_SPACE}); '
-        'the earlier ones are intact')
+        'the earlier ones are intact'
+    )
     assert os.listdir(models) == ['checkpoint_000000002']
     assert left_behind(monitor, models) == []
     fill(disk)
@@ -180,13 +211,13 @@ def test_a_full_disk_while_a_checkpoint_is_written(tmp_path, two_images, small_d
     result = train_cli(two_images, monitor, models, '--max-epoch', '2', '--resume')
     assert one_line(result) == (
         f'train.py: could not write the checkpoint of iteration 4 in {models} ({NO_SPACE}); '
-        'the earlier ones are intact')
+        'the earlier ones are intact'
+    )
     assert os.listdir(models) == ['checkpoint_000000002']
 
 
 @pytest.mark.parametrize('failing', ['write', 'fsync'])
-def test_a_checkpoint_write_that_fails_leaves_the_earlier_ones(tmp_path, two_images, monkeypatch,
-                                                               failing):
+def test_a_checkpoint_write_that_fails_leaves_the_earlier_ones(tmp_path, two_images, monkeypatch, failing):
     run_in(tmp_path, two_images, '--max-epoch', '1')
     models = tmp_path / 'models'
     checkpoint_files = str(models / '.checkpoint_')  # not the lock: the writes, after it
@@ -196,7 +227,8 @@ def test_a_checkpoint_write_that_fails_leaves_the_earlier_ones(tmp_path, two_ima
         fail_fsync(monkeypatch, checkpoint_files)
     assert exit_message(tmp_path, two_images, '--max-epoch', '2', '--resume') == (
         f'train.py: could not write the checkpoint of iteration 4 in {models} ({NO_SPACE}); '
-        'the earlier ones are intact')
+        'the earlier ones are intact'
+    )
     assert os.listdir(models) == ['checkpoint_000000002']
     assert left_behind(tmp_path / 'monitor', models) == []
     monkeypatch.undo()
@@ -205,6 +237,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_earlier_ones(tmp_path, two_ima
 
 
 # 4. A full disk while the lock is written, and while a loss series is appended -----------------
+
 
 def test_a_full_disk_while_the_lock_is_written(tmp_path, two_images, small_disk):
     disk = small_disk('disk', '64k')
@@ -219,13 +252,17 @@ def test_a_full_disk_while_the_lock_is_written(tmp_path, two_images, small_disk)
 def test_a_lock_that_cannot_be_written_is_removed(tmp_path, two_images, monkeypatch):
     fail_fsync(monkeypatch, str(tmp_path / 'monitor' / 'train.lock'))
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
-        f'train.py: could not write {tmp_path}/monitor/train.lock ({NO_SPACE})')
+        f'train.py: could not write {tmp_path}/monitor/train.lock ({NO_SPACE})'
+    )
     assert left_behind(tmp_path / 'monitor', tmp_path / 'models') == []
 
 
 def series_lines(monitor):
-    return {path.name: [int(line.split()[0]) for line in path.read_text().splitlines()]
-            for path in monitor.glob('*.txt') if path.name != 'Arguments.txt'}
+    return {
+        path.name: [int(line.split()[0]) for line in path.read_text().splitlines()]
+        for path in monitor.glob('*.txt')
+        if path.name != 'Arguments.txt'
+    }
 
 
 def test_a_full_disk_while_a_loss_series_is_appended(tmp_path, two_images, small_disk):
@@ -238,25 +275,26 @@ def test_a_full_disk_while_a_loss_series_is_appended(tmp_path, two_images, small
     assert re.fullmatch(
         rf'train\.py: could not write {monitor}/\w+\.(series|timer)\.txt \({NO_SPACE}\); '
         rf'stopped at iteration 3; {models}/checkpoint_000000002 is intact: continue from it '
-        r'with --resume', line), line
+        r'with --resume',
+        line,
+    ), line
     assert os.listdir(models) == ['checkpoint_000000002']  # none after the failed line
     assert left_behind(monitor, models) == []
     subprocess.run(['mount', '-o', 'remount,size=1m', str(disk)], check=True)
     result = train_cli(two_images, monitor, models, '--max-epoch', '4', '--resume')
     assert result.returncode == 0, result.stderr
     lines = series_lines(monitor)
-    assert sorted(lines) == sorted([f'{name}.series.txt' for name in SERIES]
-                                   + ['elapsed_time.timer.txt'])
+    assert sorted(lines) == sorted([f'{name}.series.txt' for name in SERIES] + ['elapsed_time.timer.txt'])
     assert all(iterations == [3, 7] for iterations in lines.values()), lines
 
 
-def test_a_failed_append_leaves_no_half_line_and_no_checkpoint(tmp_path, two_images,
-                                                              monkeypatch):
+def test_a_failed_append_leaves_no_half_line_and_no_checkpoint(tmp_path, two_images, monkeypatch):
     writes = fail_writes(monkeypatch, 'generator_loss_y.series.txt', after=1)
     assert exit_message(tmp_path, two_images, '--max-epoch', '4') == (
         f'train.py: could not write {tmp_path}/monitor/generator_loss_y.series.txt ({NO_SPACE}); '
         f'stopped at iteration 7; {tmp_path}/models/checkpoint_000000006 is intact: continue '
-        'from it with --resume')
+        'from it with --resume'
+    )
     assert len(writes) == 2
     series = tmp_path / 'monitor' / 'generator_loss_y.series.txt'
     assert series.read_text().endswith('\n') and series.read_text().count('\n') == 1
@@ -269,6 +307,7 @@ def test_a_failed_append_leaves_no_half_line_and_no_checkpoint(tmp_path, two_ima
 
 # 11. Locks of killed runs, of other machines and of reused pids --------------------------------
 
+
 def write_lock(folder, **changes):
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / 'train.lock'
@@ -279,31 +318,42 @@ def write_lock(folder, **changes):
 def test_the_lock_names_host_pid_boot_and_start_time(tmp_path):
     with FolderLock(str(tmp_path)):
         held = json.loads((tmp_path / 'train.lock').read_text())
-    assert held == {'pid': os.getpid(), 'host': socket.gethostname(), 'boot_id': boot_id(),
-                    'start_time': start_time(os.getpid())}
+    assert held == {
+        'pid': os.getpid(),
+        'host': socket.gethostname(),
+        'boot_id': boot_id(),
+        'start_time': start_time(os.getpid()),
+    }
     assert held['boot_id'] and held['start_time']
     assert not (tmp_path / 'train.lock').exists()
 
 
-@pytest.mark.parametrize('changes, reason', [
-    ({'boot_id': '00000000-0000-0000-0000-000000000000'}, 'the machine has restarted since'),
-    ({'pid': os.getppid(), 'start_time': 1}, f'pid {os.getppid()} is now another process'),
-])
-def test_a_lock_of_an_earlier_boot_or_a_reused_pid_is_taken_over(tmp_path, caplog, changes,
-                                                                 reason):
+@pytest.mark.parametrize(
+    'changes, reason',
+    [
+        ({'boot_id': '00000000-0000-0000-0000-000000000000'}, 'the machine has restarted since'),
+        ({'pid': os.getppid(), 'start_time': 1}, f'pid {os.getppid()} is now another process'),
+    ],
+)
+def test_a_lock_of_an_earlier_boot_or_a_reused_pid_is_taken_over(tmp_path, caplog, changes, reason):
     lock = write_lock(tmp_path, **changes)
     with FolderLock(str(tmp_path)):
         assert json.loads(lock.read_text()) == this_process()
     pid = changes.get('pid', os.getpid())
-    assert f'{tmp_path}: taking over the lock of pid {pid}, which no longer runs ({reason})' \
-        in caplog.messages
+    assert (
+        f'{tmp_path}: taking over the lock of pid {pid}, which no longer runs ({reason})' in caplog.messages
+    )
 
 
 def test_a_lock_of_a_running_process_is_kept(tmp_path):
     lock = write_lock(tmp_path, pid=os.getppid(), start_time=start_time(os.getppid()))
-    with pytest.raises(FolderInUse, match=re.escape(
+    with pytest.raises(
+        FolderInUse,
+        match=re.escape(
             f'{tmp_path} is in use by another train.py run (pid {os.getppid()}); wait for it to '
-            'end or choose other folders')):
+            'end or choose other folders'
+        ),
+    ):
         FolderLock(str(tmp_path)).__enter__()
     assert json.loads(lock.read_text())['pid'] == os.getppid()
 
@@ -312,13 +362,15 @@ def test_a_lock_of_another_host_says_how_to_clear_it(tmp_path, two_images):
     lock = write_lock(tmp_path / 'models', host='gpu-7', pid=1)
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path}/models is locked by a train.py run on gpu-7 (pid 1); if no run '
-        f'on gpu-7 uses the folder, delete {lock}')
+        f'on gpu-7 uses the folder, delete {lock}'
+    )
     assert json.loads(lock.read_text())['host'] == 'gpu-7'
     lock.unlink()
     run_in(tmp_path, two_images, '--max-epoch', '1')
 
 
 # 5. translate.py --out and evaluate.py --out on a full disk -----------------------------------
+
 
 @pytest.fixture
 def restore_context():
@@ -328,8 +380,7 @@ def restore_context():
     nn.set_default_context(context)
 
 
-def test_translate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
-                                                           restore_context):
+def test_translate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk, restore_context):
     """Three noise photos of 96x72 (20 kB each as PNG, and as much again at full size)."""
     out = small_disk('disk', '64k') / 'out'
     params = save_generators(tmp_path / 'model')
@@ -339,45 +390,58 @@ def test_translate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
     with pytest.raises(SystemExit) as error:
         translate.main(['--params', str(params), '--dataroot', str(root), '--out', str(out)])
     message = str(error.value)
-    assert re.fullmatch(rf'translate\.py: could not write {out}/[abc](_\w+)?\.png \({NO_SPACE}\); '
-                        r'stopped after [012] of 3 inputs', message), message
+    assert re.fullmatch(
+        rf'translate\.py: could not write {out}/[abc](_\w+)?\.png \({NO_SPACE}\); '
+        r'stopped after [012] of 3 inputs',
+        message,
+    ), message
     written = sorted(os.listdir(out))
     assert written and not [name for name in written if '.partial' in name]
     assert all(Image.open(out / name).load() is not None for name in written)
 
 
-def test_evaluate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk,
-                                                          restore_context):
+def test_evaluate_on_a_full_disk_names_the_file_and_stops(tmp_path, small_disk, restore_context):
     out = small_disk('disk', '16k') / 'out'
     model = save_generators(tmp_path / 'model').parent
     left_and_right(tmp_path / 'data', 'train', 6)
     left_and_right(tmp_path / 'data', 'test', 3)
     with pytest.raises(SystemExit) as error:
-        evaluate.main(['--model-save-path', str(model), '--dataroot', str(tmp_path / 'data'),
-                       '--out', str(out)])
+        evaluate.main(
+            ['--model-save-path', str(model), '--dataroot', str(tmp_path / 'data'), '--out', str(out)]
+        )
     message = str(error.value)
-    assert re.fullmatch(rf'evaluate\.py: could not write {out}/(AtoB|BtoA)_\d+\.png '
-                        rf'\({NO_SPACE}\)', message), message
+    assert re.fullmatch(
+        rf'evaluate\.py: could not write {out}/(AtoB|BtoA)_\d+\.png '
+        rf'\({NO_SPACE}\)',
+        message,
+    ), message
     written = os.listdir(out)
     assert written and not [name for name in written if '.partial' in name]
 
 
 # 7. Output folders inside a dataset -----------------------------------------------------------
 
-@pytest.mark.parametrize('flag, inside, what', [
-    ('--monitor-path', 'trainB_seg', "is a dataset's mask folder"),
-    ('--model-save-path', 'testA_seg/x', "lies in {data}/testA_seg, which is a dataset's mask "
-                                         'folder'),
-    ('--monitor-path', 'trainA/run', "lies in {data}/trainA, which is a dataset's image folder "
-                                     '(beside {data}/trainA_seg)'),
-])
+
+@pytest.mark.parametrize(
+    'flag, inside, what',
+    [
+        ('--monitor-path', 'trainB_seg', "is a dataset's mask folder"),
+        ('--model-save-path', 'testA_seg/x', "lies in {data}/testA_seg, which is a dataset's mask folder"),
+        (
+            '--monitor-path',
+            'trainA/run',
+            "lies in {data}/trainA, which is a dataset's image folder (beside {data}/trainA_seg)",
+        ),
+    ],
+)
 def test_train_refuses_output_folders_in_a_dataset(tmp_path, two_images, flag, inside, what):
     data = tmp_path / 'data'
     shutil.copytree(two_images, data)
     (data / 'testA_seg').mkdir()
     before = snapshot_tree(data)
     assert exit_message(tmp_path, data, flag, str(data / inside)) == (
-        f'train.py: {flag} {data / inside} {what.format(data=data)}; choose another folder')
+        f'train.py: {flag} {data / inside} {what.format(data=data)}; choose another folder'
+    )
     assert snapshot_tree(data) == before
     assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
 
@@ -394,12 +458,17 @@ def test_translate_and_evaluate_refuse_an_out_in_a_dataset(tmp_path, restore_con
     left_and_right(data, 'test', 3)
     before = snapshot_tree(data)
     out = data / inside
-    folder, what = (data / inside.split('/')[0]), "a dataset's mask folder" if '_seg' in inside \
-        else f"a dataset's image folder (beside {data / inside}_seg)"
+    folder, what = (
+        (data / inside.split('/')[0]),
+        "a dataset's mask folder"
+        if '_seg' in inside
+        else f"a dataset's image folder (beside {data / inside}_seg)",
+    )
     where = '' if folder == out else f' lies in {folder}, which'
-    for program, argv in [(translate, ['--params', str(model), '--dataroot', str(data)]),
-                          (evaluate, ['--model-save-path', str(model.parent),
-                                      '--dataroot', str(data)])]:
+    for program, argv in [
+        (translate, ['--params', str(model), '--dataroot', str(data)]),
+        (evaluate, ['--model-save-path', str(model.parent), '--dataroot', str(data)]),
+    ]:
         with pytest.raises(SystemExit) as error:
             program.main(argv + ['--out', str(out)])
         name = program.__name__

@@ -1,6 +1,7 @@
 """What train.py does with its folders and data before and around training: another run's
 files, a second run at once, pictures that cannot be written, data that cannot train, and
 signals at any moment."""
+
 import json
 import os
 import shutil
@@ -10,12 +11,10 @@ import subprocess
 import sys
 import time
 
-import matplotlib.figure
 import numpy as np
 import pytest
 from PIL import Image
-from test_checkpoints import run_in, two_epochs  # noqa: F401 (fixture)
-from test_errors import dataset  # noqa: F401 (fixture)
+from test_checkpoints import run_in
 from test_train import TINY
 
 from conftest import ROOT
@@ -31,12 +30,14 @@ def test_a_fresh_run_refuses_folders_of_another_run(tmp_path, two_epochs, two_im
     shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path / "models"} holds another run (checkpoint_000000002, '
-        'checkpoint_000000004): continue it with --resume, or delete its files with --overwrite')
+        'checkpoint_000000004): continue it with --resume, or delete its files with --overwrite'
+    )
     shutil.rmtree(tmp_path / 'models')
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path / "monitor"} holds another run (Arguments.txt, '
         'context_preserving_loss_x.series.txt, ...): continue it with --resume, or '
-        'delete its files with --overwrite')
+        'delete its files with --overwrite'
+    )
     assert sorted(os.listdir(tmp_path / 'monitor')) == sorted(os.listdir(two_epochs / 'monitor'))
 
 
@@ -62,7 +63,8 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, two_images,
     write_lock(tmp_path / 'monitor', os.getppid())
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path / "monitor"} is in use by another run (pid '
-        f'{os.getppid()}); wait for it to end or choose other folders')
+        f'{os.getppid()}); wait for it to end or choose other folders'
+    )
     assert not (tmp_path / 'models' / 'train.lock').exists()  # taken first, released
     finished = subprocess.Popen(['true'])
     finished.wait()
@@ -70,8 +72,10 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, two_images,
     (tmp_path / 'models').rmdir()
     write_lock(tmp_path / 'models', finished.pid)
     run_in(tmp_path, two_images, '--max-epoch', '1')
-    assert f'{tmp_path / "models"}: taking over the lock of pid {finished.pid}, which no ' \
-           'longer runs (no process has that pid now)' in caplog.messages
+    assert (
+        f'{tmp_path / "models"}: taking over the lock of pid {finished.pid}, which no '
+        'longer runs (no process has that pid now)' in caplog.messages
+    )
     assert not (tmp_path / 'monitor' / 'train.lock').exists()
     assert not (tmp_path / 'models' / 'train.lock').exists()
 
@@ -83,12 +87,14 @@ def test_an_unreadable_old_lock_refuses(tmp_path, two_images):
     os.utime(lock, (time.time() - 60,) * 2)
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
         f'train.py: {tmp_path / "models"} is locked by {lock}, which names no process; delete '
-        'it if no run uses the folder')
+        'it if no run uses the folder'
+    )
 
 
 @pytest.mark.parametrize('picture', ['translation_x2y_epoch_0001', 'losses'])
-def test_pictures_that_cannot_be_written_cost_nothing_else(tmp_path, two_images, caplog,
-                                                           monkeypatch, picture):
+def test_pictures_that_cannot_be_written_cost_nothing_else(
+    tmp_path, two_images, caplog, monkeypatch, picture
+):
     real_fsync = os.fsync
 
     def disk_full(descriptor):  # full when this picture is written, not before
@@ -99,8 +105,10 @@ def test_pictures_that_cannot_be_written_cost_nothing_else(tmp_path, two_images,
     monkeypatch.setattr(os, 'fsync', disk_full)
     run_in(tmp_path, two_images, '--max-epoch', '1')
     path = tmp_path / 'monitor' / f'{picture}.png'
-    assert f'epoch 1: pictures not written (WriteFailed: could not write {path} (No space left ' \
-           'on device))' in caplog.messages
+    assert (
+        f'epoch 1: pictures not written (WriteFailed: could not write {path} (No space left '
+        'on device))' in caplog.messages
+    )
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000002']
     assert not [name for name in os.listdir(tmp_path / 'monitor') if '.partial' in name]
     assert not (tmp_path / 'monitor' / 'losses.png').exists()
@@ -113,13 +121,12 @@ def test_a_domain_whose_masks_are_all_empty_is_refused(tmp_path, two_images):
     for mask in (data / 'trainB_seg').iterdir():
         Image.new('L', Image.open(mask).size).save(mask)
     assert exit_message(tmp_path, data, '--max-epoch', '1') == (
-        f'train.py: {data}/trainB_seg: every mask is empty, so {data}/trainB has no instance '
-        'to translate')
+        f'train.py: {data}/trainB_seg: every mask is empty, so {data}/trainB has no instance to translate'
+    )
     assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
 
 
-def test_a_corrupt_image_deep_in_the_epoch_stops_the_run_before_anything_is_written(
-        tmp_path, dataset):
+def test_a_corrupt_image_deep_in_the_epoch_stops_the_run_before_anything_is_written(tmp_path, dataset):
     images = sorted((dataset / 'trainB').iterdir())
     last = images[np.random.RandomState(1).permutation(len(images))[-1]]  # y reads with seed 1
     last.write_bytes(last.read_bytes()[:300])
@@ -135,10 +142,21 @@ def as_from_a_terminal():
 
 def start(tmp_path, dataroot, *flags, preexec_fn=as_from_a_terminal):
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
-            '--dataroot', str(dataroot), '--monitor-path', str(tmp_path / 'monitor'),
-            '--model-save-path', str(tmp_path / 'models')] + list(flags),
-        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+        [sys.executable, os.path.join(ROOT, 'train.py')]
+        + TINY
+        + [
+            '--dataroot',
+            str(dataroot),
+            '--monitor-path',
+            str(tmp_path / 'monitor'),
+            '--model-save-path',
+            str(tmp_path / 'models'),
+        ]
+        + list(flags),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
 
 
 def wait_for(path, process, timeout=120):
@@ -177,8 +195,13 @@ def test_a_signal_while_starting_ends_with_one_line(tmp_path, two_images):
 
 
 def test_a_background_jobs_ignored_sigint_stays_ignored(tmp_path, two_images):
-    process = start(tmp_path, two_images, '--max-epoch', '50',
-                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = start(
+        tmp_path,
+        two_images,
+        '--max-epoch',
+        '50',
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     wait_for(tmp_path / 'models' / 'train.lock', process)
     assert signal.SIGINT in signals(process, 'SigIgn')
     assert signal.SIGTERM in signals(process, 'SigCgt')
@@ -191,7 +214,8 @@ def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two
     wait_for(tmp_path / 'models' / 'checkpoint_000000002', process)
     assert exit_message(tmp_path, two_images, '--max-epoch', '200', '--resume') == (
         f'train.py: {tmp_path / "models"} is in use by another run (pid '
-        f'{process.pid}); wait for it to end or choose other folders')
+        f'{process.pid}); wait for it to end or choose other folders'
+    )
     assert (tmp_path / 'models' / 'train.lock').exists()  # the refused run left it alone
     process.send_signal(signal.SIGINT)
     # Two signals before Python's handler runs count as one: wait for the first to be taken.
@@ -199,6 +223,6 @@ def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two
         assert process.poll() is None
     process.send_signal(signal.SIGINT)
     assert last_line(process, signal.SIGINT) == (
-        'train.py: stopped by SIGINT; the checkpoints written so far are kept (continue with '
-        '--resume)')
+        'train.py: stopped by SIGINT; the checkpoints written so far are kept (continue with --resume)'
+    )
     assert not (tmp_path / 'models' / 'train.lock').exists()

@@ -1,4 +1,5 @@
 """Sequential mini-batch translation (paper section 2.3) and translate.py end to end."""
+
 import math
 import os
 import shutil
@@ -16,8 +17,8 @@ from test_translate_predicted import save_predictor
 import models
 import train
 from args import get_args
-from runtime.checkpoints import checkpoint_paths
 from conftest import ROOT
+from runtime.checkpoints import checkpoint_paths
 
 MULTI_SAMPLE = os.path.join(ROOT, 'datasets', 'ccp_multi_sample')
 
@@ -78,15 +79,33 @@ def trained(tmp_path_factory):
     """A checkpoint of one tiny epoch on the multi-instance sample, 2 slots per pass."""
     path = tmp_path_factory.mktemp('run')
     nn.clear_parameters()
-    train.main(TINY + ['--dataroot', MULTI_SAMPLE, '--ins-max', '4', '--ins-per', '2',
-                       '--max-epoch', '1', '--monitor-path', str(path / 'monitor'),
-                       '--model-save-path', str(path / 'models')])
+    train.main(
+        TINY
+        + [
+            '--dataroot',
+            MULTI_SAMPLE,
+            '--ins-max',
+            '4',
+            '--ins-per',
+            '2',
+            '--max-epoch',
+            '1',
+            '--monitor-path',
+            str(path / 'monitor'),
+            '--model-save-path',
+            str(path / 'models'),
+        ]
+    )
     return path
 
 
 def translate(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'translate.py')] + list(args),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'translate.py')] + list(args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return result.returncode, result.stderr
 
 
@@ -97,16 +116,26 @@ def test_training_on_many_instances_writes_tiles(trained):
 
 def test_translate_a_dataset_folder_deterministically(trained, tmp_path):
     for out in ['first', 'second']:
-        code, stderr = translate('--model-save-path', str(trained / 'models'), '--dataroot',
-                                 MULTI_SAMPLE, '--phase', 'train', '--direction', 'BtoA',
-                                 '--out', str(tmp_path / out))
+        code, stderr = translate(
+            '--model-save-path',
+            str(trained / 'models'),
+            '--dataroot',
+            MULTI_SAMPLE,
+            '--phase',
+            'train',
+            '--direction',
+            'BtoA',
+            '--out',
+            str(tmp_path / out),
+        )
         assert code == 0, stderr
     names = sorted(os.listdir(tmp_path / 'first'))
     images = sorted(os.listdir(os.path.join(MULTI_SAMPLE, 'trainB')))
     for image in images:
         stem = os.path.splitext(image)[0]
-        instances = len([n for n in os.listdir(os.path.join(MULTI_SAMPLE, 'trainB_seg'))
-                         if n.startswith(stem + '_')])
+        instances = len(
+            [n for n in os.listdir(os.path.join(MULTI_SAMPLE, 'trainB_seg')) if n.startswith(stem + '_')]
+        )
         assert {stem + '.png', stem + '_tile.png'} <= set(names)
         assert {f'{stem}_{i}.png' for i in range(instances)} <= set(names)
         source = Image.open(os.path.join(MULTI_SAMPLE, 'trainB', image))
@@ -131,48 +160,90 @@ def test_translate_reports_each_bad_input_and_runs_the_rest(trained, tmp_path):
     wrong_mask = inputs / 'valA_seg' / (os.path.splitext(wrong_size)[0] + '_0.png')
     Image.new('L', (10, 10)).save(wrong_mask)
     predictor = save_predictor(tmp_path / 'predictor', 'nothing')
-    code, stderr = translate('--model-save-path', str(trained / 'models'), '--dataroot',
-                             str(inputs), '--phase', 'val', '--out', str(tmp_path / 'out'),
-                             '--source-category', 'jeans', '--mask-predictor', str(predictor))
+    code, stderr = translate(
+        '--model-save-path',
+        str(trained / 'models'),
+        '--dataroot',
+        str(inputs),
+        '--phase',
+        'val',
+        '--out',
+        str(tmp_path / 'out'),
+        '--source-category',
+        'jeans',
+        '--mask-predictor',
+        str(predictor),
+    )
     assert code == 1
-    lines = [l for l in stderr.splitlines() if l.startswith('translate.py:')]
+    lines = [line for line in stderr.splitlines() if line.startswith('translate.py:')]
     assert lines[-1] == f'translate.py: 3 of {len(names)} inputs failed'
-    assert 'translate.py: {}: the mask predictor ({}) finds no jeans in it; not translated'.format(
-        inputs / 'valA' / no_masks, predictor) in lines
-    assert any(l.startswith('translate.py: {}: unreadable image'.format(
-        inputs / 'valA' / corrupt)) for l in lines)
+    assert (
+        'translate.py: {}: the mask predictor ({}) finds no jeans in it; not translated'.format(
+            inputs / 'valA' / no_masks, predictor
+        )
+        in lines
+    )
+    assert any(
+        line.startswith(f'translate.py: {inputs / "valA" / corrupt}: unreadable image') for line in lines
+    )
     assert f'translate.py: {wrong_mask}: mask is 10x10 (WxH) but its image is 220x330' in lines
-    assert len([n for n in os.listdir(tmp_path / 'out') if n.endswith('_tile.png')]) == \
-        len(names) - 3
+    assert len([n for n in os.listdir(tmp_path / 'out') if n.endswith('_tile.png')]) == len(names) - 3
 
 
 def test_translate_one_image_and_refuse_other_network_sizes(trained, tmp_path):
-    image = os.path.join(MULTI_SAMPLE, 'trainA', sorted(os.listdir(
-        os.path.join(MULTI_SAMPLE, 'trainA')))[0])
+    image = os.path.join(MULTI_SAMPLE, 'trainA', sorted(os.listdir(os.path.join(MULTI_SAMPLE, 'trainA')))[0])
     stem = os.path.splitext(os.path.basename(image))[0]
-    masks = sorted(str(p) for p in
-                   (os.path.join(MULTI_SAMPLE, 'trainA_seg', n) for n in
-                    os.listdir(os.path.join(MULTI_SAMPLE, 'trainA_seg'))) if
-                   os.path.basename(p).startswith(stem + '_'))
-    code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
-                             '--masks', *masks, '--ins-per', '1', '--out', str(tmp_path / 'one'))
+    masks = sorted(
+        str(p)
+        for p in (
+            os.path.join(MULTI_SAMPLE, 'trainA_seg', n)
+            for n in os.listdir(os.path.join(MULTI_SAMPLE, 'trainA_seg'))
+        )
+        if os.path.basename(p).startswith(stem + '_')
+    )
+    code, stderr = translate(
+        '--model-save-path',
+        str(trained / 'models'),
+        '--image',
+        image,
+        '--masks',
+        *masks,
+        '--ins-per',
+        '1',
+        '--out',
+        str(tmp_path / 'one'),
+    )
     assert code == 0, stderr
     assert (tmp_path / 'one' / (stem + '_tile.png')).exists()
     checkpoint = checkpoint_paths(str(trained / 'models'))[-1]
-    code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
-                             '--out', str(tmp_path / 'none'))
+    code, stderr = translate(
+        '--model-save-path', str(trained / 'models'), '--image', image, '--out', str(tmp_path / 'none')
+    )
     assert code == 1
     assert stderr.strip().splitlines()[-1] == (
         f'translate.py: {image} has no masks: to predict them, give --source-category, the '
         'category of domain A (no categories.json beside {} names it)'.format(
-            os.path.join(checkpoint, 'parameters.h5')))
+            os.path.join(checkpoint, 'parameters.h5')
+        )
+    )
     for flags, made in [(['--ngf', '8'], '--ngf 4'), (['--n-blocks', '2'], '--n-blocks 1')]:
-        code, stderr = translate('--model-save-path', str(trained / 'models'), '--image', image,
-                                 '--masks', *masks, '--out', str(tmp_path / 'x'), *flags)
+        code, stderr = translate(
+            '--model-save-path',
+            str(trained / 'models'),
+            '--image',
+            image,
+            '--masks',
+            *masks,
+            '--out',
+            str(tmp_path / 'x'),
+            *flags,
+        )
         assert code == 1
         assert stderr.strip().splitlines()[-1] == (
             'translate.py: {} was made with {}, not {}'.format(
-                os.path.join(checkpoint, 'parameters.h5'), made, ' '.join(flags)))
+                os.path.join(checkpoint, 'parameters.h5'), made, ' '.join(flags)
+            )
+        )
 
 
 def test_pretrained_generators_translate_the_bundled_sample(tmp_path):
@@ -180,9 +251,18 @@ def test_pretrained_generators_translate_the_bundled_sample(tmp_path):
     params = os.path.join(ROOT, 'pretrained', 'jeans2skirt_64x44', 'parameters.h5')
     for direction, held_out in [('AtoB', '0056'), ('BtoA', '0018')]:
         out = tmp_path / direction
-        code, stderr = translate('--params', params, '--direction', direction, '--dataroot',
-                                 os.path.join(ROOT, 'datasets', 'ccp_sample'), '--phase',
-                                 'train', '--out', str(out))
+        code, stderr = translate(
+            '--params',
+            params,
+            '--direction',
+            direction,
+            '--dataroot',
+            os.path.join(ROOT, 'datasets', 'ccp_sample'),
+            '--phase',
+            'train',
+            '--out',
+            str(out),
+        )
         assert code == 0, stderr
         assert len(list(out.glob('*_full.png'))) == 8
         translated = np.asarray(Image.open(out / f'{held_out}.png'))

@@ -1,4 +1,5 @@
 """A 300-iteration run whose memory must stop growing."""
+
 import os
 import subprocess
 import sys
@@ -20,14 +21,28 @@ def resident_mb(pid):
 def test_memory_stays_flat_over_300_iterations(tmp_path):
     models = tmp_path / 'models'
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
-            '--max-epoch', '38', '--save-interval', '38',  # 38 epochs of 8 iterations: 304
-            '--monitor-path', str(tmp_path / 'monitor'), '--model-save-path', str(models)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, os.path.join(ROOT, 'train.py')]
+        + TINY
+        + [
+            '--max-epoch',
+            '38',
+            '--save-interval',
+            '38',  # 38 epochs of 8 iterations: 304
+            '--monitor-path',
+            str(tmp_path / 'monitor'),
+            '--model-save-path',
+            str(models),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     peaks = {}  # epoch -> largest resident size seen while it ran
     while process.poll() is None:
-        finished = len([n for n in os.listdir(tmp_path / 'monitor')
-                        if n.startswith('translation_x2y')]) if (tmp_path / 'monitor').exists() else 0
+        finished = (
+            len([n for n in os.listdir(tmp_path / 'monitor') if n.startswith('translation_x2y')])
+            if (tmp_path / 'monitor').exists()
+            else 0
+        )
         try:
             size = resident_mb(process.pid)
         except OSError:

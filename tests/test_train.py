@@ -1,4 +1,5 @@
 """The training script end to end on the bundled sample at a tiny size, and its pieces."""
+
 import json
 import os
 import re
@@ -19,15 +20,39 @@ import train
 from conftest import ROOT
 
 SAMPLE = os.path.join(ROOT, 'datasets', 'ccp_sample')
-TINY = ['--dataroot', SAMPLE, '--loadSizeH', '40', '--loadSizeW', '28', '--fineSizeH', '32',
-        '--fineSizeW', '24', '--ngf', '4', '--ndf', '4', '--n-blocks', '1', '--log-step', '4',
-        '--save-interval', '1', '--lr-decay-start-epoch', '1']
+TINY = [
+    '--dataroot',
+    SAMPLE,
+    '--loadSizeH',
+    '40',
+    '--loadSizeW',
+    '28',
+    '--fineSizeH',
+    '32',
+    '--fineSizeW',
+    '24',
+    '--ngf',
+    '4',
+    '--ndf',
+    '4',
+    '--n-blocks',
+    '1',
+    '--log-step',
+    '4',
+    '--save-interval',
+    '1',
+    '--lr-decay-start-epoch',
+    '1',
+]
 SERIES = [f'{name}_{d}' for name in train.LOSS_NAMES for d in 'xy']
 
 
 def run(tmp_path, *extra):
-    train.main(TINY + ['--monitor-path', str(tmp_path / 'monitor'),
-                       '--model-save-path', str(tmp_path / 'models')] + list(extra))
+    train.main(
+        TINY
+        + ['--monitor-path', str(tmp_path / 'monitor'), '--model-save-path', str(tmp_path / 'models')]
+        + list(extra)
+    )
 
 
 def read_series(tmp_path, name):
@@ -54,7 +79,7 @@ def test_image_pool_returns_new_fakes_until_full_then_mixes():
     for step in range(1, 30):
         images, _ = pool.query(np.full((1, 3, 1, 1), step), np.full((1, 1, 1, 1), step), [True])
         seen.add(float(images[0, 0, 0, 0]))
-    assert 0.0 in seen and len(seen) > 3   # old fakes come back, new ones pass through
+    assert 0.0 in seen and len(seen) > 3  # old fakes come back, new ones pass through
     # a sample without translated instances neither enters the pool nor takes a fake from it
     for _ in range(10):
         images, _ = pool.query(np.full((1, 3, 1, 1), -5.0), np.full((1, 1, 1, 1), -5.0), [False])
@@ -99,7 +124,7 @@ def test_resume_continues_at_the_next_epoch(tmp_path):
     before = read_series(tmp_path, 'generator_loss_x')
     run(tmp_path, '--max-epoch', '2', '--resume')
     after = read_series(tmp_path, 'generator_loss_x')
-    np.testing.assert_array_equal(after[:len(before)], before)
+    np.testing.assert_array_equal(after[: len(before)], before)
     assert list(after[:, 0]) == [3, 7, 11, 15]
     assert (tmp_path / 'models' / 'checkpoint_000000016').exists()
 
@@ -129,8 +154,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
 def test_keeps_only_the_newest_checkpoints(tmp_path):
     run(tmp_path, '--max-epoch', '3', '--keep-checkpoints', '2')
-    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000016',
-                                                       'checkpoint_000000024']
+    assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000016', 'checkpoint_000000024']
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -147,8 +171,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(data.MaskedImageIterator, 'next', next_with_nan)
     with pytest.raises(SystemExit) as error:
         run(tmp_path, '--max-epoch', '3')
-    assert str(error.value) == ('train.py: generator_loss_x is nan at iteration 10; '
-                                'stopped before updating with it')
+    assert str(error.value) == (
+        'train.py: generator_loss_x is nan at iteration 10; stopped before updating with it'
+    )
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
 
 
@@ -167,7 +192,8 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monk
     monkeypatch.undo()
     assert str(error.value) == (
         'train.py: could not write the checkpoint of iteration 16 in {} (No space left on '
-        'device); the earlier ones are intact'.format(tmp_path / 'models'))
+        'device); the earlier ones are intact'.format(tmp_path / 'models')
+    )
     assert os.listdir(tmp_path / 'models') == ['checkpoint_000000008']
     run(tmp_path, '--max-epoch', '2', '--resume')
     assert 'checkpoint_000000016' in os.listdir(tmp_path / 'models')
@@ -175,12 +201,25 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monk
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
-    command = [sys.executable, os.path.join(ROOT, 'train.py')] + TINY + [
-        '--max-epoch', '100', '--monitor-path', str(tmp_path / 'monitor'),
-        '--model-save-path', str(tmp_path / 'models')]
+    command = (
+        [sys.executable, os.path.join(ROOT, 'train.py')]
+        + TINY
+        + [
+            '--max-epoch',
+            '100',
+            '--monitor-path',
+            str(tmp_path / 'monitor'),
+            '--model-save-path',
+            str(tmp_path / 'models'),
+        ]
+    )
     # A shell's background job ignores SIGINT, and train.py keeps it so: undo that here.
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not (tmp_path / 'models' / 'checkpoint_000000008').exists():
         assert time.time() < deadline and process.poll() is None
@@ -189,8 +228,11 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, signum):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum
     last_line = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(rf'train\.py: {signal.Signals(signum).name} at iteration (\d+): saved '
-                         r'(\S+); continue with --resume', last_line)
+    match = re.fullmatch(
+        rf'train\.py: {signal.Signals(signum).name} at iteration (\d+): saved '
+        r'(\S+); continue with --resume',
+        last_line,
+    )
     assert match, last_line
     iteration = int(match.group(1))
     assert iteration > 8
