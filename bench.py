@@ -39,9 +39,9 @@ from data import (
     resize_with_masks,
 )
 from runtime import RunError
-from runtime.device import set_context
+from runtime.device import check_memory, set_context
 from runtime.signals import StopRequest
-from translator import NetworkConfig, Translator
+from translator import NetworkConfig, Translator, check_translation_memory
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 CONFIGS = {
@@ -106,6 +106,8 @@ def bench_data(args, flags, warmup, iterations):
                       (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
                       args.set_order, args.seed)
     with loaders:
+        check_memory(loaders.memory(), f'--batch-size {args.batch_size} of load size '
+                                       f'{args.loadSizeH}x{args.loadSizeW}')
         for _ in range(warmup):
             loaders.next_batches()
         start = time.perf_counter()
@@ -118,6 +120,8 @@ def bench_data(args, flags, warmup, iterations):
 
 def bench_translate(args, flags, warmup, iterations):
     """Photos per second through a Translator of random weights, on trainA of --dataroot."""
+    config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH, args.fineSizeW)
+    check_translation_memory(config)  # before the random generator is made
     _, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     nn.seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
@@ -127,8 +131,6 @@ def bench_translate(args, flags, warmup, iterations):
                              args.ngf, args.n_blocks)
         nn.save_parameters(params)
         nn.clear_parameters()
-        config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH,
-                               args.fineSizeW)
         translator = Translator(params, 'AtoB', config)
     accelerate(*translator.outputs())
     inputs = [(path, mask_paths(path)) for path in

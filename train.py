@@ -39,7 +39,7 @@ from losses import (
 )
 from runtime import RunError
 from runtime.checkpoints import checkpoint_paths, resume, save_checkpoint
-from runtime.device import set_context
+from runtime.device import check_memory, set_context
 from runtime.files import WriteFailed
 from runtime.monitors import (
     Monitors,
@@ -389,6 +389,21 @@ def train(args):
                       (args.fineSizeH, args.fineSizeW), args.ins_max, not args.no_flip,
                       args.set_order, args.seed)
     with loaders:
+        # On a GPU the networks are in its memory, which is not checked here.
+        networks = models.training_memory(
+            args.batch_size, (args.fineSizeH, args.fineSizeW), args.ins_per, loaders.ins_max,
+            args.ngf, args.ndf, args.n_blocks, args.n_layers_D,
+            args.pool_size) if args.context == 'cpu' else 0
+        check_memory(networks + loaders.memory(),
+                     f'--batch-size {args.batch_size} of {args.fineSizeH}x{args.fineSizeW} (load '
+                     f'size {args.loadSizeH}x{args.loadSizeW}) with --ngf {args.ngf} --ndf '
+                     f'{args.ndf} --n-blocks {args.n_blocks} and {loaders.ins_max} instance '
+                     f'slot{"s" * (loaders.ins_max > 1)}',
+                     'make some of these smaller')
+        for loader in loaders.domains.values():
+            if args.batch_size > loader.size:  # the iterator starts its next pass in the batch
+                logger.warning(f'--batch-size {args.batch_size} is larger than the {loader.size} '
+                               f'images of {loader.folder}: each of its batches repeats images')
         loaders.verify()
         folders = {'--model-save-path': args.model_save_path, '--monitor-path': args.monitor_path}
         with Run(folders, args.monitor_path, run_files(SERIES), args.resume,

@@ -21,7 +21,10 @@ from test_train import SERIES, TINY
 from test_translate import noise, rectangle, save_generators
 
 import evaluate
+import models
+import runtime.device
 import runtime.files
+import train
 import translate
 from conftest import ROOT
 from runtime.processes import boot_id, start_time, this_process
@@ -405,3 +408,108 @@ def test_translate_and_evaluate_refuse_an_out_in_a_dataset(tmp_path, restore_con
         name = program.__name__
         assert str(error.value) == f'{name}.py: --out {out}{where} is {what}; choose another folder'
     assert snapshot_tree(data) == before
+
+
+# 10. Sizes the machine has no memory for --------------------------------------------------------
+
+def test_the_parameter_counts_are_those_of_the_networks():
+    for ngf, n_blocks, ndf, n_layers in [(4, 2, 4, 3), (8, 1, 12, 2)]:
+        nn.clear_parameters()
+        image, masks = nn.Variable((1, 3, 32, 24)), nn.Variable((1, 2, 32, 24))
+        with nn.parameter_scope('g'):
+            models.generator(image, masks, ngf, n_blocks)
+        with nn.parameter_scope('d'):
+            models.discriminator(image, masks, ndf, n_layers)
+        counts = {scope: sum(p.size for name, p in nn.get_parameters(grad_only=False).items()
+                             if name.startswith(scope)) for scope in 'gd'}
+        assert counts == {'g': models.generator_parameter_count(ngf, n_blocks),
+                          'd': models.discriminator_parameter_count(ndf, n_layers)}
+
+
+def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
+    script = ('import resource, runpy, sys\n'
+              f'sys.argv = {["train.py"] + TINY!r} + sys.argv[1:]\n'
+              f'runpy.run_path({TRAIN!r}, run_name="__main__")\n'
+              'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n')
+    result = subprocess.run([sys.executable, '-c', script, '--dataroot', str(two_images),
+                             '--max-epoch', '1', '--monitor-path', str(tmp_path / 'm'),
+                             '--model-save-path', str(tmp_path / 'o')],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1])
+    args = train.get_args(TINY)
+    estimate = models.training_memory(
+        args.batch_size, (args.fineSizeH, args.fineSizeW), args.ins_per, 1, args.ngf, args.ndf,
+        args.n_blocks, args.n_layers_D, args.pool_size)
+    assert peak < estimate < 2 * peak
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """The machine has 100 MiB available."""
+    monkeypatch.setattr(runtime.device, 'available_memory', lambda: 100 * 2 ** 20)
+
+
+def test_train_refuses_sizes_beyond_the_memory_before_anything_is_written(tmp_path, two_images,
+                                                                          little_memory):
+    message = exit_message(tmp_path, two_images, '--max-epoch', '1')
+    assert re.fullmatch(
+        r'train\.py: --batch-size 1 of 32x24 \(load size 40x28\) with --ngf 4 --ndf 4 '
+        r'--n-blocks 1 and 1 instance slot needs about 0\.\d GiB of memory \(estimated from the '
+        r'sizes\), and this machine has 0\.1 GiB available; make some of these smaller',
+        message), message
+    assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
+
+
+@pytest.mark.parametrize('flags, needed', [(['--ngf', '100000'], 1793745.3),
+                                           (['--loadSizeH', '100000', '--loadSizeW', '100000'],
+                                            670.7)])
+def test_huge_sizes_are_refused_in_one_line(tmp_path, two_images, flags, needed):
+    line = one_line(train_cli(two_images, tmp_path / 'm', tmp_path / 'o', '--max-epoch', '1',
+                              *flags))
+    assert f'needs about {needed} GiB of memory (estimated from the sizes)' in line, line
+    assert not (tmp_path / 'm').exists() and not (tmp_path / 'o').exists()
+
+
+def test_a_batch_larger_than_a_domain_repeats_its_images_and_says_so(tmp_path, two_images,
+                                                                      caplog):
+    run_in(tmp_path, two_images, '--max-epoch', '1', '--batch-size', '3')
+    for letter in 'AB':
+        assert f'--batch-size 3 is larger than the 2 images of {two_images}/train{letter}: each ' \
+               'of its batches repeats images' in caplog.messages
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000001']
+
+
+def test_translate_and_evaluate_refuse_sizes_beyond_the_memory(tmp_path, little_memory,
+                                                                restore_context):
+    model = save_generators(tmp_path / 'model')
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 6)
+    left_and_right(data, 'test', 3)
+    for program, argv, generators in [
+            (translate, ['--params', str(model), '--dataroot', str(data), '--fineSizeH', '800',
+                         '--fineSizeW', '600'], '1 generator'),
+            (evaluate, ['--model-save-path', str(model.parent), '--dataroot', str(data)],
+             '2 generators')]:
+        with pytest.raises(SystemExit) as error:
+            program.main(argv + ['--out', str(tmp_path / 'out')])
+        message = str(error.value)
+        size = '800x600' if program is translate else '32x24'
+        assert re.fullmatch(
+            rf'{program.__name__}\.py: {generators} of --ngf 4 --n-blocks 1 at {size} needs '
+            r'about \d+\.\d GiB of memory \(estimated from the sizes\), and this machine has '
+            r'0\.1 GiB available', message), message
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('what, flags, refused', [
+    ('translate', ['--fineSizeH', '8000', '--fineSizeW', '8000', '--loadSizeH', '8000',
+                   '--loadSizeW', '8000'], '1 generator of --ngf 16 --n-blocks 9 at 8000x8000'),
+    ('data', ['--loadSizeH', '100000', '--loadSizeW', '100000'],
+     '--batch-size 1 of load size 100000x100000'),
+])
+def test_bench_refuses_sizes_beyond_the_memory(what, flags, refused):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--what', what]
+                            + flags, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    line = one_line(result, 'bench.py')
+    assert line.startswith(f'bench.py: {refused} needs about '), line
