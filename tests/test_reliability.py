@@ -27,6 +27,7 @@ import runtime.files
 import train
 import translate
 from conftest import ROOT
+from runtime.device import cuda_installed
 from runtime.processes import boot_id, start_time, this_process
 from runtime.run import FolderInUse, FolderLock
 
@@ -513,3 +514,100 @@ def test_bench_refuses_sizes_beyond_the_memory(what, flags, refused):
                             + flags, capture_output=True, text=True, timeout=300, cwd=ROOT)
     line = one_line(result, 'bench.py')
     assert line.startswith(f'bench.py: {refused} needs about '), line
+
+
+# 13. Unclear messages ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('stray', ['trainA_seg/._NAME_0.png', 'trainA/._NAME.png',
+                                   'trainB/folder.png/', 'trainB_seg/NAME_1.png/'])
+def test_hidden_files_and_folders_named_like_images_are_no_images(tmp_path, two_images, stray):
+    """macOS leaves AppleDouble files (._NAME) beside every file copied to some disks."""
+    data = tmp_path / 'data'
+    shutil.copytree(two_images, data)
+    letter = stray[len('train')]
+    name = sorted((data / f'train{letter}').iterdir())[0].stem
+    path = data / stray.replace('NAME', name).rstrip('/')
+    if stray.endswith('/'):
+        path.mkdir()
+    else:
+        path.write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    run_in(tmp_path, data, '--max-epoch', '1')
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000002']
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, two_images):
+    """A run's models folder after one epoch on two images."""
+    folder = tmp_path_factory.mktemp('trained_run')
+    run_in(folder, two_images, '--max-epoch', '1')
+    return folder / 'models'
+
+
+def model_forms(run):
+    checkpoint = run / 'checkpoint_000000002'
+    return {'a run folder': run, 'a checkpoint folder': checkpoint,
+            'a pretrained folder': os.path.join(ROOT, 'pretrained', 'jeans2skirt_64x44'),
+            'a parameters.h5': checkpoint / 'parameters.h5'}
+
+
+@pytest.mark.parametrize('form', ['a run folder', 'a checkpoint folder', 'a pretrained folder',
+                                  'a parameters.h5'])
+def test_translate_and_evaluate_take_a_model_in_every_form(tmp_path, trained_run, form,
+                                                           restore_context):
+    model = str(model_forms(trained_run)[form])
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 6)
+    left_and_right(data, 'test', 3)
+    flag = '--params' if model.endswith('.h5') else '--model-save-path'
+    translate.main([flag, model, '--dataroot', str(data), '--out', str(tmp_path / 'translated')])
+    assert len(list((tmp_path / 'translated').glob('*_tile.png'))) == 3  # testA: the default
+    evaluate.main(['--model-save-path', model, '--dataroot', str(data), '--json',
+                   '--out', str(tmp_path / 'evaluated')])
+    assert len(list((tmp_path / 'evaluated').glob('*.png'))) == 6
+
+
+def test_translate_reads_the_test_phase_by_default(tmp_path, trained_run, restore_context):
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 2)
+    with pytest.raises(SystemExit) as error:
+        translate.main(['--model-save-path', str(trained_run), '--dataroot', str(data),
+                        '--out', str(tmp_path / 'out')])
+    assert str(error.value) == f'translate.py: {data}/testA: folder not found'
+
+
+@pytest.mark.parametrize('flags, error', [
+    (['--device-id', 'xyz'], "argument --device-id/-d: 'xyz' is not a device number"),
+    (['--out', ''], "argument --out: '' is not a path"),
+])
+def test_evaluate_refuses_bad_flag_values(trained_run, flags, error):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'),
+                             '--model-save-path', str(trained_run), '--dataroot',
+                             os.path.join(ROOT, 'datasets', 'ccp_sample')] + flags,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f'evaluate.py: error: {error}'
+
+
+@pytest.mark.skipif(cuda_installed(), reason='nnabla-ext-cuda is installed here')
+def test_cudnn_without_cuda_is_the_same_line_in_every_program(tmp_path, trained_run):
+    runs = {'train.py': [TRAIN] + TINY + ['-m', str(tmp_path / 'm'), '-o', str(tmp_path / 'o')],
+            'translate.py': [os.path.join(ROOT, 'translate.py'), '--model-save-path',
+                             str(trained_run), '--dataroot', two_domains(tmp_path),
+                             '--out', str(tmp_path / 'out')],
+            'evaluate.py': [os.path.join(ROOT, 'evaluate.py'), '--model-save-path',
+                            str(trained_run), '--dataroot', two_domains(tmp_path),
+                            '--out', str(tmp_path / 'out')]}
+    for program, argv in runs.items():
+        result = subprocess.run([sys.executable] + argv + ['-c', 'cudnn'], capture_output=True,
+                                text=True, timeout=300)
+        assert one_line(result, program) == (
+            f'{program}: --context cudnn needs nnabla-ext-cuda, which is not installed (pip '
+            'install -r requirements-cuda.txt)')
+
+
+def two_domains(tmp_path):
+    data = tmp_path / 'data'
+    if not data.exists():
+        left_and_right(data, 'train', 2)
+        left_and_right(data, 'test', 2)
+    return str(data)
