@@ -36,10 +36,10 @@ import models
 from args import get_args, non_negative_int, positive_int
 from data import Loaders, check_dataroot, list_images, load_with_masks, mask_paths, resize_with_masks
 from runtime import RunError
-from runtime.device import set_context
+from runtime.device import check_memory, set_context
 from runtime.distributed import start_processes
 from runtime.signals import StopRequest
-from translator import NetworkConfig, Translator
+from translator import NetworkConfig, Translator, check_translation_memory
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
@@ -186,6 +186,9 @@ def bench_data(args, flags, warmup, iterations, processes=1):
         args.seed,
     )
     with loaders:
+        check_memory(
+            loaders.memory(), f'--batch-size {args.batch_size} of load size {args.loadSizeH}x{args.loadSizeW}'
+        )
         for _ in range(warmup):
             loaders.next_batches()
         start = time.perf_counter()
@@ -198,6 +201,8 @@ def bench_data(args, flags, warmup, iterations, processes=1):
 
 def bench_translate(args, flags, warmup, iterations, processes=1):
     """Photos per second through a Translator of random weights, on trainA of --dataroot."""
+    config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH, args.fineSizeW)
+    check_translation_memory(config)  # before the random generator is made
     _, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     nn.seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
@@ -208,7 +213,6 @@ def bench_translate(args, flags, warmup, iterations, processes=1):
             )
         nn.save_parameters(params)
         nn.clear_parameters()
-        config = NetworkConfig(args.ngf, args.n_blocks, args.ins_per, args.fineSizeH, args.fineSizeW)
         translator = Translator(params, 'AtoB', config)
     accelerate(*translator.outputs())
     inputs = [(path, mask_paths(path)) for path in list_images(os.path.join(args.dataroot, 'trainA'))]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
+from nnabla.logger import logger
 from PIL import Image
 from tqdm import tqdm
 
@@ -425,6 +426,16 @@ class MaskedImageIterator:
         return np.ascontiguousarray(image), np.ascontiguousarray(padded)
 
 
+def loader_memory(batch_size, load_size, fine_size, ins_max, most_instances):
+    """Bytes two domains' iterators hold at most, from the sizes: each a batch returned and
+    one being decoded, of an image and ins_max masks at fine_size (H, W); and the two workers
+    resizing one image with all its masks (most_instances at most) at load_size, in uint8 and
+    float32 with a copy each."""
+    batches = 2 * 2 * batch_size * (3 + ins_max) * fine_size[0] * fine_size[1] * 4
+    workers = 2 * (3 + most_instances) * load_size[0] * load_size[1] * (1 + 2 * 4)
+    return batches + workers
+
+
 def check_dataroot(dataroot):
     if not os.path.isdir(dataroot):
         raise DataError(f'{dataroot}: dataset folder not found (datasets/generate_ccp_dataset.py makes one)')
@@ -439,7 +450,8 @@ class Loaders:
         self, dataroot, batch_size, load_size, fine_size, ins_max, flip, set_order, seed, share=(0, 1)
     ):
         check_dataroot(dataroot)
-        self.ins_max = min(ins_max, count_max_instances(dataroot, 'train'))
+        self.most_instances = count_max_instances(dataroot, 'train')
+        self.ins_max = min(ins_max, self.most_instances)
         self.domains = {}
         try:
             for i, (domain, letter) in enumerate([('x', 'A'), ('y', 'B')]):
@@ -460,7 +472,20 @@ class Loaders:
         except BaseException:
             self.close()
             raise
+        for loader in self.domains.values():
+            if batch_size * share[1] > loader.size:  # the order's next pass starts in the batch
+                logger.warning(
+                    f'--batch-size {batch_size} is larger than the {loader.size} images of '
+                    f'{loader.folder}: each of its batches repeats images'
+                )
         self.dataroot = dataroot
+
+    def memory(self):
+        """Bytes the loaders need at most (data.loader_memory)."""
+        loader = self.domains['x']
+        return loader_memory(
+            loader.batch_size, loader.load_size, loader.fine_size, self.ins_max, self.most_instances
+        )
 
     def next_batches(self):
         """({domain: images}, {domain: masks}) of the next batch of both domains."""

@@ -29,9 +29,9 @@ def check_sizes(height, width, n_layers_D=None):
     smallest = max(8, 3 * 2**n_layers_D if n_layers_D else 0)
     for name, size in [('height', height), ('width', width)]:
         if size % 4 or size < smallest:
+            layers = f' (--n-layers-D {n_layers_D})' if n_layers_D else ''
             raise ValueError(
-                f'a network {name} of {size} is not a multiple of 4 of at least '
-                f'{smallest}' + (f' (--n-layers-D {n_layers_D})' if n_layers_D else '')
+                f'a network {name} of {size} is not a multiple of 4 of at least {smallest}{layers}'
             )
 
 
@@ -190,7 +190,8 @@ def encode_set(masks, weights, encode):
 
 
 def generator(image, masks, ngf=64, n_blocks=9):
-    """Translate an image and its instance masks; returns (image_out, masks_out) shaped as the inputs.
+    """Translate an image and its instance masks; returns (image_out, masks_out) shaped as the
+    inputs.
 
     Empty slots (all -1) contribute nothing to the set feature and come out unchanged.
     """
@@ -231,7 +232,8 @@ def generator_pass(image, pass_masks, ngf=64, n_blocks=9):
 
 
 def patch_features(x, ndf, n_layers, fix_parameters):
-    """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1), ~H/2^n, ~W/2^n)."""
+    """Spectrally normalised stride-2 4x4 convolutions: (B, C, H, W) -> (B, ndf*2^(n-1),
+    ~H/2^n, ~W/2^n)."""
     h = x
     for n in range(n_layers):
         h = spectral_norm_convolution(h, ndf * min(2**n, 8), 2, fix_parameters, name=f'conv{n}')
@@ -257,3 +259,137 @@ def discriminator(image, masks, ndf=64, n_layers=3, fix_parameters=False):
         h = spectral_norm_convolution(h, 2 * ndf * min(2**n_layers, 8), 1, fix_parameters, name='conv0')
         h = F.leaky_relu(instance_norm(h), 0.2)
         return spectral_norm_convolution(h, 1, 1, fix_parameters, name='conv1')
+
+
+# Memory ---------------------------------------------------------------------------------------
+#
+# What a configuration needs, estimated from its sizes before anything is built: a network of
+# --ngf 100000, or a batch of 100000, would otherwise end in a MemoryError deep in nnabla or in
+# the kernel's OOM killer. Parameters are counted exactly (tests/test_reliability.py checks the
+# counts against the built networks). For activations, every function's output of a forward
+# pass is counted, the 3 maps each instance normalisation adds included, at the input's size;
+# as clear_buffer frees most of them as soon as they are used, only ACTIVATION_SHARE of that
+# count is alive at once. The constants fit the peak resident memory of train.py and
+# translate.py on the CPU (nnabla 1.39), measured at 131 MB to 5.1 GB for 32x24 to 300x200
+# networks of ngf 4 to 64 and batches of 1 and 2 (with full image pools, which those short runs
+# did not reach, the estimates lie 9% to 31% above), and for translations of 64x44 to
+# 1000x1000 (30% to 37% above). Large batches are overestimated: a second 300x200 sample took
+# 0.57 GB, estimated at 1.0 GB.
+
+FLOAT_BYTES = 4
+PROGRAM_BYTES = 160 * 2**20  # Python, nnabla, numpy and the CPU engine, before any network
+# Data, gradient and Adam's two moments, and a checkpoint's copies serialised in memory.
+TRAINING_PARAMETER_COPIES = 12.5
+# The parameter file read whole, and the networks' own copy.
+TRANSLATION_PARAMETER_COPIES = 3
+ACTIVATION_SHARE = 0.3
+
+
+def convolution_parameters(inputs, outputs, kernel):
+    return inputs * outputs * kernel * kernel + outputs
+
+
+def generator_parameter_count(ngf, n_blocks):
+    def encoder(channels):
+        return (
+            convolution_parameters(channels, ngf, 7)
+            + convolution_parameters(ngf, 2 * ngf, 3)
+            + convolution_parameters(2 * ngf, 4 * ngf, 3)
+            + 2 * n_blocks * convolution_parameters(4 * ngf, 4 * ngf, 3)
+        )
+
+    def decoder(channels, outputs):
+        return (
+            convolution_parameters(channels, channels // 2, 3)
+            + convolution_parameters(channels // 2, channels // 4, 3)
+            + convolution_parameters(channels // 4, outputs, 7)
+        )
+
+    return encoder(3) + encoder(1) + decoder(8 * ngf, 3) + decoder(12 * ngf, 1)
+
+
+def discriminator_parameter_count(ndf, n_layers):
+    def features(channels):
+        count = 0
+        for n in range(n_layers):
+            outputs = ndf * min(2**n, 8)
+            count += convolution_parameters(channels, outputs, 4) + outputs  # + spectral norm's u
+            channels = outputs
+        return count, channels
+
+    image, channels = features(3)
+    masks, _ = features(1)
+    middle = 2 * ndf * min(2**n_layers, 8)
+    return (
+        image
+        + masks
+        + convolution_parameters(2 * channels, middle, 4)
+        + middle
+        + convolution_parameters(middle, 1, 4)
+        + 1
+    )
+
+
+def encoder_outputs(channels, ngf, n_blocks):
+    """Floats a forward pass of `encoder` makes per input pixel: its padded input, then per
+    convolution the output, 3 maps of instance normalisation and the activation; per residual
+    block two of those, their padding and the sum, at a sixteenth of the pixels."""
+    return channels + ngf * (5 + 5 * 2 / 4 + 5 * 4 / 16 + n_blocks * 12 * 4 / 16)
+
+
+def decoder_outputs(channels, outputs):
+    """The same for `decoder` of a `channels`-map feature at a sixteenth of the pixels."""
+    return channels * (5 / 2 / 4 + 5 / 4 + 1 / 4) + 2 * outputs
+
+
+def generator_outputs(slots, ngf, n_blocks):
+    """Floats a forward pass of `generator` with `slots` instance slots makes per pixel of a
+    sample: the image's and each mask's encoder, the image decoder, and per slot the context it
+    is decoded with and the mask decoder."""
+    return (
+        encoder_outputs(3, ngf, n_blocks)
+        + slots * encoder_outputs(1, ngf, n_blocks)
+        + decoder_outputs(8 * ngf, 3)
+        + slots * (12 * ngf / 16 + 8 * ngf / 16 + decoder_outputs(12 * ngf, 1))
+    )
+
+
+def discriminator_outputs(slots, ndf, n_layers):
+    """The same for `discriminator` of an image and `slots` masks."""
+    per_input = sum(5 * ndf * min(2**n, 8) / 4 ** (n + 1) for n in range(n_layers))
+    return (1 + slots) * per_input
+
+
+def training_memory(batch_size, size, ins_per, ins_max, ngf, ndf, n_blocks, n_layers_D, pool_size):
+    """Bytes train.py's networks, solvers and image pools need for these flags (size is the
+    network's (H, W), ins_max the slots the data has): both directions' passes of K slots, the
+    discriminator on all M of them, and two pools of M-slot fakes, copied when checkpointed."""
+    ins_per = slots_per_pass(ins_per, ins_max)
+    slots = pass_slices(ins_max, ins_per)[-1].stop
+    pixels = size[0] * size[1]
+    parameters = 2 * (
+        generator_parameter_count(ngf, n_blocks) + discriminator_parameter_count(ndf, n_layers_D)
+    )
+    activations = (
+        batch_size
+        * pixels
+        * (2 * generator_outputs(ins_per, ngf, n_blocks) + discriminator_outputs(slots, ndf, n_layers_D))
+    )
+    pools = 3 * 2 * pool_size * (3 + slots) * pixels
+    return int(
+        PROGRAM_BYTES
+        + FLOAT_BYTES * (TRAINING_PARAMETER_COPIES * parameters + ACTIVATION_SHARE * activations + pools)
+    )
+
+
+def translation_memory(size, ins_per, ngf, n_blocks, directions=1):
+    """Bytes the Translators of `directions` generators need: one image of `size` (H, W) and
+    `ins_per` slots a pass."""
+    parameters = generator_parameter_count(ngf, n_blocks)
+    activations = size[0] * size[1] * generator_outputs(ins_per, ngf, n_blocks)
+    return int(
+        PROGRAM_BYTES
+        + FLOAT_BYTES
+        * directions
+        * (TRANSLATION_PARAMETER_COPIES * parameters + ACTIVATION_SHARE * activations)
+    )

@@ -33,7 +33,7 @@ from data import Loaders, check_not_in_dataset
 from losses import LOSS_NAMES, context_preserving_loss, discriminator_loss, image_and_masks_l1, lsgan_loss
 from runtime import RunError
 from runtime.checkpoints import Checkpoints
-from runtime.device import set_context
+from runtime.device import check_memory, set_context
 from runtime.distributed import Processes, start_processes
 from runtime.monitors import Monitors, Progress
 from runtime.run import Run, run_files
@@ -413,6 +413,28 @@ def train(args):
         args.seed,
         share=(processes.rank, processes.size),
     ) as loaders:
+        # On a GPU the networks are in its memory, which is not checked here.
+        networks = (
+            models.training_memory(
+                args.batch_size,
+                (args.fineSizeH, args.fineSizeW),
+                args.ins_per,
+                loaders.ins_max,
+                args.ngf,
+                args.ndf,
+                args.n_blocks,
+                args.n_layers_D,
+                args.pool_size,
+            )
+            if args.context == 'cpu'
+            else 0
+        )
+        check_memory(
+            networks + loaders.memory(),
+            f'--batch-size {args.batch_size} of {args.fineSizeH}x'
+            f'{args.fineSizeW} with --ngf {args.ngf} --ndf {args.ndf} --n-blocks {args.n_blocks}',
+            'make some of these smaller',
+        )
         loaders.verify()
         with Run.for_training(args, run_files(SERIES), processes.rank) as run:
             trainer = Trainer(args, loaders.ins_max, processes)

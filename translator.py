@@ -22,6 +22,7 @@ import models
 from args import network_size, non_negative_int, positive_int
 from data import DataError
 from runtime.checkpoints import checkpoint_paths, read_parameters
+from runtime.device import check_memory
 
 DIRECTIONS = {'AtoB': 'generator_x2y', 'BtoA': 'generator_y2x'}
 CATEGORIES = 'categories.json'
@@ -179,7 +180,9 @@ class Translator:
     """One direction's generator pass graph for one image and K = config.ins_per slots, run
     once per pass of sequential translation."""
 
-    def __init__(self, params_file, direction, config):
+    def __init__(self, params_file, direction, config, alongside=0):
+        """alongside: the generators still to be built beside this one, whose memory is
+        checked with its own."""
         self.config, self.size = config, config.size
         scope = DIRECTIONS[direction]
         saved = generator_parameters(params_file, direction)
@@ -194,6 +197,7 @@ class Translator:
                 f'{params_file} was made with {flags_text(made)}, not '
                 f'{flags_text({name: getattr(config, name) for name in made})}'
             )
+        check_translation_memory(config, 1 + alongside)
         self.image = nn.Variable((1, 3) + self.size)
         self.masks = nn.Variable((1, config.ins_per) + self.size)
         with nn.parameter_scope(scope), nn.no_grad():  # keeps no buffer for a backward
@@ -226,6 +230,15 @@ class Translator:
         return image, translated[: len(masks)]
 
 
+def check_translation_memory(config, generators=1):
+    """Refuse, before anything is built, a network size this machine has no memory for."""
+    check_memory(
+        models.translation_memory(config.size, config.ins_per, config.ngf, config.n_blocks, generators),
+        f'{generators} generator{"s" * (generators > 1)} of --ngf {config.ngf} '
+        f'--n-blocks {config.n_blocks} at {config.fineSizeH}x{config.fineSizeW}',
+    )
+
+
 def load_translators(model, directions, given=None, accelerate=None, ins_cap=None):
     """(parameter file, NetworkConfig, {direction: Translator}) of a model in any form; with
     `ins_cap`, the slots of a pass are capped at that many instances."""
@@ -235,8 +248,8 @@ def load_translators(model, directions, given=None, accelerate=None, ins_cap=Non
         config.ins_per = models.slots_per_pass(config.ins_per, ins_cap)
     nn.clear_parameters()
     translators = {}
-    for direction in directions:
-        translators[direction] = Translator(params_file, direction, config)
+    for i, direction in enumerate(directions):
+        translators[direction] = Translator(params_file, direction, config, alongside=len(directions) - 1 - i)
         nn.clear_parameters()
     if accelerate:
         for translator in translators.values():

@@ -1,6 +1,9 @@
 """The device a program computes on: NNabla's default context, and on the CPU the optional
-engine (cpu_engine) that moves a built graph's convolutions and normalisations onto every core.
+engine (cpu_engine) that moves a built graph's convolutions and normalisations onto every core;
+and the memory the machine has for it.
 """
+
+import os
 
 import nnabla as nn
 from nnabla.ext_utils import get_extension_context
@@ -48,3 +51,51 @@ def set_context(context=None, device_id='0', type_config='float', cpu_conv='blas
     except cpu_engine.KernelsUnavailable as error:
         raise RunError(error) from None
     return context, cpu_engine.accelerate
+
+
+# Where a container's memory limit and use are: cgroup v2, then v1.
+CGROUP_MEMORY = [
+    ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+    ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes'),
+]
+
+
+def available_memory():
+    """Bytes a new allocation can take here without swapping or the OOM killer: the kernel's
+    MemAvailable, or less where a cgroup (a container) limits this process's memory; None
+    where neither can be read."""
+    available = None
+    try:
+        with open('/proc/meminfo') as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (OSError, ValueError):
+            pass
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                left = int(limit.read()) - int(usage.read())  # 'max' (no limit) is no int
+        except (OSError, ValueError):
+            continue
+        available = left if available is None else min(available, left)
+        break
+    return available
+
+
+def gigabytes(size):
+    return f'{size / 2**30:.1f} GiB'
+
+
+def check_memory(needed, what, advice=''):
+    """Refuse, in one line, a configuration whose estimated memory (models.training_memory,
+    ...) is more than the machine has available: `what` names the configuration, `advice` how
+    to need less."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise RunError(
+            f'{what} needs about {gigabytes(needed)} of memory (estimated from the '
+            f'sizes), and this machine has {gigabytes(available)} available'
+            + (f'; {advice}' if advice else '')
+        )

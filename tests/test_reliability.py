@@ -22,9 +22,13 @@ from test_train import SERIES, TINY
 from test_translate import noise, rectangle, save_generators
 
 import evaluate
+import models
+import runtime.device
 import runtime.files
+import train
 import translate
 from conftest import ROOT
+from runtime.device import cuda_installed
 from runtime.processes import boot_id, start_time, this_process
 from runtime.run import FolderInUse, FolderLock
 
@@ -474,3 +478,293 @@ def test_translate_and_evaluate_refuse_an_out_in_a_dataset(tmp_path, restore_con
         name = program.__name__
         assert str(error.value) == f'{name}.py: --out {out}{where} is {what}; choose another folder'
     assert snapshot_tree(data) == before
+
+
+# 10. Sizes the machine has no memory for --------------------------------------------------------
+
+
+def test_the_parameter_counts_are_those_of_the_networks():
+    for ngf, n_blocks, ndf, n_layers in [(4, 2, 4, 3), (8, 1, 12, 2)]:
+        nn.clear_parameters()
+        image, masks = nn.Variable((1, 3, 32, 24)), nn.Variable((1, 2, 32, 24))
+        with nn.parameter_scope('g'):
+            models.generator(image, masks, ngf, n_blocks)
+        with nn.parameter_scope('d'):
+            models.discriminator(image, masks, ndf, n_layers)
+        counts = {
+            scope: sum(
+                p.size for name, p in nn.get_parameters(grad_only=False).items() if name.startswith(scope)
+            )
+            for scope in 'gd'
+        }
+        assert counts == {
+            'g': models.generator_parameter_count(ngf, n_blocks),
+            'd': models.discriminator_parameter_count(ndf, n_layers),
+        }
+
+
+def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
+    script = (
+        'import resource, runpy, sys\n'
+        f'sys.argv = {["train.py"] + TINY!r} + sys.argv[1:]\n'
+        f'runpy.run_path({TRAIN!r}, run_name="__main__")\n'
+        'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n'
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            '-c',
+            script,
+            '--dataroot',
+            str(two_images),
+            '--max-epoch',
+            '1',
+            '--monitor-path',
+            str(tmp_path / 'm'),
+            '--model-save-path',
+            str(tmp_path / 'o'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1])
+    args = train.get_args(TINY)
+    estimate = models.training_memory(
+        args.batch_size,
+        (args.fineSizeH, args.fineSizeW),
+        args.ins_per,
+        1,
+        args.ngf,
+        args.ndf,
+        args.n_blocks,
+        args.n_layers_D,
+        args.pool_size,
+    )
+    assert peak < estimate < 2 * peak
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """The machine has 100 MiB available."""
+    monkeypatch.setattr(runtime.device, 'available_memory', lambda: 100 * 2**20)
+
+
+def test_train_refuses_sizes_beyond_the_memory_before_anything_is_written(
+    tmp_path, two_images, little_memory
+):
+    message = exit_message(tmp_path, two_images, '--max-epoch', '1')
+    assert re.fullmatch(
+        r'train\.py: --batch-size 1 of 32x24 \(load size 40x28\) with --ngf 4 --ndf 4 '
+        r'--n-blocks 1 and 1 instance slot needs about 0\.\d GiB of memory \(estimated from the '
+        r'sizes\), and this machine has 0\.1 GiB available; make some of these smaller',
+        message,
+    ), message
+    assert not (tmp_path / 'models').exists() and not (tmp_path / 'monitor').exists()
+
+
+@pytest.mark.parametrize(
+    'flags, needed',
+    [(['--ngf', '100000'], 1793745.3), (['--loadSizeH', '100000', '--loadSizeW', '100000'], 670.7)],
+)
+def test_huge_sizes_are_refused_in_one_line(tmp_path, two_images, flags, needed):
+    line = one_line(train_cli(two_images, tmp_path / 'm', tmp_path / 'o', '--max-epoch', '1', *flags))
+    assert f'needs about {needed} GiB of memory (estimated from the sizes)' in line, line
+    assert not (tmp_path / 'm').exists() and not (tmp_path / 'o').exists()
+
+
+def test_a_batch_larger_than_a_domain_repeats_its_images_and_says_so(tmp_path, two_images, caplog):
+    run_in(tmp_path, two_images, '--max-epoch', '1', '--batch-size', '3')
+    for letter in 'AB':
+        assert (
+            f'--batch-size 3 is larger than the 2 images of {two_images}/train{letter}: each '
+            'of its batches repeats images' in caplog.messages
+        )
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000001']
+
+
+def test_translate_and_evaluate_refuse_sizes_beyond_the_memory(tmp_path, little_memory, restore_context):
+    model = save_generators(tmp_path / 'model')
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 6)
+    left_and_right(data, 'test', 3)
+    for program, argv, generators in [
+        (
+            translate,
+            ['--params', str(model), '--dataroot', str(data), '--fineSizeH', '800', '--fineSizeW', '600'],
+            '1 generator',
+        ),
+        (evaluate, ['--model-save-path', str(model.parent), '--dataroot', str(data)], '2 generators'),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            program.main(argv + ['--out', str(tmp_path / 'out')])
+        message = str(error.value)
+        size = '800x600' if program is translate else '32x24'
+        assert re.fullmatch(
+            rf'{program.__name__}\.py: {generators} of --ngf 4 --n-blocks 1 at {size} needs '
+            r'about \d+\.\d GiB of memory \(estimated from the sizes\), and this machine has '
+            r'0\.1 GiB available',
+            message,
+        ), message
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize(
+    'what, flags, refused',
+    [
+        (
+            'translate',
+            ['--fineSizeH', '8000', '--fineSizeW', '8000', '--loadSizeH', '8000', '--loadSizeW', '8000'],
+            '1 generator of --ngf 16 --n-blocks 9 at 8000x8000',
+        ),
+        (
+            'data',
+            ['--loadSizeH', '100000', '--loadSizeW', '100000'],
+            '--batch-size 1 of load size 100000x100000',
+        ),
+    ],
+)
+def test_bench_refuses_sizes_beyond_the_memory(what, flags, refused):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'bench.py'), '--what', what] + flags,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    line = one_line(result, 'bench.py')
+    assert line.startswith(f'bench.py: {refused} needs about '), line
+
+
+# 13. Unclear messages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'stray', ['trainA_seg/._NAME_0.png', 'trainA/._NAME.png', 'trainB/folder.png/', 'trainB_seg/NAME_1.png/']
+)
+def test_hidden_files_and_folders_named_like_images_are_no_images(tmp_path, two_images, stray):
+    """macOS leaves AppleDouble files (._NAME) beside every file copied to some disks."""
+    data = tmp_path / 'data'
+    shutil.copytree(two_images, data)
+    letter = stray[len('train')]
+    name = sorted((data / f'train{letter}').iterdir())[0].stem
+    path = data / stray.replace('NAME', name).rstrip('/')
+    if stray.endswith('/'):
+        path.mkdir()
+    else:
+        path.write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    run_in(tmp_path, data, '--max-epoch', '1')
+    assert os.listdir(tmp_path / 'models') == ['checkpoint_000000002']
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, two_images):
+    """A run's models folder after one epoch on two images."""
+    folder = tmp_path_factory.mktemp('trained_run')
+    run_in(folder, two_images, '--max-epoch', '1')
+    return folder / 'models'
+
+
+def model_forms(run):
+    checkpoint = run / 'checkpoint_000000002'
+    return {
+        'a run folder': run,
+        'a checkpoint folder': checkpoint,
+        'a pretrained folder': os.path.join(ROOT, 'pretrained', 'jeans2skirt_64x44'),
+        'a parameters.h5': checkpoint / 'parameters.h5',
+    }
+
+
+@pytest.mark.parametrize(
+    'form', ['a run folder', 'a checkpoint folder', 'a pretrained folder', 'a parameters.h5']
+)
+def test_translate_and_evaluate_take_a_model_in_every_form(tmp_path, trained_run, form, restore_context):
+    model = str(model_forms(trained_run)[form])
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 6)
+    left_and_right(data, 'test', 3)
+    flag = '--params' if model.endswith('.h5') else '--model-save-path'
+    translate.main([flag, model, '--dataroot', str(data), '--out', str(tmp_path / 'translated')])
+    assert len(list((tmp_path / 'translated').glob('*_tile.png'))) == 3  # testA: the default
+    evaluate.main(
+        ['--model-save-path', model, '--dataroot', str(data), '--json', '--out', str(tmp_path / 'evaluated')]
+    )
+    assert len(list((tmp_path / 'evaluated').glob('*.png'))) == 6
+
+
+def test_translate_reads_the_test_phase_by_default(tmp_path, trained_run, restore_context):
+    data = tmp_path / 'data'
+    left_and_right(data, 'train', 2)
+    with pytest.raises(SystemExit) as error:
+        translate.main(
+            ['--model-save-path', str(trained_run), '--dataroot', str(data), '--out', str(tmp_path / 'out')]
+        )
+    assert str(error.value) == f'translate.py: {data}/testA: folder not found'
+
+
+@pytest.mark.parametrize(
+    'flags, error',
+    [
+        (['--device-id', 'xyz'], "argument --device-id/-d: 'xyz' is not a device number"),
+        (['--out', ''], "argument --out: '' is not a path"),
+    ],
+)
+def test_evaluate_refuses_bad_flag_values(trained_run, flags, error):
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'evaluate.py'),
+            '--model-save-path',
+            str(trained_run),
+            '--dataroot',
+            os.path.join(ROOT, 'datasets', 'ccp_sample'),
+        ]
+        + flags,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f'evaluate.py: error: {error}'
+
+
+@pytest.mark.skipif(cuda_installed(), reason='nnabla-ext-cuda is installed here')
+def test_cudnn_without_cuda_is_the_same_line_in_every_program(tmp_path, trained_run):
+    runs = {
+        'train.py': [TRAIN] + TINY + ['-m', str(tmp_path / 'm'), '-o', str(tmp_path / 'o')],
+        'translate.py': [
+            os.path.join(ROOT, 'translate.py'),
+            '--model-save-path',
+            str(trained_run),
+            '--dataroot',
+            two_domains(tmp_path),
+            '--out',
+            str(tmp_path / 'out'),
+        ],
+        'evaluate.py': [
+            os.path.join(ROOT, 'evaluate.py'),
+            '--model-save-path',
+            str(trained_run),
+            '--dataroot',
+            two_domains(tmp_path),
+            '--out',
+            str(tmp_path / 'out'),
+        ],
+    }
+    for program, argv in runs.items():
+        result = subprocess.run(
+            [sys.executable] + argv + ['-c', 'cudnn'], capture_output=True, text=True, timeout=300
+        )
+        assert one_line(result, program) == (
+            f'{program}: --context cudnn needs nnabla-ext-cuda, which is not installed (pip '
+            'install -r requirements-cuda.txt)'
+        )
+
+
+def two_domains(tmp_path):
+    data = tmp_path / 'data'
+    if not data.exists():
+        left_and_right(data, 'train', 2)
+        left_and_right(data, 'test', 2)
+    return str(data)
