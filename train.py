@@ -429,10 +429,12 @@ def train(args):
             if args.context == 'cpu'
             else 0
         )
+        slots = f'{loaders.ins_max} instance slot{"s" * (loaders.ins_max > 1)}'
         check_memory(
             networks + loaders.memory(),
             f'--batch-size {args.batch_size} of {args.fineSizeH}x'
-            f'{args.fineSizeW} with --ngf {args.ngf} --ndf {args.ndf} --n-blocks {args.n_blocks}',
+            f'{args.fineSizeW} (load size {args.loadSizeH}x{args.loadSizeW}) with --ngf {args.ngf} '
+            f'--ndf {args.ndf} --n-blocks {args.n_blocks} and {slots}',
             'make some of these smaller',
         )
         loaders.verify()

@@ -171,10 +171,7 @@ class Run:
                 self.locks.append(self.cleanup.enter_context(FolderLock(folder)))
             self.claim()
             if self.folders and not self.resume:
-                self.id = uuid.uuid4().hex
-                write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
-            if self.folders and self.arguments:
-                write_arguments(os.path.dirname(self.identity_file), self.arguments)
+                self.identify(uuid.uuid4().hex)
         except BaseException:
             self.cleanup.close()
             raise
@@ -204,6 +201,14 @@ class Run:
         raise Stopped(
             f'{what} at iteration {iteration}: saved {where}; continue with --resume', self.stop.received
         )
+
+    def identify(self, run):
+        """Take the identity `run`: run.json, then Arguments.txt (only now: a resume refused as
+        another run's must leave its monitor folder as it was)."""
+        self.id = run
+        write_text(self.identity_file, json.dumps({'run': run}) + '\n')
+        if self.arguments:
+            write_arguments(os.path.dirname(self.identity_file), self.arguments)
 
     def read_identity(self):
         """The run named by the monitor folder's run.json, None where there is none."""
@@ -240,8 +245,7 @@ class Run:
                 f'--resume: {checkpoint} and --monitor-path {monitor} belong to '
                 'different runs; give the monitor path of the run it continues'
             )
-        self.id = run or uuid.uuid4().hex
-        write_text(self.identity_file, json.dumps({'run': self.id}) + '\n')
+        self.identify(run or uuid.uuid4().hex)
 
     def claim(self):
         """Remove what a killed run left half-written; then, unless resuming, refuse folders

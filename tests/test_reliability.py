@@ -354,7 +354,7 @@ def test_a_lock_of_a_running_process_is_kept(tmp_path):
     with pytest.raises(
         FolderInUse,
         match=re.escape(
-            f'{tmp_path} is in use by another train.py run (pid {os.getppid()}); wait for it to '
+            f'{tmp_path} is in use by another run (pid {os.getppid()}); wait for it to '
             'end or choose other folders'
         ),
     ):
@@ -365,7 +365,7 @@ def test_a_lock_of_a_running_process_is_kept(tmp_path):
 def test_a_lock_of_another_host_says_how_to_clear_it(tmp_path, two_images):
     lock = write_lock(tmp_path / 'models', host='gpu-7', pid=1)
     assert exit_message(tmp_path, two_images, '--max-epoch', '1') == (
-        f'train.py: {tmp_path}/models is locked by a train.py run on gpu-7 (pid 1); if no run '
+        f'train.py: {tmp_path}/models is locked by a run on gpu-7 (pid 1); if no run '
         f'on gpu-7 uses the folder, delete {lock}'
     )
     assert json.loads(lock.read_text())['host'] == 'gpu-7'
