@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import nnabla as nn
 import pytest
@@ -611,3 +612,23 @@ def two_domains(tmp_path):
         left_and_right(data, 'train', 2)
         left_and_right(data, 'test', 2)
     return str(data)
+
+
+# 14. A log file, not a terminal -------------------------------------------------------------------
+
+def test_a_log_file_gets_plain_lines_and_a_few_of_them(tmp_path, two_images):
+    log = tmp_path / 'train.log'
+    started = time.monotonic()
+    with open(log, 'w') as stderr:
+        result = subprocess.run([sys.executable, TRAIN] + TINY + [
+            '--dataroot', str(two_images), '--max-epoch', '3', '--monitor-path',
+            str(tmp_path / 'm'), '--model-save-path', str(tmp_path / 'o')],
+            stderr=stderr, timeout=600)
+    minutes = (time.monotonic() - started) / 60
+    assert result.returncode == 0
+    text = log.read_text()
+    assert '\r' not in text and '\x1b' not in text
+    progress = [line for line in text.splitlines() if re.search(r'epoch \d/3: \d/2', line)]
+    ends = [re.search(r'epoch (\d)/3: 2/2', line) for line in progress]
+    assert [end.group(1) for end in ends if end] == ['1', '2', '3']
+    assert len(progress) <= 3 + minutes  # besides the epochs' ends, one a minute at most
