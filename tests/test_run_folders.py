@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import matplotlib.figure
 import numpy as np
 import pytest
 from PIL import Image
