@@ -446,6 +446,30 @@ def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
     assert peak < estimate < 2 * peak
 
 
+def test_a_containers_memory_limit_counts_and_its_page_cache_does_not(tmp_path, monkeypatch):
+    gib = 2 ** 30
+    (tmp_path / 'limit').write_text(f'{8 * gib}\n')
+    (tmp_path / 'usage').write_text(f'{7 * gib}\n')
+    (tmp_path / 'stat').write_text(f'active_file 5\ninactive_file {2 * gib}\n')
+    (tmp_path / 'no_limit').write_text('max\n')
+    files = [str(tmp_path / name) for name in ['limit', 'usage', 'stat']] + ['inactive_file']
+    monkeypatch.setattr(runtime.device, 'CGROUP_MEMORY', [files])
+    assert about(runtime.device.available_memory(), min(3 * gib, meminfo_available()))
+    monkeypatch.setattr(runtime.device, 'CGROUP_MEMORY', [[str(tmp_path / 'no_limit')]
+                                                          + files[1:]])
+    assert about(runtime.device.available_memory(), meminfo_available())
+
+
+def meminfo_available():
+    with open('/proc/meminfo') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable'))
+
+
+def about(size, expected):
+    """Equal but for what other processes took or gave back between the two readings."""
+    return abs(size - expected) < 2 ** 28
+
+
 @pytest.fixture
 def little_memory(monkeypatch):
     """The machine has 100 MiB available."""
