@@ -5,8 +5,10 @@
 Every iteration takes a batch of each domain and runs the passes of sequential mini-batch
 translation (paper section 2.3): pass i translates instance slots [i K, (i+1) K) on top of
 the image translated by the earlier passes. Each pass updates both generators on the
-adversarial, cycle, identity and context-preserving losses, then both discriminators on real
-images and on fakes drawn from a pool of past translations. Graphs are built once.
+adversarial, cycle, identity and context-preserving losses, then the discriminator of each
+domain it translated into (that of y where some x of the batch has an instance in the pass's
+slots, and the other way round) on real images and on fakes drawn from a pool of past
+translations. Graphs are built once.
 
 The method comes first (Trainer, its graphs, ImagePool, the schedule); the loop at the end
 leaves folders, checkpoints and monitors to runtime/.

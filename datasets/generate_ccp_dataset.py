@@ -373,8 +373,8 @@ def generate(
                     'val (image-level)',
                 )
             finally:
-                # No worker may write into the staging folder while it is removed: after a
-                # signal to the process group the pool even starts new ones for the dead.
+                # A worker still writing into the staging folder would make its removal fail
+                # and leave it behind.
                 pool.terminate()
                 pool.join()
             counts = {folder: found.get(folder, 0) for folder in photo_folders + ['valA', 'valB']}

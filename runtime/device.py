@@ -53,10 +53,21 @@ def set_context(context=None, device_id='0', type_config='float', cpu_conv='blas
     return context, cpu_engine.accelerate
 
 
-# Where a container's memory limit and use are: cgroup v2, then v1.
+# A container's memory limit, its use, and the statistics that say how much of that use is
+# page cache it would give back (inactive_file): cgroup v2, then v1.
 CGROUP_MEMORY = [
-    ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
-    ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes'),
+    (
+        '/sys/fs/cgroup/memory.max',
+        '/sys/fs/cgroup/memory.current',
+        '/sys/fs/cgroup/memory.stat',
+        'inactive_file',
+    ),
+    (
+        '/sys/fs/cgroup/memory/memory.limit_in_bytes',
+        '/sys/fs/cgroup/memory/memory.usage_in_bytes',
+        '/sys/fs/cgroup/memory/memory.stat',
+        'total_inactive_file',
+    ),
 ]
 
 
@@ -73,11 +84,14 @@ def available_memory():
             available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
         except (OSError, ValueError):
             pass
-    for limit_file, usage_file in CGROUP_MEMORY:
+    for limit_file, usage_file, stat_file, cache in CGROUP_MEMORY:
         try:
-            with open(limit_file) as limit, open(usage_file) as usage:
-                left = int(limit.read()) - int(usage.read())  # 'max' (no limit) is no int
-        except (OSError, ValueError):
+            with open(limit_file) as limit, open(usage_file) as usage, open(stat_file) as stat:
+                used = int(usage.read()) - sum(
+                    int(line.split()[1]) for line in stat if line.split()[0] == cache
+                )
+                left = int(limit.read()) - used  # 'max' (no limit) is no int
+        except (OSError, ValueError, IndexError):
             continue
         available = left if available is None else min(available, left)
         break

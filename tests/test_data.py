@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import DataError, MaskedImageIterator, count_max_instances, load_image, load_mask, mask_paths
+from data import (
+    DataError,
+    Loaders,
+    MaskedImageIterator,
+    count_max_instances,
+    load_image,
+    load_mask,
+    mask_paths,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / 'datasets' / 'ccp_sample'
 MULTI_SAMPLE = SAMPLE.with_name('ccp_multi_sample')
@@ -102,6 +110,35 @@ def test_crop_windows_and_flips_vary(tmp_path):
         windows.add((top, left, flipped))
     assert {flipped for *_, flipped in windows} == {False, True}
     assert len({(top, left) for top, left, _ in windows}) > 6
+
+
+def window(image):
+    """(top, left, flipped) of a crop of coordinate_image, from its pixels."""
+    rows, cols = to_uint8(image)[0] // 7, to_uint8(image)[1] // 9
+    return int(rows[0, 0]), int(cols[0].min()), bool(cols[0, 0] > cols[0, -1])
+
+
+def test_the_two_domains_batches_share_crop_and_flip(tmp_path):
+    """As in the official loader, which draws one transform per iteration: the k-th batches
+    of A and B are cropped and flipped alike, sample by sample, whatever images they hold."""
+    for letter, count in [('A', 3), ('B', 5)]:
+        for i in range(count):
+            save_example(
+                tmp_path,
+                f'train{letter}',
+                f'{letter}{i}',
+                coordinate_image(20, 16),
+                [np.ones((20, 16), bool)],
+            )
+    seen = []
+    with Loaders(tmp_path, 2, (20, 16), (12, 8), 1, True, 'decreasing', 0) as loaders:
+        for _ in range(12):
+            images, _ = loaders.next_batches()
+            windows = [[window(image) for image in images[d]] for d in 'xy']
+            assert windows[0] == windows[1]
+            seen.append(tuple(windows[0]))
+    assert len(set(seen)) == len(seen)  # no two iterations alike
+    assert {flipped for windows in seen for _, _, flipped in windows} == {False, True}
 
 
 def test_flip_can_be_disabled(tmp_path):

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import nnabla as nn
 import pytest
@@ -504,11 +505,13 @@ def test_the_parameter_counts_are_those_of_the_networks():
 
 
 def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
+    # VmHWM, not ru_maxrss: Linux carries the forking process's peak over into ru_maxrss.
     script = (
-        'import resource, runpy, sys\n'
+        'import runpy, sys\n'
         f'sys.argv = {["train.py"] + TINY!r} + sys.argv[1:]\n'
         f'runpy.run_path({TRAIN!r}, run_name="__main__")\n'
-        'print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n'
+        'print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")\n'
+        '           if line.startswith("VmHWM:")))\n'
     )
     result = subprocess.run(
         [
@@ -542,7 +545,30 @@ def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
         args.n_layers_D,
         args.pool_size,
     )
-    assert peak < estimate < 2 * peak
+    assert peak < estimate < 2 * peak, (peak, estimate)
+
+
+def test_a_containers_memory_limit_counts_and_its_page_cache_does_not(tmp_path, monkeypatch):
+    gib = 2**30
+    (tmp_path / 'limit').write_text(f'{8 * gib}\n')
+    (tmp_path / 'usage').write_text(f'{7 * gib}\n')
+    (tmp_path / 'stat').write_text(f'active_file 5\ninactive_file {2 * gib}\n')
+    (tmp_path / 'no_limit').write_text('max\n')
+    files = [str(tmp_path / name) for name in ['limit', 'usage', 'stat']] + ['inactive_file']
+    monkeypatch.setattr(runtime.device, 'CGROUP_MEMORY', [files])
+    assert about(runtime.device.available_memory(), min(3 * gib, meminfo_available()))
+    monkeypatch.setattr(runtime.device, 'CGROUP_MEMORY', [[str(tmp_path / 'no_limit')] + files[1:]])
+    assert about(runtime.device.available_memory(), meminfo_available())
+
+
+def meminfo_available():
+    with open('/proc/meminfo') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable'))
+
+
+def about(size, expected):
+    """Equal but for what other processes took or gave back between the two readings."""
+    return abs(size - expected) < 2**28
 
 
 @pytest.fixture
@@ -768,3 +794,36 @@ def two_domains(tmp_path):
         left_and_right(data, 'train', 2)
         left_and_right(data, 'test', 2)
     return str(data)
+
+
+# 14. A log file, not a terminal -------------------------------------------------------------------
+
+
+def test_a_log_file_gets_plain_lines_and_a_few_of_them(tmp_path, two_images):
+    log = tmp_path / 'train.log'
+    started = time.monotonic()
+    with open(log, 'w') as stderr:
+        result = subprocess.run(
+            [sys.executable, TRAIN]
+            + TINY
+            + [
+                '--dataroot',
+                str(two_images),
+                '--max-epoch',
+                '3',
+                '--monitor-path',
+                str(tmp_path / 'm'),
+                '--model-save-path',
+                str(tmp_path / 'o'),
+            ],
+            stderr=stderr,
+            timeout=600,
+        )
+    minutes = (time.monotonic() - started) / 60
+    assert result.returncode == 0
+    text = log.read_text()
+    assert '\r' not in text and '\x1b' not in text
+    progress = [line for line in text.splitlines() if re.search(r'epoch \d/3: \d/2', line)]
+    ends = [re.search(r'epoch (\d)/3: 2/2', line) for line in progress]
+    assert [end.group(1) for end in ends if end] == ['1', '2', '3']
+    assert len(progress) <= 3 + minutes  # besides the epochs' ends, one a minute at most
