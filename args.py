@@ -51,6 +51,25 @@ def generator_size(size):
 network_size = checked(int, generator_size, 'a multiple of 4, at least 8')
 
 
+def h5_file(text):
+    if not path(text).endswith('.h5'):
+        raise argparse.ArgumentTypeError(f'{text} is not a .h5 file')
+    return text
+
+
+def add_model_flags(parser):
+    """-o/--params: a trained model in any form translator.find_parameters takes."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        '--model-save-path',
+        '-o',
+        type=path,
+        help="a model: a training run's --model-save-path (its newest checkpoint), a "
+        'checkpoint folder or a pretrained/ folder',
+    )
+    model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description='InstaGAN: instance-aware image-to-image translation (NNabla).',

@@ -175,16 +175,7 @@ def bench_allreduce(args, flags, warmup, iterations, processes=1):
 
 
 def bench_data(args, flags, warmup, iterations, processes=1):
-    loaders = Loaders(
-        args.dataroot,
-        args.batch_size,
-        (args.loadSizeH, args.loadSizeW),
-        (args.fineSizeH, args.fineSizeW),
-        args.ins_max,
-        not args.no_flip,
-        args.set_order,
-        args.seed,
-    )
+    loaders = Loaders.of(args)
     with loaders:
         check_memory(
             loaders.memory(), f'--batch-size {args.batch_size} of load size {args.loadSizeH}x{args.loadSizeW}'

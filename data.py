@@ -487,6 +487,21 @@ class Loaders:
             loader.batch_size, loader.load_size, loader.fine_size, self.ins_max, self.most_instances
         )
 
+    @classmethod
+    def of(cls, args, share=(0, 1)):
+        """The loaders that train.py's flags (args.py) describe; `share` as MaskedImageIterator's."""
+        return cls(
+            args.dataroot,
+            args.batch_size,
+            (args.loadSizeH, args.loadSizeW),
+            (args.fineSizeH, args.fineSizeW),
+            args.ins_max,
+            not args.no_flip,
+            args.set_order,
+            args.seed,
+            share=share,
+        )
+
     def next_batches(self):
         """({domain: images}, {domain: masks}) of the next batch of both domains."""
         batches = {d: loader.next() for d, loader in self.domains.items()}

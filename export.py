@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 import exporting
-from args import checked, path
+from args import add_model_flags, checked, path
 from data import DataError, check_not_in_dataset
 from runtime import RunError
 from runtime.device import set_context
@@ -42,27 +42,13 @@ opset = checked(
 )
 
 
-def h5_file(text):
-    if not path(text).endswith('.h5'):
-        raise argparse.ArgumentTypeError(f'{text} is not a .h5 file')
-    return text
-
-
 def get_parser():
     parser = argparse.ArgumentParser(
         prog='export.py',
         description=__doc__.split('\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument(
-        '--model-save-path',
-        '-o',
-        type=path,
-        help="a model: a training run's --model-save-path (its newest checkpoint), a "
-        'checkpoint folder or a pretrained/ folder',
-    )
-    model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
+    add_model_flags(parser)
     parser.add_argument('--direction', choices=list(DIRECTIONS) + ['both'], default='both')
     parser.add_argument('--format', choices=['nnp', 'onnx', 'both'], default='both')
     parser.add_argument(

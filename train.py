@@ -404,17 +404,7 @@ def train(args):
     args.context, accelerate = set_context(args.context, args.device_id, args.type_config, args.cpu_conv)
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
-    with Loaders(
-        args.dataroot,
-        args.batch_size,
-        (args.loadSizeH, args.loadSizeW),
-        (args.fineSizeH, args.fineSizeW),
-        args.ins_max,
-        not args.no_flip,
-        args.set_order,
-        args.seed,
-        share=(processes.rank, processes.size),
-    ) as loaders:
+    with Loaders.of(args, share=(processes.rank, processes.size)) as loaders:
         # On a GPU the networks are in its memory, which is not checked here.
         networks = (
             models.training_memory(

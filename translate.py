@@ -37,7 +37,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import mask_predictor as mp
-from args import checked, device_id, path
+from args import add_model_flags, checked, device_id, path
 from data import (
     DataError,
     check_not_in_dataset,
@@ -56,13 +56,6 @@ from runtime.monitors import image_panel, mask_panel, save_tile
 from runtime.signals import StopRequest, exit_status
 from translator import CATEGORIES, DIRECTIONS, FLAG_TYPES, load_translators, source_category
 
-
-def h5_file(text):
-    if not path(text).endswith('.h5'):
-        raise argparse.ArgumentTypeError(f'{text} is not a .h5 file')
-    return text
-
-
 # Flags that default to the value saved with the model: help texts (types: FLAG_TYPES).
 SAVED_FLAGS = {
     'ngf': 'generator width',
@@ -79,15 +72,7 @@ def get_parser():
         description=__doc__.split('\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument(
-        '--model-save-path',
-        '-o',
-        type=path,
-        help="a model: a training run's --model-save-path (its newest "
-        'checkpoint), a checkpoint folder or a pretrained/ folder',
-    )
-    model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
+    add_model_flags(parser)
     parser.add_argument('--direction', choices=list(DIRECTIONS), default='AtoB')
     parser.add_argument(
         '--out',

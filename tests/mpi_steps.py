@@ -29,17 +29,7 @@ def main():
     processes, device_id = start_processes('cpu', '0')
     set_context('cpu', device_id, 'float', args.cpu_conv)
     nn.seed(args.seed)
-    loaders = Loaders(
-        args.dataroot,
-        args.batch_size,
-        (args.loadSizeH, args.loadSizeW),
-        (args.fineSizeH, args.fineSizeW),
-        args.ins_max,
-        not args.no_flip,
-        args.set_order,
-        args.seed,
-        share=(processes.rank, processes.size),
-    )
+    loaders = Loaders.of(args, share=(processes.rank, processes.size))
     with loaders:
         trainer = train.Trainer(args, loaders.ins_max, processes)
         processes.broadcast_parameters(nn.get_parameters(grad_only=False), trainer.solvers)
