@@ -66,8 +66,8 @@ def read_pixels(path, kind):
         raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
     if mode not in DECODED_MODES | set(CONVERTED_MODES):
         raise DataError(
-            f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or '
-            'grey values of a known scale); save it as an 8-bit or 16-bit grey, RGB '
+            f'{path}: the {kind} is in Pillow mode {mode}, which holds no RGB or '
+            'grey values of a known scale; save it as an 8-bit or 16-bit grey, RGB '
             'or RGBA PNG'
         )
     if (
@@ -76,8 +76,8 @@ def read_pixels(path, kind):
         or (pixels.ndim == 3 and pixels.shape[2] not in (1, 2, 3, 4))
     ):
         raise DataError(
-            f'{path}: a {kind} of {pixels.dtype} values in {pixels.shape} is not '
-            'supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
+            f'{path}: the {kind} holds {pixels.dtype} values in {pixels.shape}, '
+            'which are not supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
         )
     return pixels if pixels.ndim == 3 else pixels[:, :, None]
 

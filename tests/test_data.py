@@ -313,8 +313,8 @@ def test_modes_without_rgb_of_a_known_scale_are_refused(tmp_path, mode):
         with pytest.raises(DataError) as error:
             read(path)
         assert str(error.value) == (
-            f'{path}: a {kind} in Pillow mode {mode} is not supported (no RGB or grey values of '
-            'a known scale); save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
+            f'{path}: the {kind} is in Pillow mode {mode}, which holds no RGB or grey values of '
+            'a known scale; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
         )
 
 
