@@ -187,6 +187,21 @@ def check_not_in_dataset(path, flag):
         raise DataError(f'{flag} {path}{inside} is {what}; choose another folder')
 
 
+def check_out_folder(out, files_read, folders):
+    """Refuse, before anything is written, an --out that could overwrite an input or mix the
+    outputs into a dataset: the folder of a file read, one of `folders` ({flag: path}), a file,
+    or a folder of a dataset. Symlinks and relative paths are resolved first."""
+    real = os.path.realpath(out)
+    refusals = [(os.path.dirname(os.path.realpath(path)), f'holds the input {path}') for path in files_read]
+    refusals += [(os.path.realpath(path), f'is the {flag} folder') for flag, path in folders.items() if path]
+    for folder, reason in refusals:
+        if folder == real:
+            raise DataError(f'--out {out} {reason}; choose another folder')
+    check_not_in_dataset(out, '--out')
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise DataError(f'--out {out} is a file')
+
+
 def mask_areas(masks):
     """(N, H, W) masks in [-1, 1] -> (N,) areas in pixels, soft edges counted by their value."""
     return ((masks + 1) / 2).sum(axis=(1, 2))

@@ -26,7 +26,7 @@ import numpy as np
 
 import exporting
 from args import add_model_flags, checked, path
-from data import DataError, check_not_in_dataset
+from data import check_out_folder
 from runtime import RunError
 from runtime.device import set_context
 from runtime.files import make_writable_folder
@@ -103,25 +103,6 @@ def get_args(argv=None):
     return args
 
 
-def check_out_folder(args, files_read):
-    """Refuse, before anything is written, an --out that could overwrite an input or mix the
-    files into a dataset: the folder of a file read, the model folder, a file, a dataset's
-    folder."""
-    out = os.path.realpath(args.out)
-    refusals = [(os.path.dirname(os.path.realpath(file)), f'holds the input {file}') for file in files_read]
-    for flag in ['model_save_path', 'check_dataroot']:
-        if getattr(args, flag):
-            refusals.append(
-                (os.path.realpath(getattr(args, flag)), f'is the --{flag.replace("_", "-")} folder')
-            )
-    for folder, reason in refusals:
-        if folder == out:
-            raise DataError(f'--out {args.out} {reason}; choose another folder')
-    check_not_in_dataset(args.out, '--out')
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f'--out {args.out} is a file')
-
-
 def prepare(args):
     """The model's parameter file, its network configuration and each direction's check
     inputs, every check made before anything is written."""
@@ -136,7 +117,11 @@ def prepare(args):
         else:
             folder = os.path.join(args.check_dataroot or CHECK_DATAROOT, args.check_phase + direction[0])
             inputs[direction] = exporting.check_inputs(config, folder=folder, every=args.check_all)
-    check_out_folder(args, files_read)
+    check_out_folder(
+        args.out,
+        files_read,
+        {'--model-save-path': args.model_save_path, '--check-dataroot': args.check_dataroot},
+    )
     make_writable_folder(args.out, '--out')
     return params_file, config, inputs
 

@@ -40,7 +40,7 @@ import mask_predictor as mp
 from args import add_model_flags, checked, device_id, path
 from data import (
     DataError,
-    check_not_in_dataset,
+    check_out_folder,
     largest_first,
     list_images,
     load_with_masks,
@@ -181,25 +181,6 @@ def output_names(image_path, mask_count, full):
         name + '_full.png' if full else None,
         [f'{name}_{i}.png' for i in range(mask_count)],
     )
-
-
-def check_out_folder(args, files_read):
-    """Refuse, before anything is written, an --out that could overwrite an input or mix the
-    outputs into a dataset: the folder of a file read, the --dataroot or model folder, or a
-    folder of a dataset. Symlinks and relative paths are resolved first."""
-    out = os.path.realpath(args.out)
-    refusals = [(os.path.dirname(os.path.realpath(path)), f'holds the input {path}') for path in files_read]
-    for flag in ['dataroot', 'model_save_path']:
-        if getattr(args, flag):
-            refusals.append(
-                (os.path.realpath(getattr(args, flag)), f'is the --{flag.replace("_", "-")} folder')
-            )
-    for folder, reason in refusals:
-        if folder == out:
-            raise DataError(f'--out {args.out} {reason}; choose another folder')
-    check_not_in_dataset(args.out, '--out')
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f'--out {args.out} is a file')
 
 
 def claim(writers, out, image, names):
@@ -352,7 +333,11 @@ def prepare(args):
     # many masks are predicted is not known yet.
     most = None if unmasked else max(len(masks) for _, masks in inputs)
     params_file, _, translators = load_translators(model, [args.direction], given, accelerate, ins_cap=most)
-    check_out_folder(args, [params_file] + [path for image, masks in inputs for path in [image] + masks])
+    check_out_folder(
+        args.out,
+        [params_file] + [path for image, masks in inputs for path in [image] + masks],
+        {'--dataroot': args.dataroot, '--model-save-path': args.model_save_path},
+    )
     writers = check_output_names(args, inputs)
     prediction, predicted = None, {}
     if unmasked:
