@@ -70,6 +70,35 @@ def add_model_flags(parser):
     model.add_argument('--params', type=h5_file, help='a parameters.h5 file')
 
 
+# generate_ccp_dataset.py's default: the smallest instance --split-instances keeps, as a share
+# of the photo.
+MIN_INSTANCE_AREA = 0.002
+
+
+def add_instance_rule_flags(group):
+    """--split-instances and --min-instance-area: how a predicted region becomes instances."""
+    group.add_argument(
+        '--split-instances',
+        action='store_true',
+        help='each 8-connected part of a region is an instance, as with '
+        'generate_ccp_dataset.py --split-instances (without it the whole region is one)',
+    )
+    group.add_argument(
+        '--min-instance-area',
+        type=checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+        help='with --split-instances: the smallest instance, as a share of the photo '
+        f'({MIN_INSTANCE_AREA} when not given, as generate_ccp_dataset.py)',
+    )
+
+
+def check_instance_rule(parser, args):
+    """Refuse --min-instance-area without --split-instances, then give it its default."""
+    if args.min_instance_area is not None and not args.split_instances:
+        parser.error('--min-instance-area goes with --split-instances')
+    if args.min_instance_area is None:
+        args.min_instance_area = MIN_INSTANCE_AREA
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description='InstaGAN: instance-aware image-to-image translation (NNabla).',

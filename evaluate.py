@@ -72,7 +72,7 @@ from scipy.special import expit
 from tqdm import tqdm
 
 import mask_predictor as mp
-from args import checked, device_id, path
+from args import add_instance_rule_flags, check_instance_rule, device_id, path
 from data import (
     DataError,
     check_not_in_dataset,
@@ -524,27 +524,13 @@ def get_args(argv=None):
         help='the categories of domains A and B, which the predictor finds '
         f'(from the {CATEGORIES} beside the model when not given)',
     )
-    predicted.add_argument(
-        '--split-instances',
-        action='store_true',
-        help='each 8-connected part of a region is an instance, as with '
-        'generate_ccp_dataset.py --split-instances',
-    )
-    predicted.add_argument(
-        '--min-instance-area',
-        type=checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-        help='with --split-instances: the smallest instance, as a share of '
-        'the photo (0.002 when not given, as generate_ccp_dataset.py)',
-    )
+    add_instance_rule_flags(predicted)
     args = parser.parse_args(argv)
     if not args.predicted_masks:
         for flag in ['categories', 'split_instances', 'min_instance_area']:
             if getattr(args, flag) not in (None, False):
                 parser.error(f'--{flag.replace("_", "-")} goes with --predicted-masks')
-    if args.min_instance_area is not None and not args.split_instances:
-        parser.error('--min-instance-area goes with --split-instances')
-    if args.min_instance_area is None:
-        args.min_instance_area = 0.002
+    check_instance_rule(parser, args)
     return args
 
 

@@ -37,7 +37,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import mask_predictor as mp
-from args import add_model_flags, checked, device_id, path
+from args import add_instance_rule_flags, add_model_flags, check_instance_rule, checked, device_id, path
 from data import (
     DataError,
     check_out_folder,
@@ -104,19 +104,7 @@ def get_parser():
         f'predictor finds (from the {CATEGORIES} beside the model when '
         'not given)',
     )
-    predicted.add_argument(
-        '--split-instances',
-        action='store_true',
-        help='each 8-connected part of the region is an instance, as with '
-        'generate_ccp_dataset.py --split-instances (without it the '
-        'whole region is one)',
-    )
-    predicted.add_argument(
-        '--min-instance-area',
-        type=checked(float, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-        help='with --split-instances: the smallest instance, as a share of '
-        'the image (0.002 when not given, as generate_ccp_dataset.py)',
-    )
+    add_instance_rule_flags(predicted)
     parser.add_argument(
         '--no-full',
         dest='full',
@@ -144,14 +132,11 @@ def get_args(argv=None):
         for flag in ['mask_predictor', 'source_category', 'split_instances', 'min_instance_area']:
             if getattr(args, flag) not in (None, False):
                 parser.error(f'--{flag.replace("_", "-")} goes with predicted masks, not with --masks')
-    if args.min_instance_area is not None and not args.split_instances:
-        parser.error('--min-instance-area goes with --split-instances')
+    check_instance_rule(parser, args)
     if args.image and args.phase:
         parser.error('--phase goes with --dataroot, not with --image')
     if args.dataroot and not args.phase:
         args.phase = 'test'
-    if args.min_instance_area is None:
-        args.min_instance_area = 0.002
     return args
 
 
