@@ -362,22 +362,20 @@ def discriminator_outputs(slots, ndf, n_layers):
     return (1 + slots) * per_input
 
 
-def training_memory(batch_size, size, ins_per, ins_max, ngf, ndf, n_blocks, n_layers_D, pool_size):
-    """Bytes train.py's networks, solvers and image pools need for these flags (size is the
-    network's (H, W), ins_max the slots the data has): both directions' passes of K slots, the
-    discriminator on all M of them, and two pools of M-slot fakes, copied when checkpointed."""
-    ins_per = slots_per_pass(ins_per, ins_max)
+def training_memory(args, ins_max):
+    """Bytes train.py's networks, solvers and image pools need for its flags `args` and ins_max
+    slots in the data: both directions' passes of K slots, the discriminator on all M of them,
+    and two pools of M-slot fakes, copied when checkpointed."""
+    ins_per = slots_per_pass(args.ins_per, ins_max)
     slots = pass_slices(ins_max, ins_per)[-1].stop
-    pixels = size[0] * size[1]
-    parameters = 2 * (
-        generator_parameter_count(ngf, n_blocks) + discriminator_parameter_count(ndf, n_layers_D)
-    )
+    pixels = args.fineSizeH * args.fineSizeW
+    generator = generator_parameter_count(args.ngf, args.n_blocks)
+    parameters = 2 * (generator + discriminator_parameter_count(args.ndf, args.n_layers_D))
+    outputs = 2 * generator_outputs(ins_per, args.ngf, args.n_blocks)
     activations = (
-        batch_size
-        * pixels
-        * (2 * generator_outputs(ins_per, ngf, n_blocks) + discriminator_outputs(slots, ndf, n_layers_D))
+        args.batch_size * pixels * (outputs + discriminator_outputs(slots, args.ndf, args.n_layers_D))
     )
-    pools = 3 * 2 * pool_size * (3 + slots) * pixels
+    pools = 3 * 2 * args.pool_size * (3 + slots) * pixels
     return int(
         PROGRAM_BYTES
         + FLOAT_BYTES * (TRAINING_PARAMETER_COPIES * parameters + ACTIVATION_SHARE * activations + pools)

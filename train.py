@@ -35,7 +35,7 @@ from data import Loaders, check_not_in_dataset
 from losses import LOSS_NAMES, context_preserving_loss, discriminator_loss, image_and_masks_l1, lsgan_loss
 from runtime import RunError
 from runtime.checkpoints import Checkpoints
-from runtime.device import check_memory, set_context
+from runtime.device import check_training_memory, set_context
 from runtime.distributed import Processes, start_processes
 from runtime.monitors import Monitors, Progress
 from runtime.run import Run, run_files
@@ -67,22 +67,14 @@ class Trainer:
         self.image_shape = (args.batch_size, 3, args.fineSizeH, args.fineSizeW)
         self.directions = {s: self.direction_graph(s, t) for s, t in OTHER.items()}
         self.discriminators = {d: self.discriminator_graph(d) for d in 'xy'}
-        self.base_rates = {
-            'generator_x2y': args.learning_rate_G,
-            'generator_y2x': args.learning_rate_G,
-            'discriminator_x': args.learning_rate_D,
-            'discriminator_y': args.learning_rate_D,
-        }
-        self.solvers = {}
-        for scope, base in self.base_rates.items():
-            self.solvers[scope] = S.Adam(base, args.beta1, args.beta2)
+        self.base_rates = {scope: args.learning_rate_G for scope in GENERATORS}
+        self.base_rates.update({f'discriminator_{d}': args.learning_rate_D for d in 'xy'})
+        self.solvers = {s: S.Adam(rate, args.beta1, args.beta2) for s, rate in self.base_rates.items()}
+        for scope, solver in self.solvers.items():
             with nn.parameter_scope(scope):
-                self.solvers[scope].set_parameters(nn.get_parameters())
+                solver.set_parameters(nn.get_parameters())
         self.pools = {d: ImagePool(args.pool_size, args.seed + 10 + i) for i, d in enumerate('xy')}
-        logger.info(
-            f'instance slots per image: {ins_max}, translated in {len(self.passes)} '
-            f'pass(es) of {self.ins_per}'
-        )
+        logger.info(f'instance slots per image: {ins_max}, in {len(self.passes)} pass(es) of {self.ins_per}')
 
     def mask_shape(self, slots):
         return self.image_shape[:1] + (slots,) + self.image_shape[2:]
@@ -94,7 +86,7 @@ class Trainer:
         args = self.args
         image = nn.Variable(self.image_shape)
         masks = nn.Variable(self.mask_shape(self.ins_per))
-        other_masks = nn.Variable(self.mask_shape(self.slots - self.ins_per))
+        beside = nn.Variable(self.mask_shape(self.slots - self.ins_per))
         with nn.parameter_scope(f'generator_{source}2{target}'):
             fake, fake_masks, active = models.generator_pass(image, masks, args.ngf, args.n_blocks)
         with nn.parameter_scope(f'generator_{target}2{source}'):
@@ -102,21 +94,16 @@ class Trainer:
             # A generator fed an image of its own output domain should change nothing.
             idt, idt_masks = models.generator(image, masks, args.ngf, args.n_blocks)
         with nn.parameter_scope('discriminator_' + target):
-            scores = models.discriminator(
-                fake,
-                F.concatenate(fake_masks, other_masks, axis=1),
-                args.ndf,
-                args.n_layers_D,
-                fix_parameters=True,
-            )
+            all_masks = F.concatenate(fake_masks, beside, axis=1)
+            scores = models.discriminator(fake, all_masks, args.ndf, args.n_layers_D, fix_parameters=True)
+
+        def l1_to_source(out, out_masks):
+            return image_and_masks_l1(out, out_masks, image, masks, active, self.l1_mask_channels)
+
         losses = {
             'generator_loss': lsgan_loss(scores, 1.0, active),
-            'reconstruction_loss': image_and_masks_l1(
-                rec, rec_masks, image, masks, active, self.l1_mask_channels
-            ),
-            'identity_mapping_loss': image_and_masks_l1(
-                idt, idt_masks, image, masks, active, self.l1_mask_channels
-            ),
+            'reconstruction_loss': l1_to_source(rec, rec_masks),
+            'identity_mapping_loss': l1_to_source(idt, idt_masks),
             'context_preserving_loss': context_preserving_loss(image, masks, fake, fake_masks, active),
         }
         # The identity mapping does not depend on the translation: a graph of its own, run
@@ -129,16 +116,7 @@ class Trainer:
         )
         keep_values(identity_loss, translation_loss, fake, fake_masks, rec, rec_masks, *losses.values())
         return PassGraph(
-            image,
-            masks,
-            other_masks,
-            fake,
-            fake_masks,
-            rec,
-            rec_masks,
-            losses,
-            identity_loss,
-            translation_loss,
+            image, masks, beside, fake, fake_masks, rec, rec_masks, losses, identity_loss, translation_loss
         )
 
     def discriminator_graph(self, domain):
@@ -181,15 +159,7 @@ class Trainer:
                 state.translated[source][:, slots] = graph.fake_masks.d
                 state.images[source] = graph.fake.d.copy()
                 losses['discriminator_loss_' + target].append(
-                    self.update_discriminator(
-                        target,
-                        state.real_images[target],
-                        state.real_masks[target],
-                        state.images[source],
-                        state.translated[source],
-                        state.active[source],
-                        iteration,
-                    )
+                    self.update_discriminator(state, source, iteration)
                 )
                 for name, loss in graph.losses.items():
                     losses[f'{name}_{source}'].append(float(loss.d))
@@ -211,31 +181,27 @@ class Trainer:
             graph = self.directions[source]
             graph.image.d = state.images[source]
             graph.masks.d = state.real_masks[source][:, state.slots]
-            graph.other_masks.d = state.masks_beside(source)
+            graph.beside.d = state.masks_beside(source)
             for loss in [graph.identity_loss, graph.translation_loss]:
                 loss.forward(clear_no_need_grad=True)
                 loss.backward(clear_buffer=True)
-        self.check_finite(
-            {
-                f'{name}_{source}': loss
-                for source in state.sources
-                for name, loss in self.directions[source].losses.items()
-            },
-            iteration,
-        )
+        losses = {f'{name}_{s}': v for s in state.sources for name, v in self.directions[s].losses.items()}
+        self.check_finite(losses, iteration)
         for scope in GENERATORS:
             self.processes.mean_gradients(self.solvers[scope])
             self.solvers[scope].update()
 
-    def update_discriminator(
-        self, domain, real_images, real_masks, fake_images, fake_masks, active, iteration
-    ):
-        """One Adam step of the discriminator of `domain` on its real batch, with every real
-        instance in every pass as the official code, and on pooled fakes, weighted by
-        `active`; returns its loss."""
-        graph = self.discriminators[domain]
-        graph.real.d, graph.real_masks.d = real_images, real_masks
-        graph.fake.d, graph.fake_masks.d = self.pools[domain].query(fake_images, fake_masks, active)
+    def update_discriminator(self, state, source, iteration):
+        """One Adam step of the discriminator of the target domain of `source` on its real batch,
+        with every real instance in every pass as the official code, and on pooled fakes of the
+        pass's translations, weighted by whether a sample had an instance translated; returns
+        its loss."""
+        domain = OTHER[source]
+        graph, active = self.discriminators[domain], state.active[source]
+        graph.real.d, graph.real_masks.d = state.real_images[domain], state.real_masks[domain]
+        graph.fake.d, graph.fake_masks.d = self.pools[domain].query(
+            state.images[source], state.translated[source], active
+        )
         graph.fake_weights.d = active
         graph.loss.forward(clear_no_need_grad=True)
         self.check_finite({'discriminator_loss_' + domain: graph.loss}, iteration)
@@ -258,20 +224,14 @@ class Trainer:
         logger.warning(f'{what} at iteration {iteration}')
 
     def set_epoch(self, epoch):
+        decay_start, max_epoch = self.args.lr_decay_start_epoch, self.args.max_epoch
         for scope, solver in self.solvers.items():
-            solver.set_learning_rate(
-                learning_rate(
-                    self.base_rates[scope], epoch, self.args.lr_decay_start_epoch, self.args.max_epoch
-                )
-            )
+            solver.set_learning_rate(learning_rate(self.base_rates[scope], epoch, decay_start, max_epoch))
 
     def graph_outputs(self):
         """The variables whose graphs hold every function the iteration runs."""
-        return [
-            loss
-            for graph in self.directions.values()
-            for loss in (graph.identity_loss, graph.translation_loss)
-        ] + [graph.loss for graph in self.discriminators.values()]
+        losses = [[graph.identity_loss, graph.translation_loss] for graph in self.directions.values()]
+        return sum(losses, []) + [graph.loss for graph in self.discriminators.values()]
 
     def state_dict(self):
         return {d: pool.state_dict() for d, pool in self.pools.items()}
@@ -287,7 +247,7 @@ class PassGraph:
 
     image: nn.Variable  # the source images as translated by the earlier passes
     masks: nn.Variable  # the pass's K source masks
-    other_masks: nn.Variable  # the M - K masks D sees beside the pass's translated ones
+    beside: nn.Variable  # the M - K masks D sees beside the pass's translated ones
     fake: nn.Variable
     fake_masks: nn.Variable
     rec: nn.Variable  # the reconstruction target -> source of the translation
@@ -357,22 +317,18 @@ class ImagePool:
         return out_images, out_masks
 
     def state_dict(self):
-        return {
-            'images': np.array(self.images, np.float32),
-            'masks': np.array(self.masks, np.float32),
-            'rng': self.rng.get_state(),
-        }
+        images, masks = (np.array(stored, np.float32) for stored in (self.images, self.masks))
+        return {'images': images, 'masks': masks, 'rng': self.rng.get_state()}
 
     def load_state_dict(self, state, image_shape, mask_shape):
         """`state` of a pool of this size holding (3, H, W) images with (M, H, W) masks."""
         images, masks = state['images'], state['masks']
-        if (
-            not isinstance(images, np.ndarray)
-            or not isinstance(masks, np.ndarray)
-            or not (images.dtype.kind == masks.dtype.kind == 'f')
-            or not (len(images) == len(masks) <= self.size)
-            or len(images)
-            and (images.shape[1:] != image_shape or masks.shape[1:] != mask_shape)
+        arrays = isinstance(images, np.ndarray) and isinstance(masks, np.ndarray)
+        if not (
+            arrays
+            and images.dtype.kind == masks.dtype.kind == 'f'
+            and len(images) == len(masks) <= self.size
+            and (len(images) == 0 or (images.shape[1:], masks.shape[1:]) == (image_shape, mask_shape))
         ):
             raise ValueError(
                 f'a pool of {np.shape(images)} images of {np.asarray(images).dtype} '
@@ -405,51 +361,19 @@ def train(args):
     nn.clear_parameters()
     nn.seed(args.seed)  # parameter initialisers draw from nnabla's own generator
     with Loaders.of(args, share=(processes.rank, processes.size)) as loaders:
-        # On a GPU the networks are in its memory, which is not checked here.
         networks = (
-            models.training_memory(
-                args.batch_size,
-                (args.fineSizeH, args.fineSizeW),
-                args.ins_per,
-                loaders.ins_max,
-                args.ngf,
-                args.ndf,
-                args.n_blocks,
-                args.n_layers_D,
-                args.pool_size,
-            )
-            if args.context == 'cpu'
-            else 0
-        )
-        slots = f'{loaders.ins_max} instance slot{"s" * (loaders.ins_max > 1)}'
-        check_memory(
-            networks + loaders.memory(),
-            f'--batch-size {args.batch_size} of {args.fineSizeH}x'
-            f'{args.fineSizeW} (load size {args.loadSizeH}x{args.loadSizeW}) with --ngf {args.ngf} '
-            f'--ndf {args.ndf} --n-blocks {args.n_blocks} and {slots}',
-            'make some of these smaller',
-        )
+            models.training_memory(args, loaders.ins_max) if args.context == 'cpu' else 0
+        )  # not a GPU's
+        check_training_memory(args, loaders.ins_max, networks + loaders.memory())
         loaders.verify()
         with Run.for_training(args, run_files(SERIES), processes.rank) as run:
             trainer = Trainer(args, loaders.ins_max, processes)
             accelerate(*trainer.graph_outputs())
             monitors = Monitors(
-                args.monitor_path,
-                SERIES,
-                args.log_step,
-                processes.rank == 0,
-                resume_from=args.model_save_path,
+                args.monitor_path, SERIES, args.log_step, processes.rank == 0, args.model_save_path
             )
-            checkpoints = Checkpoints(
-                args,
-                trainer.solvers,
-                loaders,
-                run,
-                processes,
-                pools=trainer,
-                loaders=loaders,
-                monitors=monitors,
-            )
+            parts = dict(pools=trainer, loaders=loaders, monitors=monitors)  # restored in this order
+            checkpoints = Checkpoints(args, trainer.solvers, loaders, run, processes, **parts)
             place = checkpoints.start(FIXED_ON_RESUME, CHANGEABLE_ON_RESUME, models.current_parameter_name)
             train_epochs(args, trainer, loaders, monitors, checkpoints, run, place)
 
@@ -477,10 +401,8 @@ def train_epochs(args, trainer, loaders, monitors, checkpoints, run, place):
                 iteration += 1
                 progress.update(losses)
                 if processes.any(run.stop.received):
-                    run.stopped(
-                        iteration,
-                        checkpoints.save(iteration, epoch + position // per_epoch, position % per_epoch),
-                    )
+                    saved = checkpoints.save(iteration, epoch + position // per_epoch, position % per_epoch)
+                    run.stopped(iteration, saved)
         start = 0
         if processes.rank == 0 and ((epoch + 1) % args.save_interval == 0 or epoch + 1 == args.max_epoch):
             logger.info(f'epoch {epoch + 1}: saved {checkpoints.save(iteration, epoch + 1, 0)}')

@@ -113,3 +113,15 @@ def check_memory(needed, what, advice=''):
             f'sizes), and this machine has {gigabytes(available)} available'
             + (f'; {advice}' if advice else '')
         )
+
+
+def check_training_memory(args, ins_max, needed):
+    """check_memory for train.py's flags `args` with ins_max instance slots in the data."""
+    slots = f'{ins_max} instance slot{"s" * (ins_max > 1)}'
+    check_memory(
+        needed,
+        f'--batch-size {args.batch_size} of {args.fineSizeH}x{args.fineSizeW} (load size '
+        f'{args.loadSizeH}x{args.loadSizeW}) with --ngf {args.ngf} --ndf {args.ndf} '
+        f'--n-blocks {args.n_blocks} and {slots}',
+        'make some of these smaller',
+    )

@@ -534,17 +534,7 @@ def test_the_training_estimate_covers_the_measured_peak(tmp_path, two_images):
     assert result.returncode == 0, result.stderr
     peak = int(result.stdout.split()[-1])
     args = train.get_args(TINY)
-    estimate = models.training_memory(
-        args.batch_size,
-        (args.fineSizeH, args.fineSizeW),
-        args.ins_per,
-        1,
-        args.ngf,
-        args.ndf,
-        args.n_blocks,
-        args.n_layers_D,
-        args.pool_size,
-    )
+    estimate = models.training_memory(args, 1)
     assert peak < estimate < 2 * peak, (peak, estimate)
 
 
