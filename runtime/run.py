@@ -168,7 +168,9 @@ class Run:
         try:
             for flag, folder in self.folders:
                 make_writable_folder(folder, flag)
-                self.locks.append(self.cleanup.enter_context(FolderLock(folder)))
+                self.locks.append(FolderLock(folder))
+                with self.stop.held():  # a stop then finds the lock whole, and releases it
+                    self.cleanup.enter_context(self.locks[-1])
             self.claim()
             if self.folders and not self.resume:
                 self.identify(uuid.uuid4().hex)

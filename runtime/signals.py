@@ -11,6 +11,7 @@ first signal is recorded for the program to act on, a second one ends at once.
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -47,6 +48,8 @@ class StopRequest:
         self.then, self.before_exit, self.at_once = then, list(before_exit), at_once
         self.deferring = False
         self.received = None
+        self.held_signal = None  # one that came within held(), acted on at its end
+        self.holding = False
 
     def __enter__(self):
         self.previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
@@ -61,7 +64,23 @@ class StopRequest:
     def name(self):
         return signal.Signals(self.received).name
 
+    @contextmanager
+    def held(self):
+        """Within it a stop signal waits for its end, so that what it makes (a lock file, say)
+        is whole when before_exit sees it."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.held_signal is not None:
+                signum, self.held_signal = self.held_signal, None
+                self.handle(signum, None)
+
     def handle(self, signum, frame):
+        if self.holding:
+            self.held_signal = self.held_signal or signum
+            return
         if self.deferring and self.received is None:
             self.received = signum
             say(f'{self.name}: {self.then} (again: at once)')

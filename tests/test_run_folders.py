@@ -226,3 +226,29 @@ def test_a_second_run_is_refused_and_a_second_signal_stops_at_once(tmp_path, two
         'train.py: stopped by SIGINT; the checkpoints written so far are kept (continue with --resume)'
     )
     assert not (tmp_path / 'models' / 'train.lock').exists()
+
+
+def test_a_signal_while_the_lock_is_written_leaves_no_lock(tmp_path):
+    """SIGTERM lands between the creation of train.lock and the end of its write (a slow disk's
+    fsync): the run ends with one line and removes the lock, whole by then."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import runtime.run
+
+def slow_create(path, data):
+    with open(path, 'wb'):
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the bytes are written
+    with open(path, 'wb') as f:
+        f.write(data)
+
+runtime.run.create_exclusive = slow_create
+folder = {str(tmp_path / 'models')!r}
+with runtime.run.Run({{'-o': folder}}, folder, runtime.run.run_files([])):
+    print('not stopped')
+"""
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == '-c: stopped by SIGTERM'
+    assert os.listdir(tmp_path / 'models') == []
