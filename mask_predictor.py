@@ -41,6 +41,7 @@ from runtime.files import write_image, write_text
 SCOPE = 'mask_predictor'
 CONFIG = 'predictor.json'  # written next to parameters.h5
 DEFAULT_CATEGORIES = ('jeans', 'skirt')
+DEFAULT_OTHER_CATEGORIES = ()
 DEFAULT_SIZE = (144, 96)  # CCP photos are 550 wide, 800-870 high: the same aspect ratio
 DEFAULT_WIDTH = 16  # channels of the first level; each further level doubles them
 DEFAULT_LEVELS = 5
@@ -105,20 +106,19 @@ def check_size(size, levels):
 
 
 def segmentation_loss(logits, labels, one_hot):
-    """Mean per-pixel cross-entropy plus the soft Dice loss of the non-background classes.
+    """Mean per-pixel cross-entropy over all classes plus the soft Dice loss of the categories.
 
-    labels (B, 1, H, W) int class ids, one_hot (B, C, H, W) float the same as 0/1 planes. The
+    labels (B, 1, H, W) int class ids; one_hot (B, 1 + K, H, W) float 0/1 planes of the first
+    1 + K classes (background and the K categories; other classes get no Dice term). The
     garments cover a few percent of the pixels of a photo (and nothing on most photos), so
     cross-entropy alone is content with a timid foreground; the Dice term, computed over the
     whole batch per class, weighs a class's misses against its own size, which is what IoU
     measures."""
     cross_entropy = F.mean(F.softmax_cross_entropy(logits, labels, axis=1))
     probabilities = F.softmax(logits, axis=1)
-    n_classes = logits.shape[1]
-    foreground = F.slice(
-        probabilities, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes) + logits.shape[2:]
-    )
-    target = F.slice(one_hot, start=(0, 1, 0, 0), stop=(logits.shape[0], n_classes) + logits.shape[2:])
+    stop = (logits.shape[0], one_hot.shape[1]) + logits.shape[2:]
+    foreground = F.slice(probabilities, start=(0, 1, 0, 0), stop=stop)
+    target = F.slice(one_hot, start=(0, 1, 0, 0), stop=stop)
     overlap = F.sum(foreground * target, axis=(0, 2, 3))
     total = F.sum(foreground, axis=(0, 2, 3)) + F.sum(target, axis=(0, 2, 3))
     dice = F.mean(1 - (2 * overlap + 1) / (total + 1))
@@ -164,11 +164,13 @@ def resize_probabilities(probabilities, size):
 
 @dataclass
 class MaskPredictor:
-    """A built prediction graph: categories (class c + 1 is categories[c]), network size
-    (H, W), width and levels; image and probabilities (the softmax) are its input and output
-    variables (batch 1)."""
+    """A built prediction graph: categories (class c + 1 is categories[c]), other_categories
+    (the classes after them, learnt so that the network tells them from the categories, never
+    turned into masks), network size (H, W), width and levels; image and probabilities (the
+    softmax) are its input and output variables (batch 1)."""
 
     categories: tuple
+    other_categories: tuple
     size: tuple
     width: int
     levels: int
@@ -176,43 +178,58 @@ class MaskPredictor:
     probabilities: nn.Variable
 
     def class_probabilities(self, photo):
-        """(1 + len(categories), h, w) softmax of a photo (H, W, 3) uint8, at network size."""
+        """(classes, h, w) softmax of a photo (H, W, 3) uint8, at network size."""
         self.image.d = to_network_input(photo, self.size)[None]
         self.probabilities.forward(clear_buffer=True)
         return self.probabilities.d[0].copy()
 
 
 def build_predictor(
-    categories=DEFAULT_CATEGORIES, size=DEFAULT_SIZE, width=DEFAULT_WIDTH, levels=DEFAULT_LEVELS
+    categories=DEFAULT_CATEGORIES,
+    size=DEFAULT_SIZE,
+    width=DEFAULT_WIDTH,
+    levels=DEFAULT_LEVELS,
+    other_categories=(),
 ):
     """The prediction graph with the current parameters under SCOPE (made if missing)."""
     check_size(size, levels)
     image = nn.Variable((1, 3) + tuple(size))
-    logits = predictor_logits(image, 1 + len(categories), width, levels)
+    logits = predictor_logits(image, 1 + len(categories) + len(other_categories), width, levels)
     probabilities = F.softmax(logits, axis=1)
     probabilities.persistent = True
-    return MaskPredictor(tuple(categories), tuple(size), width, levels, image, probabilities)
+    return MaskPredictor(
+        tuple(categories), tuple(other_categories), tuple(size), width, levels, image, probabilities
+    )
 
 
-def write_config(folder, categories, size, width, levels):
+def write_config(folder, categories, size, width, levels, other_categories=()):
     """The JSON that load_predictor needs beside parameters.h5."""
-    config = dict(categories=list(categories), size=list(size), width=width, levels=levels)
+    config = dict(
+        categories=list(categories),
+        other_categories=list(other_categories),
+        size=list(size),
+        width=width,
+        levels=levels,
+    )
     write_text(str(Path(folder) / CONFIG), json.dumps(config, indent=1) + '\n')
 
 
 def read_config(path):
-    """predictor.json, checked for type and range: (categories, size, width, levels)."""
+    """predictor.json, checked for type and range: (categories, size, width, levels,
+    other_categories); a file without other_categories (the first version) has none."""
     try:
         config = json.loads(Path(path).read_text())
         categories, size = config['categories'], config['size']
         width, levels = config['width'], config['levels']
+        other_categories = config.get('other_categories', [])
         if not (
             isinstance(categories, list)
             and categories
-            and all(isinstance(c, str) and c for c in categories)
-            and len(set(categories)) == len(categories)
+            and isinstance(other_categories, list)
+            and all(isinstance(c, str) and c for c in categories + other_categories)
+            and len(set(categories + other_categories)) == len(categories + other_categories)
         ):
-            raise ValueError('categories must be distinct non-empty names')
+            raise ValueError('categories and other_categories must be distinct non-empty names')
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in [*size, width, levels]):
             raise ValueError('size, width and levels must be integers')
         if len(size) != 2 or not 1 <= width <= 1024 or not 1 <= levels <= 8:
@@ -220,7 +237,7 @@ def read_config(path):
         check_size(size, levels)
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f'{path}: not a mask predictor configuration ({error})') from None
-    return tuple(categories), tuple(size), width, levels
+    return tuple(categories), tuple(size), width, levels, tuple(other_categories)
 
 
 def load_predictor(folder):
@@ -229,7 +246,7 @@ def load_predictor(folder):
     naming the file unless the parameters are exactly the network's, in names and shapes: a
     parameter left at its random start would predict noise without a word."""
     folder = Path(folder)
-    categories, size, width, levels = read_config(folder / CONFIG)
+    categories, size, width, levels, other_categories = read_config(folder / CONFIG)
     file = folder / 'parameters.h5'
     try:
         saved = read_parameters(str(file))
@@ -240,7 +257,7 @@ def load_predictor(folder):
         ) from None
     with nn.parameter_scope(SCOPE):
         nn.clear_parameters()  # a predictor loaded before keeps its own; this one starts afresh
-    predictor = build_predictor(categories, size, width, levels)
+    predictor = build_predictor(categories, size, width, levels, other_categories)
     with nn.parameter_scope(SCOPE):
         needed = {f'{SCOPE}/{name}': p for name, p in nn.get_parameters(grad_only=False).items()}
     for name in sorted(set(needed) | set(saved)):
@@ -263,10 +280,15 @@ class CategoryMasks:
 
 
 def predict_labels(predictor, photo):
-    """(H, W) class ids of a photo (H, W, 3) uint8 at its own resolution: 0 background,
-    c + 1 for predictor.categories[c]."""
+    """(H, W) class ids of a photo (H, W, 3) uint8 at its own resolution: c + 1 for
+    predictor.categories[c], 0 elsewhere (background and the other categories)."""
     probabilities = predictor.class_probabilities(photo)
-    return resize_probabilities(probabilities, np.shape(photo)[:2]).argmax(axis=0)
+    # Every class that is not a category competes as one plane, its most likely one's: the
+    # same argmax at network size, and few planes to bring to the photo's size.
+    count = 1 + len(predictor.categories)
+    rest = np.concatenate([probabilities[:1], probabilities[count:]]).max(axis=0, keepdims=True)
+    planes = np.concatenate([rest, probabilities[1:count]])
+    return resize_probabilities(planes, np.shape(photo)[:2]).argmax(axis=0)
 
 
 def predict_masks(predictor, photo, split_instances=False, min_instance_area=0.002):

@@ -15,6 +15,8 @@ test folder (the same F and S here), so that a translation model and this predic
 measured on photos neither has seen. Every photo is read once, resized, into memory. An epoch
 is every training photo showing one of the categories and as many others (--negatives times
 as many), drawn afresh each epoch; each sample is flipped, cropped and rescaled at random.
+--other-categories are learnt as classes of their own (a coat is then a coat, not background
+that looks like a skirt) but are neither held out, scored nor ever predicted as masks.
 
 The run's folders, checkpoints, series and device are the project's run machinery (runtime/),
 as for train.py: -o and -m are locked while the run lasts (FOLDER/train.lock); a fresh run
@@ -68,7 +70,17 @@ from runtime.monitors import Progress, SeriesFile, save_tile
 from runtime.run import Run, run_files
 
 # What a resumed run must share with the run it continues: the data and the network.
-SAME_ON_RESUME = ['data_root', 'categories', 'test_fraction', 'split_seed', 'size', 'width', 'levels', 'seed']
+SAME_ON_RESUME = [
+    'data_root',
+    'categories',
+    'other_categories',
+    'test_fraction',
+    'split_seed',
+    'size',
+    'width',
+    'levels',
+    'seed',
+]
 PRELOAD_SCALE = 1.125  # photos are kept this much larger than --size, for the random crops
 CROP_SCALES = (0.8, 1.0)  # side of the random crop, as a share of the kept photo
 KEEP_CHECKPOINTS = 2
@@ -86,13 +98,14 @@ def class_map(labels, label_ids):
     return classes
 
 
-def read_ccp(data_root, categories, test_fraction, split_seed):
+def read_ccp(data_root, categories, test_fraction, split_seed, other_categories=()):
     """The CCP copy's pixel-level annotations and the split: (label_maps {name: label map},
-    label ids of the categories, held-out names {category: frozenset}), checked."""
+    label ids of the categories then of other_categories, held-out names {category:
+    frozenset}), checked. Only the categories decide which photos are held out."""
     data_root = Path(data_root)
     ccp.check_layout(data_root)
     names = ccp.label_names(data_root)
-    label_ids = [ccp.label_of(names, category) for category in categories]
+    label_ids = [ccp.label_of(names, category) for category in [*categories, *other_categories]]
     label_maps = ccp.read_label_maps(data_root)
     if not label_maps:
         raise RunError(f'{data_root}: no pixel-level annotations')
@@ -100,10 +113,20 @@ def read_ccp(data_root, categories, test_fraction, split_seed):
         category: ccp.held_out_names(label_maps, label, test_fraction, split_seed)
         for category, label in zip(categories, label_ids)
     }
-    for category, label in zip(categories, label_ids):
+    for category, label in zip([*categories, *other_categories], label_ids):
         if not ccp.photos_with(label_maps, label):
-            raise RunError(f'--categories {category}: no pixel-level annotation contains it')
+            raise RunError(f'{category}: no pixel-level annotation contains it')
     return label_maps, label_ids, held_out
+
+
+def all_other_categories(data_root, categories):
+    """--other-categories all: every CCP category besides `categories` that some pixel-level
+    annotation contains, in label order."""
+    names = ccp.label_names(data_root)
+    present = set().union(*(np.unique(labels).tolist() for labels in ccp.read_label_maps(data_root).values()))
+    return [
+        name for label, name in enumerate(names) if label in present and name not in ('', 'null', *categories)
+    ]
 
 
 def load_training_data(data_root, names, label_maps, label_ids, size):
@@ -144,12 +167,13 @@ def augment(photo, classes, size, rng):
     return image, mp.resize_labels(classes, size)
 
 
-def epoch_order(classes, negatives, seed, epoch):
-    """The sample indices of an epoch: every photo showing a category, plus `negatives` times
-    as many of the others (all of them at most), shuffled; the same for the same seed and
-    epoch, so that a resumed run repeats it."""
+def epoch_order(classes, n_categories, negatives, seed, epoch):
+    """The sample indices of an epoch: every photo showing a category (class 1 to
+    n_categories), plus `negatives` times as many of the others (all of them at most),
+    shuffled; the same for the same seed and epoch, so that a resumed run repeats it."""
     rng = np.random.RandomState([seed, epoch])
-    shows = classes.reshape(len(classes), -1).max(axis=1) > 0
+    flat = classes.reshape(len(classes), -1)
+    shows = ((flat > 0) & (flat <= n_categories)).any(axis=1)
     positive, negative = np.flatnonzero(shows), np.flatnonzero(~shows)
     count = min(len(negative), round(negatives * len(positive)))
     chosen = np.concatenate([positive, rng.choice(negative, count, replace=False)])
@@ -196,6 +220,7 @@ def run_record(args):
     record = dict(vars(args))
     record['data_root'] = str(Path(args.data_root).resolve())
     record['size'], record['categories'] = list(args.size), list(args.categories)
+    record['other_categories'] = list(args.other_categories)
     return record
 
 
@@ -391,10 +416,10 @@ def learning_rate(base, epoch, max_epoch):
 def build_training_graph(args):
     """(image, labels, one_hot, loss) variables of a training batch."""
     height, width = args.size
-    n_classes = 1 + len(args.categories)
+    n_classes = 1 + len(args.categories) + len(args.other_categories)
     image = nn.Variable((args.batch_size, 3, height, width))
     labels = nn.Variable((args.batch_size, 1, height, width))
-    one_hot = nn.Variable((args.batch_size, n_classes, height, width))
+    one_hot = nn.Variable((args.batch_size, 1 + len(args.categories), height, width))
     logits = mp.predictor_logits(image, n_classes, args.width, args.levels)
     loss = mp.segmentation_loss(logits, labels, one_hot)
     loss.persistent = True
@@ -411,12 +436,18 @@ def export_predictor(folder, args, flag='--export'):
         buffer, {f'{mp.SCOPE}/{name}': value for name, value in parameters.items()}, extension='.h5'
     )
     write_bytes(os.path.join(folder, 'parameters.h5'), buffer.getvalue())
-    mp.write_config(folder, args.categories, args.size, args.width, args.levels)
+    mp.write_config(folder, args.categories, args.size, args.width, args.levels, args.other_categories)
+
+
+def new_predictor(args):
+    return mp.build_predictor(args.categories, args.size, args.width, args.levels, args.other_categories)
 
 
 def train(args):
+    if args.other_categories == ['all']:
+        args.other_categories = all_other_categories(args.data_root, args.categories)
     label_maps, label_ids, held_out = read_ccp(
-        args.data_root, args.categories, args.test_fraction, args.split_seed
+        args.data_root, args.categories, args.test_fraction, args.split_seed, args.other_categories
     )
     held_out_names = sorted(set().union(*held_out.values()))
     accelerate = set_context(args.context, args.device_id)[1]
@@ -450,14 +481,12 @@ def train(args):
                 + (f', sample {place[2]} of the epoch' if place[2] else '')
             )
         run.start_training()
-        held_out = (held_out_names, label_maps, label_ids)
+        held_out = (held_out_names, label_maps, label_ids[: len(args.categories)])
         train_epochs(args, run, graph, solver, series, (photos, classes), place, held_out)
         run.end_training()
         export_predictor(os.path.join(args.model_save_path, 'predictor'), args, '--model-save-path')
         print(f'predictor: {os.path.join(args.model_save_path, "predictor")}')
-        held_out_evaluation(
-            args, mp.build_predictor(args.categories, args.size, args.width, args.levels), *held_out
-        )
+        held_out_evaluation(args, new_predictor(args), *held_out)
 
 
 def train_epochs(args, run, graph, solver, series, data, place, held_out):
@@ -467,11 +496,11 @@ def train_epochs(args, run, graph, solver, series, data, place, held_out):
     image, labels, one_hot, loss = graph
     photos, classes = data
     iteration, first_epoch, samples, seconds = place
-    n_classes = 1 + len(args.categories)
+    dice_classes = 1 + len(args.categories)
     for epoch in range(first_epoch, args.max_epoch):
         started = time.monotonic() - seconds  # a resumed epoch counts its earlier part
         solver.set_learning_rate(learning_rate(args.learning_rate, epoch, args.max_epoch))
-        order = epoch_order(classes, args.negatives, args.seed, epoch)
+        order = epoch_order(classes, len(args.categories), args.negatives, args.seed, epoch)
         steps = len(order) // args.batch_size
         with Progress(
             steps, samples // args.batch_size, f'epoch {epoch + 1}/{args.max_epoch}', names=['loss']
@@ -480,7 +509,7 @@ def train_epochs(args, run, graph, solver, series, data, place, held_out):
                 photos, classes, order, args.batch_size, args.size, args.seed, epoch, samples
             ):
                 image.d, labels.d = images, batch_labels
-                one_hot.d = mp.one_hot_planes(batch_labels, n_classes)
+                one_hot.d = mp.one_hot_planes(batch_labels, dice_classes)
                 loss.forward(clear_no_need_grad=True)
                 solver.zero_grad()
                 loss.backward(clear_buffer=True)
@@ -501,8 +530,7 @@ def train_epochs(args, run, graph, solver, series, data, place, held_out):
                     )
         series['epoch_time'].add(epoch, time.monotonic() - started)
         if args.eval_interval and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.max_epoch):
-            predictor = mp.build_predictor(args.categories, args.size, args.width, args.levels)
-            results = evaluate(predictor, args.data_root, *held_out)
+            results = evaluate(new_predictor(args), args.data_root, *held_out)
             for category in args.categories:
                 series[f'heldout_iou_{category}'].add(epoch, results['iou'][category])
             print(
@@ -538,7 +566,9 @@ def evaluate_saved(args):
         state = read_checkpoint(paths[-1], ['args'])
         try:  # the network it was made with
             saved = {key: state['args'][key] for key in ['categories', 'size', 'width', 'levels']}
-            predictor = mp.build_predictor(**saved)
+            predictor = mp.build_predictor(
+                **saved, other_categories=state['args'].get('other_categories', [])
+            )
         except (KeyError, TypeError, ValueError) as error:
             raise DamagedCheckpoint(
                 f'{paths[-1]}/state.json: no predictor network in its args ({type(error).__name__}: {error})'
@@ -548,6 +578,7 @@ def evaluate_saved(args):
         print(f'{paths[-1]}: {epoch} epoch(s)' + (f' and {samples} samples' if samples else ''))
     args.categories, args.size = list(predictor.categories), list(predictor.size)
     args.width, args.levels = predictor.width, predictor.levels
+    args.other_categories = list(predictor.other_categories)
     label_maps, label_ids, held_out = read_ccp(
         args.data_root, args.categories, args.test_fraction, args.split_seed
     )
@@ -592,6 +623,13 @@ def get_args(argv=None):
         nargs='+',
         default=list(mp.DEFAULT_CATEGORIES),
         help='the CCP categories to predict (besides background)',
+    )
+    parser.add_argument(
+        '--other-categories',
+        nargs='*',
+        default=list(mp.DEFAULT_OTHER_CATEGORIES),
+        help='CCP categories learnt as classes of their own, so that the network tells them from '
+        '--categories (coats from skirts); never predicted as masks. "all": every other one',
     )
     parser.add_argument(
         '--test-fraction',
@@ -680,6 +718,9 @@ def get_args(argv=None):
         parser.error('--evaluate reads --model-save-path; it neither resumes nor overwrites')
     if len(set(args.categories)) != len(args.categories):
         parser.error('--categories: each category once')
+    named = args.categories + args.other_categories
+    if len(set(named)) != len(named) or ('all' in args.other_categories and len(args.other_categories) > 1):
+        parser.error('--other-categories: each category once, none of --categories; or "all" alone')
     try:
         mp.check_size(args.size, args.levels)
     except ValueError as error:

@@ -314,16 +314,81 @@ def test_label_maps_that_are_not_label_ids_are_refused(tmp_path):
         ccp.read_label_maps(root)
 
 
+def test_the_dice_term_covers_the_categories_only():
+    """Cross-entropy over all four classes, Dice over classes 1 and 2 (one_hot's planes)."""
+    rng = np.random.RandomState(2)
+    logits = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+    labels = rng.randint(0, 4, (2, 1, 3, 5))
+    one_hot = mp.one_hot_planes(labels, 3)
+    loss = mp.segmentation_loss(
+        nn.Variable.from_numpy_array(logits),
+        nn.Variable.from_numpy_array(labels),
+        nn.Variable.from_numpy_array(one_hot),
+    )
+    loss.forward()
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    cross_entropy = -np.mean(np.log(np.take_along_axis(probabilities, labels, axis=1)))
+    overlap = (probabilities[:, 1:3] * one_hot[:, 1:]).sum(axis=(0, 2, 3))
+    total = probabilities[:, 1:3].sum(axis=(0, 2, 3)) + one_hot[:, 1:].sum(axis=(0, 2, 3))
+    dice = np.mean(1 - (2 * overlap + 1) / (total + 1))
+    assert float(loss.d) == pytest.approx(cross_entropy + dice, rel=1e-5)
+
+
+def predictor_favouring(folder, other_categories, favoured):
+    """A predictor folder whose classifier bias makes class `favoured` win at every pixel."""
+    args = train_masks.get_args(
+        ['--size', '8', '8', '--levels', '2', '--width', '4', '--other-categories', *other_categories]
+    )
+    n_classes = 3 + len(other_categories)
+    mp.predictor_logits(nn.Variable((1, 3, 8, 8)), n_classes, args.width, args.levels)
+    with nn.parameter_scope(mp.SCOPE):
+        bias = nn.get_parameters()['classifier/conv/b']
+    bias.d = np.where(np.arange(n_classes) == favoured, 100.0, 0.0)
+    train_masks.export_predictor(folder, args)
+    nn.clear_parameters()
+    return mp.load_predictor(folder)
+
+
+def test_other_categories_are_learnt_as_classes_but_never_become_masks(tmp_path):
+    photo = np.random.RandomState(3).randint(0, 256, (20, 14, 3)).astype(np.uint8)
+    bag_wins = predictor_favouring(tmp_path / 'bag', ['bag', 'shirt'], favoured=3)
+    assert bag_wins.categories == ('jeans', 'skirt') and bag_wins.other_categories == ('bag', 'shirt')
+    assert mp.read_config(tmp_path / 'bag' / mp.CONFIG)[4] == ('bag', 'shirt')
+    assert not mp.predict_labels(bag_wins, photo).any()
+    found = mp.predict_masks(bag_wins, photo)
+    assert list(found) == ['jeans', 'skirt'] and not any(m.instances for m in found.values())
+    skirt_wins = predictor_favouring(tmp_path / 'skirt', ['bag', 'shirt'], favoured=2)
+    assert (mp.predict_labels(skirt_wins, photo) == 2).all()
+
+
+def test_a_configuration_naming_a_category_twice_across_both_lists_is_refused(tmp_path):
+    predictor_favouring(tmp_path / 'p', ['bag'], favoured=0)
+    config = json.loads((tmp_path / 'p' / mp.CONFIG).read_text())
+    config['other_categories'] = ['jeans']
+    (tmp_path / 'p' / mp.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match='distinct'):
+        mp.load_predictor(tmp_path / 'p')
+
+
+@pytest.mark.parametrize('flags', [['skirt'], ['bag', 'bag'], ['all', 'bag']])
+def test_other_categories_flags_that_repeat_a_category_are_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        train_masks.get_args(['--other-categories', *flags])
+    assert '--other-categories: each category once' in capsys.readouterr().err
+
+
 # --- train_masks.py on a CCP look-alike ------------------------------------------------------
 
 
 def test_epoch_order_is_seeded_and_balances_the_photos():
     classes = np.zeros((10, 2, 2), np.uint8)
     classes[[1, 4, 7], 0, 0] = 1
-    order = train_masks.epoch_order(classes, 1.0, seed=3, epoch=2)
+    classes[[2, 5], 1, 1] = 2  # another category's class: not a photo showing a category
+    order = train_masks.epoch_order(classes, 1, 1.0, seed=3, epoch=2)
     assert len(order) == 6 and {1, 4, 7} <= set(order) and len(set(order)) == 6
-    np.testing.assert_array_equal(order, train_masks.epoch_order(classes, 1.0, 3, 2))
-    assert len(train_masks.epoch_order(classes, 5.0, 3, 2)) == 10
+    np.testing.assert_array_equal(order, train_masks.epoch_order(classes, 1, 1.0, 3, 2))
+    assert len(train_masks.epoch_order(classes, 1, 5.0, 3, 2)) == 10
+    assert len(train_masks.epoch_order(classes, 2, 1.0, 3, 2)) == 10
 
 
 def training_flags(tmp_path, root):
@@ -384,7 +449,7 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     nn.clear_parameters()
     train_masks.main(flags + ['--evaluate', '--export', str(tmp_path / 'exported')])
     assert 'checkpoint_000000010: 2 epoch(s)' in capsys.readouterr().out
-    assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == (('jeans', 'skirt'), (16, 16), 4, 2)
+    assert mp.read_config(tmp_path / 'exported' / mp.CONFIG) == (('jeans', 'skirt'), (16, 16), 4, 2, ())
     with pytest.raises(SystemExit, match=r'other --width \(4, now 8\)'):
         train_masks.main(
             [('8' if flag == '4' else flag) for flag in flags] + ['--resume', '--max-epoch', '3']
@@ -395,6 +460,24 @@ def test_train_resume_and_evaluate(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'models')) == ['checkpoint_000000005', 'predictor']
     lines = (tmp_path / 'monitor' / 'loss.series.txt').read_text().split('\n')[:-1]
     assert [int(line.split()[0]) for line in lines] == list(range(5))
+
+
+def test_other_categories_all_learns_every_other_labelled_one_and_holds_out_the_same_photos(tmp_path, capsys):
+    BAG, SHIRT = LABELS.index('bag'), LABELS.index('shirt')
+    label_maps = dict(SPLIT_LEVEL)
+    label_maps['0002'] = label_map((JEANS, 0, 4), (BAG, 10, 12))
+    label_maps['0010'] = label_map((SKIRT, 6, 10), (SHIRT, 0, 3))
+    root = write_ccp(tmp_path / 'ccp', label_maps, {})
+    flags = training_flags(tmp_path, root) + ['--eval-interval', '0', '--max-epoch', '1']
+    train_masks.main(flags + ['--other-categories', 'all'])
+    assert 'training photos: 10; held out: 5 (jeans 2, skirt 3)' in capsys.readouterr().out
+    predictor = mp.load_predictor(tmp_path / 'models' / 'predictor')
+    assert predictor.other_categories == ('bag', 'shirt')  # clogs: in no pixel-level annotation
+    with nn.parameter_scope(mp.SCOPE):
+        assert nn.get_parameters()['classifier/conv/b'].shape == (5,)
+    nn.clear_parameters()
+    with pytest.raises(SystemExit, match=r"other --other-categories \(\['bag', 'shirt'\], now \[\]\)"):
+        train_masks.main(flags + ['--resume', '--max-epoch', '2', '--other-categories'])
 
 
 def parameters_of(folder):
