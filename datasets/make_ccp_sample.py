@@ -19,31 +19,32 @@ clearly visible, and of which at least --min_instances are left at load size. Tr
 with more instances come first; otherwise photos go in id order. --exclude leaves out photos
 with annotation errors (in 0883 part of a sleeve is labelled shoes). Everything is shrunk to
 the training load size; masks are resized the same way and re-binarised to 0/255, and
-instances that vanish in the resize are dropped, the rest renumbered without gaps. Only the
-six image folders are replaced, so LICENSE and NOTICE.md in save_root stay.
+instances that vanish in the resize are dropped, the rest renumbered without gaps. Files are
+read by the project's reader (data.read_photo, data.load_mask). Only the six image folders are
+replaced, so LICENSE and NOTICE.md in save_root stay.
 """
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-LOAD_SIZE = (220, 330)  # (W, H) in PIL order, i.e. 330x220 HxW
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the project root, for data and runtime/
+from data import DataError, load_mask, read_photo, resize
 
-
-def read_mask(path, size=None):
-    with Image.open(path) as mask:
-        mask = mask.convert('L')
-        values = np.asarray(mask.resize(size, Image.BILINEAR) if size else mask)
-    return values >= 128
+LOAD_SIZE = (330, 220)  # (H, W)
 
 
 def resized_instances(seg_folder, name):
     """Bool masks of photo `name` at LOAD_SIZE, without those that vanish in the resize."""
     paths = sorted(seg_folder.glob(f'{name}_*.png'), key=lambda path: int(path.stem.split('_')[-1]))
-    return [mask for mask in (read_mask(path, LOAD_SIZE) for path in paths) if mask.any()]
+    masks = (
+        resize(np.where(load_mask(path), 255, 0).astype(np.uint8), LOAD_SIZE, 'bilinear') for path in paths
+    )
+    return [mask for mask in (values >= 128 for values in masks) if mask.any()]
 
 
 def pick(dataset, phase, domain, count, min_area, min_instances, exclude):
@@ -80,10 +81,10 @@ def make_sample(dataset, save_root, train_count=8, val_count=4, min_area=0.05, m
                 (save_root / folder).mkdir(parents=True)
             ids = pick(dataset, phase, domain, count, min_area, min_instances, set(exclude))
             for name in ids:
-                with Image.open(dataset / f'{phase}{domain}' / f'{name}.png') as image:
-                    image.convert('RGB').resize(LOAD_SIZE, Image.BILINEAR).save(
-                        save_root / f'{phase}{domain}' / f'{name}.png', optimize=True
-                    )
+                photo = read_photo(dataset / f'{phase}{domain}' / f'{name}.png')
+                Image.fromarray(resize(photo, LOAD_SIZE, 'bilinear')).save(
+                    save_root / f'{phase}{domain}' / f'{name}.png', optimize=True
+                )
                 if phase == 'train':
                     masks = resized_instances(dataset / f'train{domain}_seg', name)
                     for index, mask in enumerate(masks):
@@ -113,15 +114,18 @@ def main():
         help='photo ids to leave out, e.g. ones with annotation errors',
     )
     args = parser.parse_args()
-    make_sample(
-        args.dataset,
-        args.save_root,
-        args.train_count,
-        args.val_count,
-        args.min_area,
-        args.min_instances,
-        args.exclude,
-    )
+    try:
+        make_sample(
+            args.dataset,
+            args.save_root,
+            args.train_count,
+            args.val_count,
+            args.min_area,
+            args.min_instances,
+            args.exclude,
+        )
+    except DataError as error:
+        sys.exit(f'make_ccp_sample.py: {error}')
 
 
 if __name__ == '__main__':
