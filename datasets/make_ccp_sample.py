@@ -38,7 +38,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +45,12 @@ from PIL import Image
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the project root, for data and runtime/
 from data import DataError, load_mask, read_photo, resize
-from runtime.processes import this_process, why_gone
+from runtime.processes import left_by_ended_processes, make_owned_folder
 
 LOAD_SIZE = (330, 220)  # (H, W)
 MARKER = '.make_ccp_sample.json'
 FOLDERS = ['trainA', 'trainA_seg', 'trainB', 'trainB_seg', 'valA', 'valB']  # what a run replaces
 STAGING_PREFIX = '.make_ccp_sample-staging.'
-STAGING_OWNER = 'owner.json'
 
 
 class SampleError(Exception):
@@ -147,15 +145,9 @@ def check_save_root(save_root):
 def remove_stale_staging(save_root):
     """Remove the staging folders in save_root of earlier runs of this host whose process is
     gone (kill -9 leaves one behind); any other is left alone."""
-    for path in sorted(save_root.glob(f'{STAGING_PREFIX}*')):
-        try:
-            owner = json.loads((path / STAGING_OWNER).read_text())
-            gone = owner['host'] == this_process()['host'] and why_gone(owner)
-        except (OSError, ValueError, KeyError, TypeError):  # not a staging folder of this script
-            continue
-        if gone and not path.is_symlink():
-            shutil.rmtree(path)
-            print(f'make_ccp_sample.py: removed {path}, left by an interrupted run ({gone})', file=sys.stderr)
+    for path, _, gone in left_by_ended_processes(save_root, STAGING_PREFIX):
+        shutil.rmtree(path)
+        print(f'make_ccp_sample.py: removed {path}, left by an interrupted run ({gone})', file=sys.stderr)
 
 
 def write_marker(save_root, files):
@@ -231,9 +223,8 @@ def make_sample(dataset, save_root, train_count=8, val_count=4, min_area=0.05, m
     check_save_root(save_root)
     made_root = not save_root.exists()
     save_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_root))
+    staging = make_owned_folder(save_root, STAGING_PREFIX)
     try:
-        (staging / STAGING_OWNER).write_text(json.dumps(this_process()) + '\n')
         written = build(dataset, staging / 'new', train_count, val_count, min_area, min_instances, exclude)
         check_save_root(save_root)  # in case a file appeared meanwhile
         swap_in(save_root, staging, written)

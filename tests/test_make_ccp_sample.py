@@ -13,9 +13,9 @@ from PIL import Image
 DATASETS = Path(__file__).resolve().parents[1] / 'datasets'
 sys.path.insert(0, str(DATASETS))
 import make_ccp_sample
-from make_ccp_sample import FOLDERS, MARKER, STAGING_OWNER, STAGING_PREFIX, SampleError, make_sample
+from make_ccp_sample import FOLDERS, MARKER, STAGING_PREFIX, SampleError, make_sample
 
-from runtime.processes import this_process
+from runtime.processes import OWNER_FILE, this_process
 
 HEIGHT, WIDTH = 33, 22  # a tenth of the load size, 330x220
 
@@ -268,7 +268,7 @@ def test_a_staging_folder_of_an_ended_run_is_removed_and_a_live_ones_kept(datase
     ended, live = save_root / f'{STAGING_PREFIX}ended', save_root / f'{STAGING_PREFIX}live'
     for folder, owner in [(ended, dict(this_process(), start_time=-1)), (live, this_process())]:
         (folder / 'new' / 'trainA').mkdir(parents=True)
-        (folder / STAGING_OWNER).write_text(json.dumps(owner))
+        (folder / OWNER_FILE).write_text(json.dumps(owner))
     make_sample(dataset, save_root, train_count=1, val_count=1)
     assert not ended.exists() and live.is_dir()
     assert f'make_ccp_sample.py: removed {ended}, left by an interrupted run' in capsys.readouterr().err
