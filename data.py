@@ -21,6 +21,8 @@ cover every kind of pixel a file can hold, by its Pillow mode:
     anything else                 refused in one line: I (32-bit integer) and F (float) hold
                                   values of no fixed scale, LAB and the like are no RGB
 (Files are recognised by their content, whatever their extension.) Pillow also resizes.
+Whatever the path, the pixels are then turned upright by the file's EXIF orientation, as
+viewers show them (and as a mask is drawn on the shown photo): ImageOps.exif_transpose's result.
 """
 
 import hashlib
@@ -47,10 +49,34 @@ class DataError(RunError):
 DECODED_MODES = {'1', 'L', 'LA', 'P', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I;16L'}
 CONVERTED_MODES = {'CMYK': 'RGB', 'PA': 'RGBA'}
 KEYED_MODES = {'L', 'P', 'RGB'}  # with a transparent colour: converted to RGBA
+READ_MODES = DECODED_MODES | set(CONVERTED_MODES)
+
+ORIENTATION = 0x0112  # the EXIF tag
+# How each orientation turns the stored pixels (H, W, C) upright, as (swap the axes, then reverse
+# the rows, reverse the columns): 2 flips left-right, 3 turns 180, 4 flips top-bottom,
+# 5 transposes, 6 turns 90 clockwise, 7 transverses, 8 turns 90 counter-clockwise.
+UPRIGHT = {
+    1: (False, False, False),
+    2: (False, False, True),
+    3: (False, True, True),
+    4: (False, True, False),
+    5: (True, False, False),
+    6: (True, False, True),
+    7: (True, True, True),
+    8: (True, True, False),
+}
+
+
+def upright(pixels, orientation):
+    """Stored pixels (H, W, C) as the EXIF `orientation` says they are shown."""
+    swap, rows, columns = UPRIGHT[orientation]
+    if swap:
+        pixels = pixels.swapaxes(0, 1)
+    return pixels[:: -1 if rows else 1, :: -1 if columns else 1]
 
 
 def read_pixels(path, kind):
-    """The decoded pixels of an image file (see the table above): bool, uint8 or uint16
+    """The decoded pixels of an image file (see the table above), upright: bool, uint8 or uint16
     (H, W, C), C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA)."""
     try:
         with Image.open(path) as image:  # reads the header; convert() decodes
@@ -60,11 +86,13 @@ def read_pixels(path, kind):
             elif mode in KEYED_MODES and 'transparency' in image.info:
                 pixels = np.asarray(image.convert('RGBA'))
             elif mode in DECODED_MODES:
-                pixels = imageio.imread(path)
+                pixels = imageio.imread(path)  # stored as is: imageio.v2 leaves the orientation
+            if mode in READ_MODES:
+                orientation = image.getexif().get(ORIENTATION, 1)
     except Exception as error:  # the decoders report damage with many exception types
         reason = str(error).split('\n')[0]
         raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
-    if mode not in DECODED_MODES | set(CONVERTED_MODES):
+    if mode not in READ_MODES:
         raise DataError(
             f'{path}: the {kind} is in Pillow mode {mode}, which holds no RGB or '
             'grey values of a known scale; save it as an 8-bit or 16-bit grey, RGB '
@@ -79,7 +107,11 @@ def read_pixels(path, kind):
             f'{path}: the {kind} holds {pixels.dtype} values in {pixels.shape}, '
             'which are not supported; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
         )
-    return pixels if pixels.ndim == 3 else pixels[:, :, None]
+    # Values outside 1..8 mean nothing: exif_transpose and viewers show such a file as stored, so
+    # reading it as stored matches the shown photo, where a refusal would stop on a good file.
+    if orientation not in UPRIGHT:
+        orientation = 1
+    return np.ascontiguousarray(upright(pixels if pixels.ndim == 3 else pixels[:, :, None], orientation))
 
 
 def to_uint8(values):

@@ -42,7 +42,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from contextlib import contextmanager
 from functools import partial
 from multiprocessing import Pool
@@ -57,14 +56,13 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from runtime.processes import this_process, why_gone
+from runtime.processes import left_by_ended_processes, make_owned_folder
 
 MARKER = '.generate_ccp_dataset.json'
 # The folders a run makes in save_root; the files it writes are listed in the marker.
 OUTPUT_FOLDERS = {'valA', 'valB'} | {
     f'{split}{domain}{seg}' for split in ('train', 'test') for domain in 'AB' for seg in ('', '_seg')
 }
-STAGING_OWNER = 'staging.json'
 
 
 def leave_signals_to_main_process():
@@ -258,25 +256,20 @@ def remove_stale_staging(save_root):
     """Remove the staging folders of earlier runs for save_root whose process is gone (kill -9
     leaves one behind). Only those naming a process of this host are judged; any other is left
     alone."""
-    prefix = f'.{save_root.name}.'  # tempfile.mkdtemp's, below
-    for path in sorted(
-        save_root.parent / name for name in os.listdir(save_root.parent) if name.startswith(prefix)
-    ):
-        try:
-            owner = json.loads((path / STAGING_OWNER).read_text())
-            gone = owner['host'] == this_process()['host'] and why_gone(owner)
-        except (OSError, ValueError, KeyError, TypeError):  # not a staging folder of this script
-            continue
-        if gone and not path.is_symlink():
-            if (path / 'replaced').is_dir() and not save_root.exists():  # killed between renames
-                os.rename(path / 'replaced', save_root)
-                print(f'generate_ccp_dataset.py: restored {save_root} from {path}', file=sys.stderr)
-            shutil.rmtree(path)
-            print(
-                f'generate_ccp_dataset.py: removed {path}, the staging folder of an interrupted '
-                f'run (pid {owner["pid"]}: {gone})',
-                file=sys.stderr,
-            )
+    for path, owner, gone in left_by_ended_processes(save_root.parent, staging_prefix(save_root)):
+        if (path / 'replaced').is_dir() and not save_root.exists():  # killed between renames
+            os.rename(path / 'replaced', save_root)
+            print(f'generate_ccp_dataset.py: restored {save_root} from {path}', file=sys.stderr)
+        shutil.rmtree(path)
+        print(
+            f'generate_ccp_dataset.py: removed {path}, the staging folder of an interrupted '
+            f'run (pid {owner["pid"]}: {gone})',
+            file=sys.stderr,
+        )
+
+
+def staging_prefix(save_root):
+    return f'.{save_root.name}.'
 
 
 @contextmanager
@@ -284,9 +277,8 @@ def staging_folder(save_root):
     """A new hidden folder next to save_root, so that the final rename stays on one file system;
     it names this process, and is removed with everything in it (a replaced old dataset too)
     when the block ends, on success and failure alike."""
-    staging = Path(tempfile.mkdtemp(prefix=f'.{save_root.name}.', dir=save_root.parent))
+    staging = make_owned_folder(save_root.parent, staging_prefix(save_root))
     try:
-        (staging / STAGING_OWNER).write_text(json.dumps(this_process()) + '\n')
         yield staging
     finally:
         shutil.rmtree(staging)

@@ -8,8 +8,13 @@ runs is another process. Where /proc does not exist (macOS) the two are None and
 is checked.
 """
 
+import json
 import os
 import socket
+import tempfile
+from pathlib import Path
+
+OWNER_FILE = 'staging.json'  # in a folder made by make_owned_folder
 
 
 def boot_id():
@@ -61,3 +66,28 @@ def why_gone(record):
     if started is not None and start_time(pid) not in (None, started):
         return f'pid {pid} is now another process'
     return None
+
+
+def make_owned_folder(parent, prefix):
+    """A new folder in `parent` whose name starts with `prefix` and whose OWNER_FILE names this
+    process, so that a later run can tell whether it was left by one that is gone."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (folder / OWNER_FILE).write_text(json.dumps(this_process()) + '\n')
+    return folder
+
+
+def left_by_ended_processes(parent, prefix):
+    """(folder, owner record, why it is gone) of each folder make_owned_folder(parent, prefix)
+    made for a process of this host that no longer runs (kill -9 leaves them behind). Any
+    other (of a live process, of another host, a link, or not such a folder) is left out."""
+    for name in sorted(os.listdir(parent)):
+        path = Path(parent) / name
+        if not name.startswith(prefix) or path.is_symlink():
+            continue
+        try:
+            owner = json.loads((path / OWNER_FILE).read_text())
+            gone = owner['host'] == this_process()['host'] and why_gone(owner)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if gone:
+            yield path, owner, gone

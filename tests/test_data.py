@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data import (
     DataError,
@@ -16,7 +16,9 @@ from data import (
     count_max_instances,
     load_image,
     load_mask,
+    load_with_masks,
     mask_paths,
+    read_photo,
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / 'datasets' / 'ccp_sample'
@@ -316,6 +318,63 @@ def test_modes_without_rgb_of_a_known_scale_are_refused(tmp_path, mode):
             f'{path}: the {kind} is in Pillow mode {mode}, which holds no RGB or grey values of '
             'a known scale; save it as an 8-bit or 16-bit grey, RGB or RGBA PNG'
         )
+
+
+def save_oriented(image, path, orientation, **options):
+    """Save a Pillow image with the EXIF Orientation tag (0x0112) set to `orientation`."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, **options)
+    with Image.open(path) as saved:
+        assert saved.getexif()[0x0112] == orientation  # the format carries it
+
+
+# A file of each of read_pixels' decode paths: imageio (PNG, JPEG) and Pillow's conversions.
+ORIENTED_FILES = {
+    'png': lambda rgb, path, orientation: save_oriented(rgb, path.with_suffix('.png'), orientation),
+    'jpeg': lambda rgb, path, orientation: save_oriented(rgb, path.with_suffix('.jpg'), orientation),
+    'cmyk jpeg': lambda rgb, path, orientation: save_oriented(
+        rgb.convert('CMYK'), path.with_suffix('.jpg'), orientation
+    ),
+    'keyed png': lambda rgb, path, orientation: save_oriented(
+        rgb.convert('P'), path.with_suffix('.png'), orientation, transparency=3
+    ),
+}
+# 5x7 noise: none of its eight orientations looks like another, so a wrong one shows.
+NOISE = Image.fromarray(np.random.RandomState(0).randint(0, 256, (5, 7, 3)).astype(np.uint8))
+
+
+def test_the_orientations_of_the_test_photo_all_differ():
+    methods = [None, *Image.Transpose]
+    shown = {(NOISE if method is None else NOISE.transpose(method)).tobytes() for method in methods}
+    assert len(methods) == 8 and len(shown) == 8
+
+
+@pytest.mark.parametrize('orientation', [1, 2, 3, 4, 5, 6, 7, 8, 0, 9])  # 0, 9: no such value
+@pytest.mark.parametrize('kind', ORIENTED_FILES)
+def test_photos_are_read_upright_as_exif_transpose_shows_them(tmp_path, kind, orientation):
+    ORIENTED_FILES[kind](NOISE, tmp_path / 'photo', orientation)
+    (path,) = tmp_path.iterdir()
+    with Image.open(path) as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert('RGB'))
+    photo = read_photo(path)
+    assert photo.shape == ((7, 5, 3) if orientation in (5, 6, 7, 8) else (5, 7, 3))
+    np.testing.assert_array_equal(photo, expected)
+
+
+def test_a_mask_is_read_upright_and_fits_its_upright_photo(tmp_path):
+    """A phone photo stored sideways (orientation 6) and a mask drawn on it as it is shown."""
+    stored = np.random.RandomState(1).randint(0, 256, (4, 6, 3)).astype(np.uint8)
+    save_oriented(Image.fromarray(stored), tmp_path / 'photo.jpg', 6)
+    drawn = np.zeros((6, 4), bool)
+    drawn[:2, 1:] = True
+    Image.fromarray(drawn).save(tmp_path / 'drawn.png')
+    image, (mask,) = load_with_masks(tmp_path / 'photo.jpg', [tmp_path / 'drawn.png'])
+    assert image.shape == (6, 4, 3)
+    np.testing.assert_array_equal(mask, drawn)
+    # The same mask stored sideways, 90 degrees counter-clockwise, and tagged 6 as the photo.
+    save_oriented(Image.fromarray(np.rot90(drawn)), tmp_path / 'sideways.png', 6)
+    np.testing.assert_array_equal(load_mask(tmp_path / 'sideways.png'), drawn)
 
 
 def palette_mask(truth, white=False):
