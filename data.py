@@ -87,8 +87,11 @@ def read_pixels(path, kind):
                 pixels = np.asarray(image.convert('RGBA'))
             elif mode in DECODED_MODES:
                 pixels = imageio.imread(path)  # stored as is: imageio.v2 leaves the orientation
-            if mode in READ_MODES:
+            # A PNG's EXIF sits before its pixels; asking Pillow for it otherwise decodes them again.
+            if mode in READ_MODES and (image.format != 'PNG' or 'exif' in image.info):
                 orientation = image.getexif().get(ORIENTATION, 1)
+            else:
+                orientation = 1
     except Exception as error:  # the decoders report damage with many exception types
         reason = str(error).split('\n')[0]
         raise DataError(f'{path}: unreadable {kind} ({type(error).__name__}: {reason})') from None
