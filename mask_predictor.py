@@ -189,7 +189,7 @@ def build_predictor(
     size=DEFAULT_SIZE,
     width=DEFAULT_WIDTH,
     levels=DEFAULT_LEVELS,
-    other_categories=(),
+    other_categories=DEFAULT_OTHER_CATEGORIES,
 ):
     """The prediction graph with the current parameters under SCOPE (made if missing)."""
     check_size(size, levels)

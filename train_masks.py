@@ -101,14 +101,22 @@ def class_map(labels, label_ids):
 def read_ccp(data_root, categories, test_fraction, split_seed, other_categories=()):
     """The CCP copy's pixel-level annotations and the split: (label_maps {name: label map},
     label ids of the categories then of other_categories, held-out names {category:
-    frozenset}), checked. Only the categories decide which photos are held out."""
+    frozenset}, other_categories), checked; other_categories ['all'] stands for every other
+    category some annotation contains. Only the categories decide which photos are held out."""
     data_root = Path(data_root)
     ccp.check_layout(data_root)
     names = ccp.label_names(data_root)
-    label_ids = [ccp.label_of(names, category) for category in [*categories, *other_categories]]
     label_maps = ccp.read_label_maps(data_root)
     if not label_maps:
         raise RunError(f'{data_root}: no pixel-level annotations')
+    if list(other_categories) == ['all']:
+        present = set().union(*(np.unique(labels).tolist() for labels in label_maps.values()))
+        other_categories = [
+            name
+            for label, name in enumerate(names)
+            if label in present and name not in ('', 'null', *categories)
+        ]
+    label_ids = [ccp.label_of(names, category) for category in [*categories, *other_categories]]
     held_out = {
         category: ccp.held_out_names(label_maps, label, test_fraction, split_seed)
         for category, label in zip(categories, label_ids)
@@ -116,17 +124,7 @@ def read_ccp(data_root, categories, test_fraction, split_seed, other_categories=
     for category, label in zip([*categories, *other_categories], label_ids):
         if not ccp.photos_with(label_maps, label):
             raise RunError(f'{category}: no pixel-level annotation contains it')
-    return label_maps, label_ids, held_out
-
-
-def all_other_categories(data_root, categories):
-    """--other-categories all: every CCP category besides `categories` that some pixel-level
-    annotation contains, in label order."""
-    names = ccp.label_names(data_root)
-    present = set().union(*(np.unique(labels).tolist() for labels in ccp.read_label_maps(data_root).values()))
-    return [
-        name for label, name in enumerate(names) if label in present and name not in ('', 'null', *categories)
-    ]
+    return label_maps, label_ids, held_out, list(other_categories)
 
 
 def load_training_data(data_root, names, label_maps, label_ids, size):
@@ -444,9 +442,7 @@ def new_predictor(args):
 
 
 def train(args):
-    if args.other_categories == ['all']:
-        args.other_categories = all_other_categories(args.data_root, args.categories)
-    label_maps, label_ids, held_out = read_ccp(
+    label_maps, label_ids, held_out, args.other_categories = read_ccp(
         args.data_root, args.categories, args.test_fraction, args.split_seed, args.other_categories
     )
     held_out_names = sorted(set().union(*held_out.values()))
@@ -579,7 +575,7 @@ def evaluate_saved(args):
     args.categories, args.size = list(predictor.categories), list(predictor.size)
     args.width, args.levels = predictor.width, predictor.levels
     args.other_categories = list(predictor.other_categories)
-    label_maps, label_ids, held_out = read_ccp(
+    label_maps, label_ids, held_out, _ = read_ccp(
         args.data_root, args.categories, args.test_fraction, args.split_seed
     )
     held_out_evaluation(args, predictor, set().union(*held_out.values()), label_maps, label_ids)
